@@ -1,0 +1,198 @@
+"""`harness` command line: run, validate, schema, compare.
+
+Exit codes (pytest-style): 0 every criterion passed, 1 some criterion failed, 2 bad input
+or usage, 3 runtime error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from harness.errors import HarnessError, InputError
+
+EXIT_PASSED, EXIT_FAILED, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
+    """Spec files named directly or found in folders (`*.yaml`), optionally filtered by -k."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.glob("*.yaml") if not p.name.startswith("_")))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    if select:
+        found = [p for p in found if _selected(p.stem, select)]
+    return found
+
+
+def _selected(name: str, expression: str) -> bool:
+    """pytest -k in small: substrings joined by `or`, each may be negated with `not`."""
+    for alternative in expression.split(" or "):
+        words = alternative.strip()
+        negate = words.startswith("not ")
+        term = words.removeprefix("not ").strip()
+        if (term in name) != negate:
+            return True
+    return False
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from harness.spec import dump_spec, load_spec
+
+    files = spec_files(args.paths)
+    if not files:
+        raise InputError(f"{' '.join(args.paths)}: no spec files found")
+    bad = 0
+    for path in files:
+        try:
+            spec = load_spec(path)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        if args.show or len(files) == 1:
+            print(f"# {path} (resolved)")
+            print(dump_spec(spec))
+        else:
+            print(f"ok     {path}  ({spec.name})")
+    print(f"{len(files) - bad} valid, {bad} invalid")
+    return EXIT_INPUT if bad else EXIT_PASSED
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from harness.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return EXIT_PASSED
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare_runs
+
+    markdown = compare_runs(Path(args.run_a), Path(args.run_b))
+    print(markdown)
+    if args.output:
+        from harness.artifacts import write_text
+
+        write_text(Path(args.output), markdown)
+    return EXIT_PASSED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.criteria import format_result, summary_line
+    from harness.spec import load_spec
+
+    files = spec_files(args.paths, args.select)
+    if not files:
+        raise InputError(f"{' '.join(args.paths)}: no spec files selected")
+    for path in files:  # every spec must be valid before anything runs or is written
+        load_spec(path)
+
+    from harness.runner import run_spec
+
+    _quiet_libraries()
+    outcomes, totals, worst = [], [], EXIT_PASSED
+    for path in files:
+        try:
+            outcome = run_spec(path, Path(args.runs_dir), use_cache=not args.no_cache)
+        except InputError:
+            raise
+        except HarnessError as exc:
+            if len(files) == 1:
+                raise
+            print(f"ERROR  {path}: {exc}", file=sys.stderr)
+            worst = max(worst, EXIT_RUNTIME)
+            continue
+        if outcome.run_dir is None:  # a helper process under accelerate launch
+            continue
+        print(f"\n{path}  →  {outcome.run_dir}")
+        for result in outcome.results:
+            print(format_result(result))
+        print(f"{summary_line(outcome.results)} in {outcome.seconds:.1f}s")
+        outcomes.append((path, outcome))
+        totals.extend(outcome.results)
+        worst = max(worst, outcome.exit_code)
+    if args.junitxml:
+        from harness.junit import write_junit
+
+        write_junit(Path(args.junitxml), outcomes)
+    if len(files) > 1:
+        print(f"\n{len(outcomes)} specs run")
+        print(summary_line(totals))
+    return worst
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run specs (files or folders) and check their criteria")
+    run.add_argument("paths", nargs="+")
+    run.add_argument("-k", dest="select", help="only specs whose name matches (substrings, `or`, `not`)")
+    run.add_argument("--no-cache", action="store_true", help="recompute every stage")
+    run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    run.add_argument("--junitxml", help="also write criteria results as JUnit XML")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="parse and validate specs; run nothing")
+    validate.add_argument("paths", nargs="+")
+    validate.add_argument("--show", action="store_true", help="print each resolved spec")
+    validate.set_defaults(handler=cmd_validate)
+
+    schema = commands.add_parser("schema", help="print the spec's JSON Schema")
+    schema.set_defaults(handler=cmd_schema)
+
+    compare = commands.add_parser("compare", help="key statistics of two runs side by side")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    compare.add_argument("-o", "--output", help="also write the markdown table here")
+    compare.set_defaults(handler=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished batches are saved in the stage cache; "
+            "run the same command again to resume from there",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # an unexpected failure still ends in one line (and exit 3)
+        if os.environ.get("HARNESS_DEBUG"):
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"runtime error: {type(exc).__name__}: {message} (HARNESS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Text diagnostics: properties of the texts that could explain a trajectory difference.
+
+A model's continuation may differ from the human text in ways that have nothing to do with
+"its own text": it may loop, stop early, be shorter, or lack WikiText's tokenization
+artifacts. These numbers let the report name such threats to validity.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr
+
+from harness.spec import Spec
+
+NGRAM_SIZE = 4
+"""Repetition is measured on word n-grams of this size."""
+
+ARTIFACT_PATTERNS: dict[str, re.Pattern[str]] = {
+    "line_breaks": re.compile(r"\n"),
+    "wikitext_at_tokens": re.compile(r" @[-,.]@ "),
+    "space_before_punctuation": re.compile(r"\s[,.;:!?)\]]"),
+}
+"""Formatting artifacts, by name: a response has one when its pattern occurs anywhere in it."""
+
+
+def repeated_ngram_fraction(text: str, n: int = NGRAM_SIZE) -> float:
+    """Share of the text's word n-grams that already occurred earlier in it (0 when it has none).
+
+    Words are whitespace-separated and compared case-insensitively, so a loop such as
+    "a b c d a b c d" scores 1/5: of its five 4-grams only the last repeats the first.
+    """
+    words = text.lower().split()
+    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for ngram in ngrams:
+        repeats += ngram in seen
+        seen.add(ngram)
+    return repeats / len(ngrams) if ngrams else 0.0
+
+
+def overall_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (condition, sample_id) the metric's mean over layers: column ``value``."""
+    rows = table[(table["metric"] == metric) & table["layer"].notna()]
+    overall = rows.groupby(["condition", "sample_id"], as_index=False)["value"].mean()
+    return overall.astype({"sample_id": str})
+
+
+def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict:
+    """Per condition: repetition, early stops, length, formatting artifacts, repetition vs. the metric.
+
+    ``texts`` are texts.jsonl rows, ``table`` is per_sample.csv (long form). The association
+    is Pearson's r between a sample's repeated n-gram fraction and its overall value of the
+    studied trajectory metric (``stats.correlate[1]``) within the condition. The result is
+    JSON-serialisable; undefined numbers (e.g. r of a constant) are None.
+    """
+    metric = spec.stats.correlate[1]
+    frame = _text_frame(texts)
+    overall = overall_metric(table, metric).rename(columns={"value": metric})
+    conditions = {}
+    for condition in spec.conditions:
+        rows = frame[frame["condition"] == condition]
+        paired = rows.merge(overall[overall["condition"] == condition], on=["condition", "sample_id"])
+        conditions[condition] = {
+            "n_texts": len(rows),
+            "repeated_ngram_fraction": _mean_max(rows["repeated_ngram_fraction"]),
+            "stopped_early_share": _share(rows["stopped_early"].dropna()),
+            "response_tokens": {
+                "mean": _number(rows["n_response_tokens"].mean()),
+                "min": _number(rows["n_response_tokens"].min()),
+                "max": _number(rows["n_response_tokens"].max()),
+            },
+            "artifact_share": {name: _share(rows[name]) for name in ARTIFACT_PATTERNS},
+            "repetition_vs_metric": _pearson(paired["repeated_ngram_fraction"], paired[metric]),
+        }
+    return {"ngram_size": NGRAM_SIZE, "metric": metric, "conditions": conditions}
+
+
+def _text_frame(texts: list[dict]) -> pd.DataFrame:
+    """One row per text: its condition, sample id and per-text diagnostics."""
+    records = []
+    for text in texts:
+        response = text["response"]
+        records.append(
+            {
+                "condition": text["condition"],
+                "sample_id": str(text["sample_id"]),
+                "repeated_ngram_fraction": repeated_ngram_fraction(response),
+                "stopped_early": text.get("stopped_early"),
+                "n_response_tokens": text["n_response_tokens"],
+                **{name: bool(pattern.search(response)) for name, pattern in ARTIFACT_PATTERNS.items()},
+            }
+        )
+    columns = ["condition", "sample_id", "repeated_ngram_fraction", "stopped_early", "n_response_tokens", *ARTIFACT_PATTERNS]
+    return pd.DataFrame(records, columns=columns)
+
+
+def _number(value: float) -> float | None:
+    """A plain float, or None where undefined (NaN, or an empty selection)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _share(flags: pd.Series) -> float | None:
+    """Share of True among the flags; None when there are none (e.g. no generated texts)."""
+    return _number(flags.astype(bool).mean()) if len(flags) else None
+
+
+def _mean_max(values: pd.Series) -> dict[str, float | None]:
+    return {"mean": _number(values.mean()), "max": _number(values.max())}
+
+
+def _pearson(x: pd.Series, y: pd.Series) -> dict[str, float | None]:
+    """Pearson r and p; None where undefined (fewer than 3 pairs, or a constant variable)."""
+    keep = x.notna() & y.notna()
+    x, y = x[keep].to_numpy(float), y[keep].to_numpy(float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"r": None, "p": None, "n": len(x)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-constant input: a NaN, reported as None
+        result = pearsonr(x, y)
+    return {"r": _number(result.statistic), "p": _number(result.pvalue), "n": len(x)}

@@ -1,0 +1,23 @@
+"""Errors the CLI turns into exit codes: one line, never a traceback."""
+
+
+class HarnessError(Exception):
+    """Base class; `exit_code` is what the CLI returns."""
+
+    exit_code = 3
+
+
+class InputError(HarnessError):
+    """A bad spec, file, model name or criterion: the user must fix an input (exit 2).
+
+    The message is one line naming the file and field, e.g.
+    ``specs/x.yaml: dataset.n_samples: must be > 0``.
+    """
+
+    exit_code = 2
+
+
+class RunFailure(HarnessError):
+    """Something broke while running a valid spec (exit 3)."""
+
+    exit_code = 3

@@ -1,0 +1,105 @@
+"""Report figures (matplotlib, Agg backend, PNG). Each function draws one figure and returns its path.
+
+The functions take tidy pandas frames, so they know nothing about run folders or stat names.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed, and no GUI backend is ever picked up
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from harness.artifacts import write_bytes  # noqa: E402
+
+DPI = 120
+
+
+def effect_by_layer(effect: pd.DataFrame, metric: str, comparison: str, path: Path) -> Path:
+    """Per-layer paired Cohen's d with its confidence band and a zero line.
+
+    ``effect`` has columns layer, d, d_ci_low, d_ci_high.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--", label="no effect")
+    ax.fill_between(effect["layer"], effect["d_ci_low"], effect["d_ci_high"], alpha=0.25, label="confidence interval")
+    ax.plot(effect["layer"], effect["d"], marker="o", label="Cohen's d")
+    _layer_axis(ax)
+    ax.set_ylabel(f"paired Cohen's d ({metric})")
+    ax.set_title(f"{metric}: effect size by layer ({comparison})")
+    ax.legend()
+    return _save(fig, path)
+
+
+def means_by_layer(means: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Per-layer mean of the metric, a line per condition. ``means`` has columns condition, layer, mean."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for condition, rows in means.groupby("condition", sort=False):
+        ax.plot(rows["layer"], rows["mean"], marker="o", markersize=3, label=condition)
+    _layer_axis(ax)
+    ax.set_ylabel(f"mean {metric}")
+    ax.set_title(f"{metric} by layer and condition")
+    ax.legend(title="condition")
+    return _save(fig, path)
+
+
+def paired_scatter(pairs: pd.DataFrame, x_name: str, y_name: str, path: Path) -> Path:
+    """x against y per text, coloured by condition, a thin line joining each sample's texts.
+
+    ``pairs`` has columns sample_id, condition, x, y.
+    """
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for _, sample in pairs.groupby("sample_id"):
+        ax.plot(sample["x"], sample["y"], color="grey", linewidth=0.5, alpha=0.5, zorder=1)
+    for condition, rows in pairs.groupby("condition", sort=False):
+        ax.scatter(rows["x"], rows["y"], s=20, label=condition, zorder=2)
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(f"{y_name} (mean over layers)")
+    ax.set_title(f"{x_name} vs {y_name} (lines join a sample's texts)")
+    ax.legend(title="condition")
+    return _save(fig, path)
+
+
+def delta_norms_by_position(deltas: pd.DataFrame, path: Path) -> Path:
+    """Mean delta norm by response token position: a panel per layer, a line per condition.
+
+    ``deltas`` has columns layer, condition, position, norm (one row per token step).
+    """
+    layers = sorted(deltas["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), sharex=True, squeeze=False)
+    means = deltas.groupby(["layer", "condition", "position"], sort=False)["norm"].mean().reset_index()
+    for ax, layer in zip(axes[0], layers):
+        for condition, rows in means[means["layer"] == layer].groupby("condition", sort=False):
+            rows = rows.sort_values("position")
+            ax.plot(rows["position"], rows["norm"], linewidth=1, label=condition)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("response token position")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean ‖h[i+1] − h[i]‖")
+    axes[0][-1].legend(title="condition")
+    fig.suptitle("Token-to-token delta norm by position")
+    return _save(fig, path)
+
+
+def _layer_axis(ax: plt.Axes) -> None:
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write the figure atomically and free it (pyplot keeps figures alive otherwise)."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    plt.close(fig)
+    write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

@@ -1,0 +1,95 @@
+"""Metrics: pure functions over tensors, registered by name.
+
+Two kinds:
+
+- trajectory metrics, ``fn(hidden, mask) -> Tensor[B]``: ``hidden`` is one layer's
+  residual stream ``[B, T, D]`` (float32), ``mask`` ``[B, T]`` is True on the response tokens
+  being measured (contiguous per row). Computed per layer, on the model's device.
+- text metrics, ``fn(nll, target_mask, response_mask) -> Tensor[B]``: ``nll`` ``[B, T]`` is
+  the next-token cross-entropy of token t given tokens < t (0 where undefined),
+  ``target_mask`` marks every predicted token of the text, ``response_mask`` the predicted
+  response tokens.
+
+Adding a metric is one decorated function here plus its name in a spec's ``metrics:``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LAYER_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+TEXT_METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
+
+
+def layer_metric(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """Register a trajectory metric under its function name."""
+    LAYER_METRICS[fn.__name__] = fn
+    return fn
+
+
+def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Register a per-text metric under its function name."""
+    TEXT_METRICS[fn.__name__] = fn
+    return fn
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _step_deltas(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Token-to-token differences and the mask of pairs inside the response."""
+    return hidden[:, 1:] - hidden[:, :-1], mask[:, 1:] & mask[:, :-1]
+
+
+@layer_metric
+def smoothness(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean L2 norm of token-to-token deltas (smaller = smoother trajectory)."""
+    deltas, pair_mask = _step_deltas(hidden, mask)
+    return _masked_mean(deltas.norm(dim=-1), pair_mask)
+
+
+@layer_metric
+def normalized_smoothness(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean delta norm divided by the norm of the token it leaves, so high-norm layers don't dominate."""
+    deltas, pair_mask = _step_deltas(hidden, mask)
+    ratio = deltas.norm(dim=-1) / hidden[:, :-1].norm(dim=-1).clamp(min=1e-12)
+    return _masked_mean(ratio, pair_mask)
+
+
+@layer_metric
+def magnitude(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean L2 norm of the response tokens."""
+    return _masked_mean(hidden.norm(dim=-1), mask)
+
+
+@layer_metric
+def variance(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Variance (population) of the response tokens' L2 norms."""
+    norms = hidden.norm(dim=-1)
+    centred = norms - _masked_mean(norms, mask).unsqueeze(-1)
+    return _masked_mean(centred.square(), mask)
+
+
+@layer_metric
+def directional_consistency(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean cosine similarity between successive deltas (1 = straight line)."""
+    deltas, pair_mask = _step_deltas(hidden, mask)
+    cosines = torch.nn.functional.cosine_similarity(deltas[:, 1:], deltas[:, :-1], dim=-1, eps=1e-12)
+    return _masked_mean(cosines, pair_mask[:, 1:] & pair_mask[:, :-1])
+
+
+@text_metric
+def ce_loss(nll: Tensor, target_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the whole text (prompt and response)."""
+    return _masked_mean(nll, target_mask)
+
+
+@text_metric
+def ce_loss_response(nll: Tensor, target_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the response tokens only."""
+    return _masked_mean(nll, response_mask)

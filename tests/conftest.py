@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models built from configs (no download) and a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def wikitext_rows(limit: int | None = None) -> list[str]:
+    rows = WIKITEXT.read_text(encoding="utf-8").splitlines()
+    return rows[:limit] if limit else rows
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (like GPT-2 / SmolLM2) trained on WikiText rows, with a BOS like Gemma's."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(wikitext_rows(400), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "gemma2":  # final-logit softcapping and sliding-window layers, as in Gemma-2-2B
+        return Gemma2Config(**common, head_dim=8, final_logit_softcapping=30.0, sliding_window=8)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, vocab_size: int):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma2"])
+def tiny_model(request, tiny_tokenizer):
+    return build_tiny_model(request.param, len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama saved like a hub checkpoint: a spec can name it as a local model path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

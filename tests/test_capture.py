@@ -1,0 +1,104 @@
+"""The fused forward: padding-invariant, pre-final-norm, CE equal to the model's own logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness import capture
+from metrics import LAYER_METRICS
+
+TEXTS = [
+    capture.TextToMeasure("The game began development in 2010.", "It carried over a large portion of the work."),
+    capture.TextToMeasure("Robert Boulter is an English actor.", "He had a guest role in 2000, then a starring role."),
+    capture.TextToMeasure("A short one here.", "Yes."),
+    capture.TextToMeasure("Another prompt that is rather long, longer than most.", "It ends soon after it starts, as texts do."),
+]
+
+
+def measure(model, tokenizer, texts, **kwargs):
+    tokenized = [capture.tokenize_for_capture(tokenizer, text) for text in texts]
+    layers = capture.resolve_layers(model, "all")
+    return capture.measure_batch(
+        model, torch.device("cpu"), tokenizer.pad_token_id, tokenized, layers, sorted(LAYER_METRICS), layers, **kwargs
+    )
+
+
+def test_batched_equals_batch_of_one(tiny_model, tiny_tokenizer):
+    batched = measure(tiny_model, tiny_tokenizer, TEXTS)
+    for text, together in zip(TEXTS, batched):
+        alone = measure(tiny_model, tiny_tokenizer, [text])[0]
+        for name, values in together["layer_metrics"].items():
+            np.testing.assert_allclose(values, alone["layer_metrics"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+        for name, value in together["text_metrics"].items():
+            np.testing.assert_allclose(value, alone["text_metrics"][name], rtol=1e-4, err_msg=name)
+        for layer, norms in together["deltas"].items():
+            np.testing.assert_allclose(norms, alone["deltas"][layer], rtol=1e-4, atol=1e-6)
+        assert together["n_response_tokens"] == alone["n_response_tokens"]
+
+
+def test_captured_layers_are_block_outputs_before_the_final_norm(tiny_model, tiny_tokenizer):
+    text = TEXTS[0]
+    record = measure(tiny_model, tiny_tokenizer, [text], keep_activations=True)[0]
+    tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
+    with torch.no_grad():
+        hidden_states = tiny_model(torch.tensor([tokenized.input_ids]), output_hidden_states=True).hidden_states
+    response = slice(tokenized.response_start, None)
+    activations = record["activations"].float()  # [layers, response tokens, d]
+    n_layers = activations.shape[0]
+    for layer in range(n_layers - 1):  # hidden_states[l + 1] is block l's output, except the last
+        torch.testing.assert_close(activations[layer], hidden_states[layer + 1][0, response], rtol=2e-3, atol=2e-3)
+    last = activations[-1]
+    post_norm = hidden_states[-1][0, response]
+    assert not torch.allclose(last, post_norm, atol=1e-2), "last layer must be the residual stream, not post-norm"
+    final_norm = tiny_model.get_decoder().norm
+    torch.testing.assert_close(final_norm(last), post_norm, rtol=2e-3, atol=2e-3)
+
+
+def test_chunked_cross_entropy_equals_full_logits(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(capture, "LOGITS_CHUNK_BYTES", 4 * len(tiny_tokenizer) * 3)  # a few positions per chunk
+    records = measure(tiny_model, tiny_tokenizer, TEXTS)
+    for text, record in zip(TEXTS, records):
+        tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
+        ids = torch.tensor([tokenized.input_ids])
+        with torch.no_grad():
+            logits = tiny_model(ids).logits[0, :-1]  # the model's own forward, softcapping included
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        assert record["text_metrics"]["ce_loss"] == pytest.approx(nll.mean().item(), rel=1e-4)
+        response_nll = nll[tokenized.response_start - 1 :]
+        assert record["text_metrics"]["ce_loss_response"] == pytest.approx(response_nll.mean().item(), rel=1e-4)
+
+
+def test_response_tokens_are_the_response(tiny_tokenizer):
+    for text in TEXTS:
+        tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
+        decoded = tiny_tokenizer.decode(tokenized.input_ids[tokenized.response_start :])
+        assert decoded.strip() == text.response
+        prompt = tiny_tokenizer.decode(tokenized.input_ids[: tokenized.response_start], skip_special_tokens=True)
+        assert prompt == text.prompt
+
+
+def test_length_cap_truncates_the_response(tiny_tokenizer):
+    capped = capture.TextToMeasure(TEXTS[0].prompt, TEXTS[0].response, max_response_tokens=3)
+    tokenized = capture.tokenize_for_capture(tiny_tokenizer, capped)
+    assert len(tokenized.input_ids) - tokenized.response_start == 3
+
+
+def test_smoothness_matches_a_direct_computation(tiny_model, tiny_tokenizer):
+    record = measure(tiny_model, tiny_tokenizer, [TEXTS[1]], keep_activations=True)[0]
+    for layer, activations in enumerate(record["activations"].float().numpy()):
+        deltas = np.linalg.norm(np.diff(activations, axis=0), axis=1)
+        norms = np.linalg.norm(activations, axis=1)
+        # activations were kept in float16, the metrics were computed in float32
+        assert record["layer_metrics"]["smoothness"][layer] == pytest.approx(deltas.mean(), rel=2e-3)
+        assert record["layer_metrics"]["magnitude"][layer] == pytest.approx(norms.mean(), rel=2e-3)
+        assert record["layer_metrics"]["variance"][layer] == pytest.approx(norms.var(), rel=2e-2, abs=1e-4)
+
+
+def test_plan_batches_respects_the_token_budget():
+    lengths = [5, 30, 12, 12, 7, 30, 1]
+    batches = capture.plan_batches(lengths, token_budget=40)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
