@@ -358,6 +358,11 @@ def load_spec(path: str | Path) -> Spec:
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            field += ".source"
+            message = "missing: one of human, generate, shuffle" if err["type"] == "union_tag_not_found" else (
+                f"must be one of human, generate, shuffle, not {err['input'].get('source')!r}"
+            )
         raise InputError(f"{path}: {field}: {message}") from None
 
 

@@ -303,11 +303,14 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
             "condition": np.repeat([1, 0], [len(x_a), len(x_b)]),
         }
     )
+    failed = {f"mixedlm.{stat}": np.nan for stat in MIXEDLM_STATS} | {"mixedlm.converged": 0.0}
+    if frame.isna().any(axis=None):  # NaN values make statistics NaN, here as everywhere
+        return failed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-convergence is reported as mixedlm.converged = 0
             fit = smf.mixedlm("y ~ x + condition", frame, groups=frame["sample_id"]).fit()
     except (np.linalg.LinAlgError, ValueError):  # singular design (e.g. x constant)
-        return {f"mixedlm.{stat}": np.nan for stat in MIXEDLM_STATS} | {"mixedlm.converged": 0.0}
+        return failed
     values = (fit.params["x"], fit.pvalues["x"], fit.params["condition"], fit.pvalues["condition"], fit.converged)
     return {f"mixedlm.{stat}": value for stat, value in zip(MIXEDLM_STATS, values)}

@@ -1,0 +1,401 @@
+"""harness.stats against an independent recomputation from the CSV with pandas/scipy/statsmodels."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.formula.api as smf
+import yaml
+from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
+from statsmodels.stats.multitest import multipletests
+
+from harness.errors import RunFailure
+from harness.spec import Spec
+from harness.stats import STAT_KEYWORDS, compute_stats, load_table
+
+N_SAMPLES = 40
+N_LAYERS = 4
+TRAJECTORY_METRICS = ("smoothness", "magnitude")
+TEXT_METRICS = ("ce_loss", "ce_loss_response")
+
+SPEC_YAML = """
+name: stats-test
+models: {base: {id: some/model}}
+conditions:
+  human: {source: human}
+  model: {source: generate}
+  shuffled: {source: shuffle, of: human}
+metrics: [smoothness, magnitude]
+stats:
+  comparisons:
+    human_vs_model: {a: human, b: model}
+    shuffled_vs_human: {a: shuffled, b: human}
+  bootstrap_resamples: 1000
+  seed: 7
+criteria:
+  effect: smoothness.overall.d > 0 and smoothness.overall.p < 0.05
+"""
+
+
+def make_spec(**stats_overrides) -> Spec:
+    data = yaml.safe_load(SPEC_YAML)
+    data["stats"] |= stats_overrides
+    return Spec.model_validate(data)
+
+
+def write_per_sample(path: Path, rng: np.random.Generator) -> Path:
+    """Smoothness grows with depth by condition; CE follows smoothness; one model sample is missing."""
+    shift = {"human": 1.0, "model": 0.0, "shuffled": 1.5}
+    rows = []
+    for sample in range(N_SAMPLES):
+        sample_id = f"s{sample:02d}"
+        base = rng.normal()
+        for condition, effect in shift.items():
+            if condition == "model" and sample == N_SAMPLES - 1:
+                continue
+            smoothness = 10 + base + effect * np.arange(1, N_LAYERS + 1) / N_LAYERS + rng.normal(0, 0.5, N_LAYERS)
+            magnitude = 50 + 2 * base + rng.normal(0, 1, N_LAYERS)
+            ce_loss = 0.4 * smoothness.mean() + rng.normal(0, 0.3)
+            for layer in range(N_LAYERS):
+                rows.append((sample_id, condition, layer, "smoothness", smoothness[layer]))
+                rows.append((sample_id, condition, layer, "magnitude", magnitude[layer]))
+            rows.append((sample_id, condition, None, "ce_loss", ce_loss))
+            rows.append((sample_id, condition, None, "ce_loss_response", ce_loss + rng.normal(0, 0.2)))
+    frame = pd.DataFrame(rows, columns=["sample_id", "condition", "layer", "metric", "value"])
+    frame["layer"] = frame["layer"].astype("Int64")
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_path(tmp_path_factory) -> Path:
+    return write_per_sample(tmp_path_factory.mktemp("stats") / "per_sample.csv", np.random.default_rng(2024))
+
+
+@pytest.fixture(scope="module")
+def spec() -> Spec:
+    return make_spec()
+
+
+@pytest.fixture(scope="module")
+def raw(csv_path) -> pd.DataFrame:
+    """The CSV read plainly, for the independent recomputation."""
+    return pd.read_csv(csv_path)
+
+
+@pytest.fixture(scope="module")
+def stats(csv_path, spec) -> dict[str, float]:
+    return compute_stats(load_table(csv_path), spec)
+
+
+# --- independent recomputation ----------------------------------------------------------------
+
+
+def scopes_of(metric: str) -> list[str]:
+    return ["overall"] + ([f"layer{layer}" for layer in range(N_LAYERS)] if metric in TRAJECTORY_METRICS else [])
+
+
+def per_sample(raw: pd.DataFrame, condition: str, metric: str, scope: str) -> pd.Series:
+    rows = raw[(raw["condition"] == condition) & (raw["metric"] == metric)]
+    if scope == "overall":  # text metric: its only value; trajectory metric: mean over layers
+        return rows.groupby("sample_id")["value"].mean()
+    return rows[rows["layer"] == int(scope.removeprefix("layer"))].set_index("sample_id")["value"]
+
+
+def paired(raw: pd.DataFrame, a: str, b: str, metric: str, scope: str) -> tuple[np.ndarray, np.ndarray]:
+    values_a, values_b = per_sample(raw, a, metric, scope), per_sample(raw, b, metric, scope)
+    ids = values_a.index.intersection(values_b.index).sort_values()
+    return values_a[ids].to_numpy(), values_b[ids].to_numpy()
+
+
+def expected_descriptives(raw: pd.DataFrame) -> dict[str, float]:
+    expected = {}
+    for condition in raw["condition"].unique():
+        for metric in TRAJECTORY_METRICS + TEXT_METRICS:
+            for scope in scopes_of(metric):
+                values = per_sample(raw, condition, metric, scope)
+                if scope == "overall":
+                    expected[f"{metric}.{condition}.mean"] = values.mean()
+                    expected[f"{metric}.{condition}.sd"] = np.std(values.to_numpy(), ddof=1)
+                    expected[f"{metric}.{condition}.n"] = len(values)
+                else:
+                    expected[f"{metric}.{condition}.{scope}.mean"] = values.mean()
+    return expected
+
+
+def expected_paired(raw: pd.DataFrame, a: str, b: str, ddof: int) -> dict[str, float]:
+    """Everything of one comparison except the bootstrap intervals, unprefixed."""
+    expected = {}
+    for metric in TRAJECTORY_METRICS + TEXT_METRICS:
+        layer_p = {}
+        for scope in scopes_of(metric):
+            values_a, values_b = paired(raw, a, b, metric, scope)
+            diff = values_a - values_b
+            student, signed_rank = ttest_rel(values_a, values_b), wilcoxon(values_a, values_b)
+            expected |= {
+                f"{metric}.{scope}.mean_a": values_a.mean(),
+                f"{metric}.{scope}.mean_b": values_b.mean(),
+                f"{metric}.{scope}.mean_diff": diff.mean(),
+                f"{metric}.{scope}.d": diff.mean() / diff.std(ddof=ddof),
+                f"{metric}.{scope}.t": student.statistic,
+                f"{metric}.{scope}.p": student.pvalue,
+                f"{metric}.{scope}.wilcoxon_w": signed_rank.statistic,
+                f"{metric}.{scope}.wilcoxon_p": signed_rank.pvalue,
+                f"{metric}.{scope}.n": len(diff),
+            }
+            if scope != "overall":
+                layer_p[scope] = student.pvalue
+        for name, method in (("p_holm", "holm"), ("p_bh", "fdr_bh")):
+            if layer_p:
+                adjusted = multipletests(list(layer_p.values()), method=method)[1]
+                expected |= {f"{metric}.{scope}.{name}": p for scope, p in zip(layer_p, adjusted)}
+    return expected
+
+
+def correlation_samples(raw: pd.DataFrame, a: str, b: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    x_a, x_b = paired(raw, a, b, "ce_loss", "overall")
+    y_a, y_b = paired(raw, a, b, "smoothness", "overall")
+    return {
+        "pooled": (np.concatenate([x_a, x_b]), np.concatenate([y_a, y_b])),
+        a: (x_a, y_a),
+        b: (x_b, y_b),
+        "difference": (x_a - x_b, y_a - y_b),
+    }
+
+
+def expected_correlations(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
+    expected = {}
+    for scope, (x, y) in correlation_samples(raw, a, b).items():
+        result = pearsonr(x, y)
+        expected |= {
+            f"correlation.{scope}.r": result.statistic,
+            f"correlation.{scope}.p": result.pvalue,
+            f"correlation.{scope}.n": len(x),
+        }
+    return expected
+
+
+def expected_mixed_model(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
+    x_a, x_b = paired(raw, a, b, "ce_loss", "overall")
+    y_a, y_b = paired(raw, a, b, "smoothness", "overall")
+    ids = per_sample(raw, a, "ce_loss", "overall").index.intersection(per_sample(raw, b, "ce_loss", "overall").index)
+    frame = pd.DataFrame(
+        {
+            "sample_id": list(ids.sort_values()) * 2,
+            "x": np.concatenate([x_a, x_b]),
+            "y": np.concatenate([y_a, y_b]),
+            "condition": [1] * len(x_a) + [0] * len(x_b),
+        }
+    )
+    fit = smf.mixedlm("y ~ x + condition", frame, groups=frame["sample_id"]).fit()
+    return {
+        "mixedlm.x_coef": fit.params["x"],
+        "mixedlm.x_p": fit.pvalues["x"],
+        "mixedlm.condition_coef": fit.params["condition"],
+        "mixedlm.condition_p": fit.pvalues["condition"],
+        "mixedlm.converged": float(fit.converged),
+    }
+
+
+def expected_stats(raw: pd.DataFrame, spec: Spec) -> dict[str, float]:
+    """Every statistic except the bootstrap intervals, names as compute_stats gives them."""
+    expected = expected_descriptives(raw)
+    for index, (name, comparison) in enumerate(spec.comparisons.items()):
+        one = (
+            expected_paired(raw, comparison.a, comparison.b, spec.stats.ddof)
+            | expected_correlations(raw, comparison.a, comparison.b)
+            | expected_mixed_model(raw, comparison.a, comparison.b)
+        )
+        expected |= {f"{name}.{key}": value for key, value in one.items()}
+        if index == 0:
+            expected |= one
+    return expected
+
+
+def is_interval_bound(name: str) -> bool:
+    return name.endswith(("ci_low", "ci_high"))
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_every_statistic_equals_independent_recomputation(stats, raw, spec):
+    expected = expected_stats(raw, spec)
+    assert {name for name in stats if not is_interval_bound(name)} == set(expected)
+    for name, value in expected.items():
+        tolerance = 1e-6 if ".mixedlm." in f".{name}" else 1e-9  # an optimiser's result
+        assert stats[name] == pytest.approx(value, rel=tolerance, abs=1e-12), name
+
+
+def test_output_is_flat_finite_floats_and_json_serialisable(stats):
+    assert all(type(value) is float and math.isfinite(value) for value in stats.values())
+    assert json.loads(json.dumps(stats)) == stats
+
+
+def test_the_synthetic_effect_is_found(stats):
+    assert stats["smoothness.overall.d"] > 1 and stats["smoothness.overall.p"] < 1e-6
+    assert stats["smoothness.layer3.mean_diff"] > stats["smoothness.layer0.mean_diff"]
+    assert stats["magnitude.overall.p"] > 0.01
+    assert stats["correlation.human.r"] > 0.5
+
+
+def test_names_use_only_spec_words_keywords_and_layers(stats, spec):
+    vocabulary = spec.statistic_vocabulary()
+    for name in stats:
+        for word in name.split("."):
+            assert word in vocabulary or re.fullmatch(r"layer\d+", word), (name, word)
+    used = {word for name in stats for word in name.split(".")}
+    assert STAT_KEYWORDS <= used  # every keyword is actually produced
+
+
+def test_primary_comparison_names_equal_its_prefixed_names_and_every_comparison_is_prefixed(stats, spec):
+    first, second = spec.comparisons
+    primary = {name.removeprefix(f"{first}."): value for name, value in stats.items() if name.startswith(f"{first}.")}
+    assert primary == {name: stats[name] for name in primary}
+    other = {name.removeprefix(f"{second}.") for name in stats if name.startswith(f"{second}.")}
+    as_other = {name.replace(".human.", ".shuffled.").replace(".model.", ".human.") for name in primary}
+    assert other == as_other  # same statistics; correlation scopes named after the conditions
+    assert stats[f"{second}.smoothness.overall.mean_a"] != stats["smoothness.overall.mean_a"]
+
+
+def test_paired_statistics_use_only_samples_present_in_both_conditions(stats):
+    assert stats["human.n" if False else "ce_loss.human.n"] == N_SAMPLES
+    assert stats["ce_loss.model.n"] == N_SAMPLES - 1
+    assert stats["human_vs_model.smoothness.overall.n"] == N_SAMPLES - 1
+    assert stats["shuffled_vs_human.smoothness.layer2.n"] == N_SAMPLES
+    assert stats["human_vs_model.correlation.pooled.n"] == 2 * (N_SAMPLES - 1)
+
+
+def test_confidence_intervals_bracket_their_estimates(stats):
+    bounds = [name.removesuffix("_low") for name in stats if name.endswith("ci_low")]
+    assert len(bounds) > 100
+    for bound in bounds:
+        estimate = re.sub(r"(mean_diff|d)_ci$", r"\1", bound).replace(".ci", ".r")
+        assert stats[f"{bound}_low"] < stats[estimate] < stats[f"{bound}_high"], bound
+
+
+def test_intervals_are_scipy_bca_bootstraps_of_each_statistic_alone(stats, raw, spec):
+    """The documented contract: same seeded resample ids for every statistic of a comparison."""
+    settings = spec.stats
+
+    def interval(data, statistic, paired_samples=True):
+        result = bootstrap(
+            data,
+            statistic,
+            n_resamples=settings.bootstrap_resamples,
+            confidence_level=settings.confidence,
+            method="BCa",
+            paired=paired_samples,
+            rng=np.random.default_rng(settings.seed),
+        )
+        return result.confidence_interval.low, result.confidence_interval.high
+
+    diff = np.subtract(*paired(raw, "human", "model", "smoothness", "overall"))
+    low, high = interval((diff,), np.mean, paired_samples=False)
+    assert (stats["smoothness.overall.mean_diff_ci_low"], stats["smoothness.overall.mean_diff_ci_high"]) == (
+        pytest.approx(low, rel=1e-9),
+        pytest.approx(high, rel=1e-9),
+    )
+    diff = np.subtract(*paired(raw, "human", "model", "magnitude", "layer2"))
+    low, high = interval((diff,), lambda x, axis: x.mean(axis) / x.std(axis, ddof=settings.ddof), paired_samples=False)
+    assert stats["magnitude.layer2.d_ci_low"] == pytest.approx(low, rel=1e-9)
+    assert stats["magnitude.layer2.d_ci_high"] == pytest.approx(high, rel=1e-9)
+
+    def r(x, y, axis):
+        return pearsonr(x, y, axis=axis).statistic
+
+    x_a, x_b = paired(raw, "human", "model", "ce_loss", "overall")
+    y_a, y_b = paired(raw, "human", "model", "smoothness", "overall")
+    pooled = interval((x_a, x_b, y_a, y_b), lambda xa, xb, ya, yb, axis: r(np.concatenate([xa, xb], axis), np.concatenate([ya, yb], axis), axis))
+    within = interval((x_b, y_b), r)
+    assert (stats["correlation.pooled.ci_low"], stats["correlation.pooled.ci_high"]) == pytest.approx(pooled, rel=1e-9)
+    assert (stats["correlation.model.ci_low"], stats["correlation.model.ci_high"]) == pytest.approx(within, rel=1e-9)
+
+
+def test_same_input_same_output_and_the_seed_moves_only_intervals(csv_path, stats):
+    table = load_table(csv_path)
+    assert compute_stats(table, make_spec()) == stats
+    reseeded = compute_stats(table, make_spec(seed=8))
+    changed = {name for name in stats if reseeded[name] != stats[name]}
+    assert changed and all(is_interval_bound(name) for name in changed)
+
+
+def test_ddof_scales_d_by_exactly_sqrt_n_minus_one_over_n(csv_path, stats):
+    population = compute_stats(load_table(csv_path), make_spec(ddof=0))
+    d_names = [name for name in stats if name.endswith(".d")]
+    assert len(d_names) > 20
+    for name in d_names:
+        n = stats[name.removesuffix(".d") + ".n"]
+        assert stats[name] == pytest.approx(population[name] * math.sqrt((n - 1) / n), rel=1e-12), name
+    assert {n for n in stats if n.endswith(".d_ci_low") and population[n] != stats[n]}  # intervals follow d
+
+
+def test_zero_resamples_gives_nan_intervals_and_the_same_estimates(csv_path, stats):
+    without = compute_stats(load_table(csv_path), make_spec(bootstrap_resamples=0))
+    assert without.keys() == stats.keys()
+    for name, value in without.items():
+        if is_interval_bound(name):
+            assert math.isnan(value), name
+        else:
+            assert value == stats[name], name
+
+
+def test_mixed_model_can_be_switched_off(csv_path, stats):
+    without = compute_stats(load_table(csv_path), make_spec(mixed_model=False, bootstrap_resamples=0))
+    assert {name for name in stats.keys() - without.keys()} == {name for name in stats if ".mixedlm." in f".{name}"}
+
+
+def test_singular_mixed_model_gives_nan_not_an_exception(tmp_path, raw):
+    constant_ce = raw.copy()
+    constant_ce.loc[constant_ce["metric"] == "ce_loss", "value"] = 3.0
+    path = tmp_path / "per_sample.csv"
+    constant_ce.to_csv(path, index=False)
+    stats = compute_stats(load_table(path), make_spec(bootstrap_resamples=0))
+    assert stats["mixedlm.converged"] == 0.0
+    assert all(math.isnan(stats[f"mixedlm.{name}"]) for name in ("x_coef", "x_p", "condition_coef", "condition_p"))
+    assert math.isnan(stats["correlation.pooled.r"])
+    assert stats["smoothness.overall.d"] > 1  # everything else still computed
+
+
+def test_load_table_types(csv_path):
+    table = load_table(csv_path)
+    assert str(table["layer"].dtype) == "Int64"
+    assert table.loc[table["metric"] == "ce_loss", "layer"].isna().all()
+    assert set(table.loc[table["metric"] == "smoothness", "layer"]) == set(range(N_LAYERS))
+    assert table["sample_id"].map(type).eq(str).all()
+
+
+def test_load_table_keeps_names_pandas_would_read_as_missing(tmp_path):
+    path = tmp_path / "per_sample.csv"
+    path.write_text("sample_id,condition,layer,metric,value\nNA,None,,ce_loss,1.5\nnull,None,0,smoothness,\n")
+    table = load_table(path)
+    assert list(table["sample_id"]) == ["NA", "null"] and list(table["condition"]) == ["None", "None"]
+    assert table["layer"].isna().tolist() == [True, False] and math.isnan(table["value"].iloc[1])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("sample_id,condition,metric,value\n1,human,ce_loss,2.0\n", "missing column"),
+        ("sample_id,condition,layer,metric,value\n1,human,,ce_loss,2\n1,human,,ce_loss,3\n", "appears twice"),
+    ],
+)
+def test_load_table_rejects_malformed_tables(tmp_path, content, message):
+    path = tmp_path / "per_sample.csv"
+    path.write_text(content)
+    with pytest.raises(RunFailure, match=message):
+        load_table(path)
+
+
+def test_a_comparison_needs_two_paired_samples(tmp_path, raw):
+    few_models = raw[(raw["condition"] != "model") | (raw["sample_id"] == "s00")]
+    path = tmp_path / "per_sample.csv"
+    few_models.to_csv(path, index=False)
+    with pytest.raises(RunFailure, match="human_vs_model.*found 1"):
+        compute_stats(load_table(path), make_spec(bootstrap_resamples=0))
