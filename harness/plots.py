@@ -6,6 +6,7 @@ The functions take tidy pandas frames, so they know nothing about run folders or
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from harness.artifacts import write_bytes  # noqa: E402
 
 DPI = 120
+PANEL_COLUMNS = 2
+"""Panels per row of the per-layer delta figure (more would shrink the text when embedded)."""
 
 
 def effect_by_layer(effect: pd.DataFrame, metric: str, comparison: str, path: Path) -> Path:
@@ -27,7 +30,7 @@ def effect_by_layer(effect: pd.DataFrame, metric: str, comparison: str, path: Pa
 
     ``effect`` has columns layer, d, d_ci_low, d_ci_high.
     """
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     ax.axhline(0, color="grey", linewidth=1, linestyle="--", label="no effect")
     ax.fill_between(effect["layer"], effect["d_ci_low"], effect["d_ci_high"], alpha=0.25, label="confidence interval")
     ax.plot(effect["layer"], effect["d"], marker="o", label="Cohen's d")
@@ -40,7 +43,7 @@ def effect_by_layer(effect: pd.DataFrame, metric: str, comparison: str, path: Pa
 
 def means_by_layer(means: pd.DataFrame, metric: str, path: Path) -> Path:
     """Per-layer mean of the metric, a line per condition. ``means`` has columns condition, layer, mean."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     for condition, rows in means.groupby("condition", sort=False):
         ax.plot(rows["layer"], rows["mean"], marker="o", markersize=3, label=condition)
     _layer_axis(ax)
@@ -55,7 +58,7 @@ def paired_scatter(pairs: pd.DataFrame, x_name: str, y_name: str, path: Path) ->
 
     ``pairs`` has columns sample_id, condition, x, y.
     """
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = plt.subplots(figsize=(7, 5.5), layout="constrained")
     for _, sample in pairs.groupby("sample_id"):
         ax.plot(sample["x"], sample["y"], color="grey", linewidth=0.5, alpha=0.5, zorder=1)
     for condition, rows in pairs.groupby("condition", sort=False):
@@ -73,20 +76,37 @@ def delta_norms_by_position(deltas: pd.DataFrame, path: Path) -> Path:
     ``deltas`` has columns layer, condition, position, norm (one row per token step).
     """
     layers = sorted(deltas["layer"].unique())
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), sharex=True, squeeze=False)
-    means = deltas.groupby(["layer", "condition", "position"], sort=False)["norm"].mean().reset_index()
-    for ax, layer in zip(axes[0], layers):
-        for condition, rows in means[means["layer"] == layer].groupby("condition", sort=False):
-            rows = rows.sort_values("position")
-            ax.plot(rows["position"], rows["norm"], linewidth=1, label=condition)
+    columns = min(len(layers), PANEL_COLUMNS)
+    rows = math.ceil(len(layers) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5 * columns + 1.5, 3.8 * rows), squeeze=False, layout="constrained"
+    )
+    means = _well_supported_means(deltas)
+    for ax, layer in zip(axes.flat, layers):
+        for condition, points in means[means["layer"] == layer].groupby("condition", sort=False):
+            points = points.sort_values("position")
+            ax.plot(points["position"], points["norm"], linewidth=1, label=condition)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("response token position")
+        ax.set_ylabel("mean ‖h[i+1] − h[i]‖")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean ‖h[i+1] − h[i]‖")
-    axes[0][-1].legend(title="condition")
-    fig.suptitle("Token-to-token delta norm by position")
+    for ax in axes.flat[len(layers) :]:
+        ax.set_visible(False)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), title="condition", loc="outside right upper")
+    fig.suptitle("Token-to-token delta norm by position (positions that at least half the texts reach)")
     return _save(fig, path)
+
+
+def _well_supported_means(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Mean norm per (layer, condition, position), where at least half the texts reach the position.
+
+    Responses differ in length; the last positions would otherwise be the means of one or two texts.
+    """
+    keys = ["layer", "condition", "position"]
+    grouped = deltas.groupby(keys, sort=False)["norm"].agg(["mean", "size"]).reset_index()
+    texts = grouped.groupby(["layer", "condition"])["size"].transform("max")  # position 0: every text with a step
+    return grouped[grouped["size"] * 2 >= texts].rename(columns={"mean": "norm"})
 
 
 def _layer_axis(ax: plt.Axes) -> None:
@@ -98,7 +118,6 @@ def _layer_axis(ax: plt.Axes) -> None:
 def _save(fig: Figure, path: Path) -> Path:
     """Write the figure atomically and free it (pyplot keeps figures alive otherwise)."""
     buffer = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=DPI)
     plt.close(fig)
     write_bytes(Path(path), buffer.getvalue())

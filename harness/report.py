@@ -135,7 +135,7 @@ def render_template(path: Path, context: dict) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(num=format_value, md=escape_markdown)
+    environment.filters.update(num=format_value, percent=format_percent, md=escape_markdown)
     try:
         return environment.get_template(path.name).render(context)
     except jinja2.TemplateSyntaxError as exc:
@@ -151,6 +151,13 @@ def format_value(value: float | int | None) -> str:
     if float(value).is_integer() and abs(value) < 1e6:
         return str(int(value))
     return format_number(float(value))
+
+
+def format_percent(share: float | None) -> str:
+    """A share (0..1) as a whole percentage, "–" where missing."""
+    if share is None or math.isnan(share):
+        return "–"
+    return f"{share:.0%}"
 
 
 def escape_markdown(text: str) -> str:
@@ -227,7 +234,7 @@ def build_context(run: RunFiles, diagnostics: dict, figures: list[dict]) -> dict
         "title": spec.name,
         "description": spec.description.strip(),
         "run_id": run.manifest.get("run_id"),
-        "confidence_percent": format_value(spec.stats.confidence * 100),
+        "confidence": spec.stats.confidence,
         "alpha": ALPHA,
         "metric": spec.stats.correlate[1],
         "x_metric": spec.stats.correlate[0],
@@ -259,13 +266,9 @@ def _criterion(row: dict) -> CriterionResult:
 def _criteria(rows: list[dict]) -> list[dict]:
     return [
         {"outcome": outcome(_criterion(row)), "name": row["name"], "expr": row["expr"],
-         "values": row["values"], "error": row.get("error")}
+         "stat_values": row["values"], "error": row.get("error")}
         for row in rows
     ]
-
-
-def _summary_metrics(spec: Spec) -> list[str]:
-    return [*TEXT_METRIC_NAMES, *spec.metrics]
 
 
 def _paired(run: RunFiles, prefix: str) -> dict[str, float]:
@@ -276,7 +279,7 @@ def _paired_rows(run: RunFiles, comparison: str) -> list[dict]:
     """A comparison's paired statistics per metric (trajectory metrics: overall)."""
     return [
         {"metric": metric, "trajectory": metric in run.spec.metrics, **_paired(run, f"{comparison}.{metric}.{OVERALL}")}
-        for metric in _summary_metrics(run.spec)
+        for metric in (*TEXT_METRIC_NAMES, *run.spec.metrics)
     ]
 
 
@@ -423,7 +426,8 @@ def threats_to_validity(run: RunFiles, diagnostics: dict) -> dict:
             for c, d in per_condition.items()
             if d["stopped_early_share"] is not None
         ],
-        "early_stop_flag": EARLY_STOP_FLAG,
+        "flags": {"repetition_mean": REPETITION_MEAN_FLAG, "repetition_max": REPETITION_MAX_FLAG,
+                  "early_stop": EARLY_STOP_FLAG, "length": LENGTH_DIFFERENCE_FLAG},
         "length": _length_threat(per_condition, comparison),
         "length_matching": spec.capture.length_matching,
         "artifacts": [
@@ -446,12 +450,7 @@ def _exceeds(value: float | None, limit: float) -> bool:
 
 
 def _association(pearson: dict) -> dict:
-    return {"r": _nan_if_none(pearson["r"]), "p": _nan_if_none(pearson["p"]),
-            "associated": pearson["p"] is not None and pearson["p"] < ALPHA}
-
-
-def _nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else value
+    return {"r": pearson["r"], "p": pearson["p"], "associated": pearson["p"] is not None and pearson["p"] < ALPHA}
 
 
 def _length_threat(per_condition: dict, comparison: Comparison) -> dict:

@@ -105,7 +105,7 @@ class Run:
 
     def identity(self, alias: str) -> str:
         if alias not in self._identities:
-            self._identities[alias] = model_identity(self.spec.models[alias], model_cache_dir())
+            self._identities[alias] = model_identity(self.spec.models[alias], model_cache_dir(), self.where(alias))
         return self._identities[alias]
 
     def model(self, alias: str) -> LoadedModel:

@@ -179,8 +179,6 @@ class RuntimeSpec(StrictModel):
     generation_batch_size: int = Field(64, gt=0)
     token_budget: int = Field(16384, gt=0)
     """Tokens (padded) per forward batch."""
-    compile: bool = False
-    """Static KV cache and torch.compile (pays off on large GPU workloads)."""
 
 
 class Spec(StrictModel):
@@ -240,6 +238,13 @@ class Spec(StrictModel):
             if name not in known:
                 raise _FieldError(where, f"unknown {kind} {name!r} (known: {', '.join(sorted(known))})")
 
+        from harness.stats import STAT_KEYWORDS
+
+        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(TEXT_METRIC_NAMES)
+        for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
+            for name in names:
+                if name in reserved or re.fullmatch(r"layer\d+", name):
+                    raise _FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")
         if len(self.conditions) < 2:
             raise _FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
@@ -311,6 +316,21 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
     """Parse a spec file (following `extends:`) into one resolved mapping."""
     return _read_yaml(Path(path), ())
@@ -322,7 +342,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if path.resolve() in seen:
         raise InputError(f"{path}: extends: circular chain {' -> '.join(str(p) for p in seen)}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"

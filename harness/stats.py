@@ -85,9 +85,6 @@ comparison names, and ``layer<N>``)."""
 _BOOTSTRAP_BATCH = 250
 """Resamples evaluated per vectorised call: bounds memory, does not change the result."""
 
-Statistic = Callable[..., np.ndarray]
-
-
 def load_table(path: Path) -> pd.DataFrame:
     """Read per_sample.csv; ``layer`` is a nullable integer (missing for per-text metrics)."""
     try:
@@ -163,7 +160,7 @@ def _comparison_stats(
             f"comparison {name}: needs at least 2 samples present in both {comparison.a} and {comparison.b}, "
             f"found {len(a)}"
         )
-    x_column, y_column = ((metric, OVERALL) for metric in settings.correlate)
+    x_column, y_column = [(metric, OVERALL) for metric in settings.correlate]
     for column in (x_column, y_column):
         if column not in a.columns:
             raise RunFailure(f"stats.correlate: the per-sample table has no metric {column[0]!r}")
@@ -177,9 +174,9 @@ def _comparison_stats(
         return np.concatenate([diff.mean(axis=axis), _cohens_dz(diff, settings.ddof, axis), np.stack(correlations)])
 
     low, high = _bootstrap_intervals(a.to_numpy().T, b.to_numpy().T, resampled, settings)
-    width = a.shape[1]
-    stats = _paired_stats(a, b, settings.ddof, low[: 2 * width], high[: 2 * width])
-    stats |= _correlations(a[x_column], b[x_column], a[y_column], b[y_column], comparison, low[2 * width :], high[2 * width :])
+    split = 2 * a.shape[1]  # mean_diff and d for every column, then the correlations
+    stats = _paired_stats(a, b, settings.ddof, low[:split], high[:split])
+    stats |= _correlations(a[x_column], b[x_column], a[y_column], b[y_column], comparison, low[split:], high[split:])
     if settings.mixed_model:
         stats |= _mixed_model(a[x_column], b[x_column], a[y_column], b[y_column])
     return stats
@@ -204,7 +201,7 @@ def _correlation_scopes(
 
 
 def _bootstrap_intervals(
-    a: np.ndarray, b: np.ndarray, statistic: Statistic, settings: StatsSpec
+    a: np.ndarray, b: np.ndarray, statistic: Callable[..., np.ndarray], settings: StatsSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """BCa intervals of every output of ``statistic(a, b, axis)``, resampling samples (last axis) jointly."""
     if settings.bootstrap_resamples == 0:

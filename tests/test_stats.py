@@ -108,10 +108,13 @@ def per_sample(raw: pd.DataFrame, condition: str, metric: str, scope: str) -> pd
     return rows[rows["layer"] == int(scope.removeprefix("layer"))].set_index("sample_id")["value"]
 
 
+def paired_ids(raw: pd.DataFrame, a: str, b: str) -> list[str]:
+    return sorted(set(raw.loc[raw["condition"] == a, "sample_id"]) & set(raw.loc[raw["condition"] == b, "sample_id"]))
+
+
 def paired(raw: pd.DataFrame, a: str, b: str, metric: str, scope: str) -> tuple[np.ndarray, np.ndarray]:
-    values_a, values_b = per_sample(raw, a, metric, scope), per_sample(raw, b, metric, scope)
-    ids = values_a.index.intersection(values_b.index).sort_values()
-    return values_a[ids].to_numpy(), values_b[ids].to_numpy()
+    ids = paired_ids(raw, a, b)
+    return per_sample(raw, a, metric, scope)[ids].to_numpy(), per_sample(raw, b, metric, scope)[ids].to_numpy()
 
 
 def expected_descriptives(raw: pd.DataFrame) -> dict[str, float]:
@@ -184,10 +187,9 @@ def expected_correlations(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]
 def expected_mixed_model(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
     x_a, x_b = paired(raw, a, b, "ce_loss", "overall")
     y_a, y_b = paired(raw, a, b, "smoothness", "overall")
-    ids = per_sample(raw, a, "ce_loss", "overall").index.intersection(per_sample(raw, b, "ce_loss", "overall").index)
     frame = pd.DataFrame(
         {
-            "sample_id": list(ids.sort_values()) * 2,
+            "sample_id": paired_ids(raw, a, b) * 2,
             "x": np.concatenate([x_a, x_b]),
             "y": np.concatenate([y_a, y_b]),
             "condition": [1] * len(x_a) + [0] * len(x_b),
@@ -256,16 +258,23 @@ def test_names_use_only_spec_words_keywords_and_layers(stats, spec):
 
 def test_primary_comparison_names_equal_its_prefixed_names_and_every_comparison_is_prefixed(stats, spec):
     first, second = spec.comparisons
-    primary = {name.removeprefix(f"{first}."): value for name, value in stats.items() if name.startswith(f"{first}.")}
+
+    def comparison_stats(name: str) -> dict[str, float]:
+        return {key.removeprefix(f"{name}."): value for key, value in stats.items() if key.startswith(f"{name}.")}
+
+    primary, other = comparison_stats(first), comparison_stats(second)
     assert primary == {name: stats[name] for name in primary}
-    other = {name.removeprefix(f"{second}.") for name in stats if name.startswith(f"{second}.")}
-    as_other = {name.replace(".human.", ".shuffled.").replace(".model.", ".human.") for name in primary}
-    assert other == as_other  # same statistics; correlation scopes named after the conditions
-    assert stats[f"{second}.smoothness.overall.mean_a"] != stats["smoothness.overall.mean_a"]
+    def without_correlations(names) -> set[str]:
+        return {name for name in names if not name.startswith("correlation.")}
+
+    assert without_correlations(primary) == without_correlations(other)
+    correlation_scopes = {name.split(".")[1] for name in other if name.startswith("correlation.")}
+    assert correlation_scopes == {"pooled", "shuffled", "human", "difference"}
+    assert other["smoothness.overall.mean_a"] != primary["smoothness.overall.mean_a"]
 
 
 def test_paired_statistics_use_only_samples_present_in_both_conditions(stats):
-    assert stats["human.n" if False else "ce_loss.human.n"] == N_SAMPLES
+    assert stats["ce_loss.human.n"] == N_SAMPLES
     assert stats["ce_loss.model.n"] == N_SAMPLES - 1
     assert stats["human_vs_model.smoothness.overall.n"] == N_SAMPLES - 1
     assert stats["shuffled_vs_human.smoothness.layer2.n"] == N_SAMPLES
@@ -274,48 +283,52 @@ def test_paired_statistics_use_only_samples_present_in_both_conditions(stats):
 
 def test_confidence_intervals_bracket_their_estimates(stats):
     bounds = [name.removesuffix("_low") for name in stats if name.endswith("ci_low")]
-    assert len(bounds) > 100
+    columns = len(TEXT_METRICS) + len(TRAJECTORY_METRICS) * (N_LAYERS + 1)
+    assert len(bounds) == 3 * (2 * columns + 4)  # (mean_diff, d) per column + 4 r; primary twice, then the other
     for bound in bounds:
         estimate = re.sub(r"(mean_diff|d)_ci$", r"\1", bound).replace(".ci", ".r")
-        assert stats[f"{bound}_low"] < stats[estimate] < stats[f"{bound}_high"], bound
+        assert stats[f"{bound}_low"] <= stats[estimate] <= stats[f"{bound}_high"], bound
 
 
 def test_intervals_are_scipy_bca_bootstraps_of_each_statistic_alone(stats, raw, spec):
-    """The documented contract: same seeded resample ids for every statistic of a comparison."""
-    settings = spec.stats
+    """The documented contract: every statistic of a comparison uses the same seeded resampled ids."""
 
-    def interval(data, statistic, paired_samples=True):
+    def bca(data, statistic, paired_samples=True) -> tuple[float, float]:
         result = bootstrap(
             data,
             statistic,
-            n_resamples=settings.bootstrap_resamples,
-            confidence_level=settings.confidence,
+            n_resamples=spec.stats.bootstrap_resamples,
+            confidence_level=spec.stats.confidence,
             method="BCa",
             paired=paired_samples,
-            rng=np.random.default_rng(settings.seed),
+            rng=np.random.default_rng(spec.stats.seed),
         )
         return result.confidence_interval.low, result.confidence_interval.high
 
-    diff = np.subtract(*paired(raw, "human", "model", "smoothness", "overall"))
-    low, high = interval((diff,), np.mean, paired_samples=False)
-    assert (stats["smoothness.overall.mean_diff_ci_low"], stats["smoothness.overall.mean_diff_ci_high"]) == (
-        pytest.approx(low, rel=1e-9),
-        pytest.approx(high, rel=1e-9),
-    )
-    diff = np.subtract(*paired(raw, "human", "model", "magnitude", "layer2"))
-    low, high = interval((diff,), lambda x, axis: x.mean(axis) / x.std(axis, ddof=settings.ddof), paired_samples=False)
-    assert stats["magnitude.layer2.d_ci_low"] == pytest.approx(low, rel=1e-9)
-    assert stats["magnitude.layer2.d_ci_high"] == pytest.approx(high, rel=1e-9)
+    def interval(name: str) -> tuple[float, float]:
+        return stats[f"{name}_low"], stats[f"{name}_high"]
+
+    def d_z(x, axis):
+        return x.mean(axis) / x.std(axis, ddof=spec.stats.ddof)
 
     def r(x, y, axis):
         return pearsonr(x, y, axis=axis).statistic
 
+    def pooled_r(x_a, x_b, y_a, y_b, axis):
+        return r(np.concatenate([x_a, x_b], axis), np.concatenate([y_a, y_b], axis), axis)
+
+    smoothness_diff = np.subtract(*paired(raw, "human", "model", "smoothness", "overall"))
+    magnitude_diff = np.subtract(*paired(raw, "human", "model", "magnitude", "layer2"))
     x_a, x_b = paired(raw, "human", "model", "ce_loss", "overall")
     y_a, y_b = paired(raw, "human", "model", "smoothness", "overall")
-    pooled = interval((x_a, x_b, y_a, y_b), lambda xa, xb, ya, yb, axis: r(np.concatenate([xa, xb], axis), np.concatenate([ya, yb], axis), axis))
-    within = interval((x_b, y_b), r)
-    assert (stats["correlation.pooled.ci_low"], stats["correlation.pooled.ci_high"]) == pytest.approx(pooled, rel=1e-9)
-    assert (stats["correlation.model.ci_low"], stats["correlation.model.ci_high"]) == pytest.approx(within, rel=1e-9)
+    expected = {
+        "smoothness.overall.mean_diff_ci": bca((smoothness_diff,), np.mean, paired_samples=False),
+        "magnitude.layer2.d_ci": bca((magnitude_diff,), d_z, paired_samples=False),
+        "correlation.pooled.ci": bca((x_a, x_b, y_a, y_b), pooled_r),
+        "correlation.model.ci": bca((x_b, y_b), r),
+    }
+    for name, bounds in expected.items():
+        assert interval(name) == pytest.approx(bounds, rel=1e-9), name
 
 
 def test_same_input_same_output_and_the_seed_moves_only_intervals(csv_path, stats):

@@ -1,0 +1,515 @@
+"""Benchmark: the harness's generation and capture stages vs a seed-style pipeline and the floor.
+
+Three ways to do the same work, on the same model, texts and device, in one process:
+
+- harness: ``generate.generate_batch`` over ``generate.plan_batches`` batches, then
+  ``capture.measure_batch`` over ``capture.plan_batches`` batches (one fused forward per batch:
+  hooks reduce every layer to metrics on the device, CE through the chunked LM head);
+- seed-style: generation in batches of 8; capture one text at a time with
+  ``output_hidden_states=True``, every layer's response states copied to CPU and saved; metrics
+  computed from the saved files; then a second batch-1 forward for CE from full logits;
+- floor: generation in one batch plus one bare batched forward of the decoder (no hooks, no
+  metrics, no LM head): what any pipeline must at least spend.
+
+Run by hand (not in CI), from the repository root:
+
+    python benchmarks/bench_pipeline.py --model gemma3-270m --n-samples 50     # CPU, offline
+    python benchmarks/bench_pipeline.py --random-weights                        # GPU: Gemma-2-2B shape, bf16
+    python benchmarks/bench_pipeline.py --random-weights --config tiny --device cpu --n-samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from transformers import AutoModelForCausalLM, Gemma2Config, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness import capture, data, generate  # noqa: E402
+from harness.spec import GenerationSpec, Spec, load_spec  # noqa: E402
+from metrics import LAYER_METRICS, TEXT_METRICS  # noqa: E402
+
+SPEC_FILES = {"gemma3-270m": "gemma3-270m.yaml", "smollm2": "quickstart.yaml", "random": "baseline.yaml"}
+"""Which spec each --model takes its model, metrics, generation and runtime settings from."""
+SEED_GENERATION_BATCH = 8
+SYNTHETIC_PROMPT_TOKENS = 20
+"""Random-weights mode: the seed's workload of 20-token prompts (responses: max_new_tokens)."""
+RANDOM_MODE_SAMPLES = 100
+WARMUP_ITEMS = 2
+"""Each part runs once on this many items before it is timed."""
+MIB = 2**20
+
+
+def gemma_2_2b_config() -> Gemma2Config:
+    """google/gemma-2-2b's config.json values, written out so no hub access is needed."""
+    return Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        sliding_window=4096, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+
+
+def tiny_config() -> Gemma2Config:
+    """Gemma 2's architecture (softcapping, sliding window) at a size that runs in seconds on CPU."""
+    return Gemma2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0, sliding_window=16,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+
+
+CONFIGS: dict[str, Callable[[], Gemma2Config]] = {"gemma-2-2b": gemma_2_2b_config, "tiny": tiny_config}
+
+
+# -- workload ----------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """The model and texts every part runs on, with the harness settings taken from a spec."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    prompts: list[str]
+    human_responses: list[str]
+    generation: GenerationSpec
+    metrics: list[str]
+    generation_batch_size: int
+    token_budget: int
+    label: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer whose token i is the word "i", so synthetic texts are exact id sequences.
+
+    It lets random-weights mode drive the harness's text-in, text-out stage functions unchanged.
+    Ids 0-2 are Gemma's pad, eos and bos.
+    """
+    specials = ["<pad>", "<eos>", "<bos>"]
+    vocab = {token: i for i, token in enumerate(specials)} | {str(i): i for i in range(len(specials), vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def random_model(config: Gemma2Config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A causal LM with random weights, initialized directly on the device."""
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random weights rarely pick EOS, but never stopping keeps every response at max_new_tokens.
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def synthetic_texts(vocab_size: int, n_samples: int, response_tokens: int) -> tuple[list[str], list[str]]:
+    """Prompts and "human" responses of random ids (never the special ids 0-2)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab_size, (n_samples, SYNTHETIC_PROMPT_TOKENS + response_tokens), generator=generator)
+    as_text = lambda row: " ".join(str(int(token)) for token in row)  # noqa: E731
+    return [as_text(row[:SYNTHETIC_PROMPT_TOKENS]) for row in ids], [as_text(row[SYNTHETIC_PROMPT_TOKENS:]) for row in ids]
+
+
+def wikitext_texts(spec: Spec, tokenizer, n_samples: int, where: str) -> tuple[list[str], list[str]]:
+    """The spec's WikiText-2 prompts and human continuations (the data file resolved from the repo root)."""
+    dataset = spec.dataset.model_copy(update={"n_samples": n_samples, "local_path": str(REPO / spec.dataset.local_path)})
+    samples = data.select_samples(data.read_rows(dataset, where), tokenizer, dataset, where)
+    return [sample.prompt for sample in samples], [sample.human_response for sample in samples]
+
+
+def load_workload(args: argparse.Namespace) -> Workload:
+    spec_path = REPO / "specs" / SPEC_FILES[args.model]
+    spec = load_spec(spec_path)
+    generation = spec.conditions["model"].generation
+    device = torch.device(args.device)
+    if args.model == "random":
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        config = CONFIGS[args.config]()
+        model, tokenizer, input_device = random_model(config, dtype, device), id_tokenizer(config.vocab_size), device
+        prompts, human = synthetic_texts(config.vocab_size, args.n_samples or RANDOM_MODE_SAMPLES, generation.max_new_tokens)
+        label = f"random weights, {args.config} config"
+    else:
+        from harness.models import load_model
+        from harness.runner import model_cache_dir
+
+        model_spec = spec.models[spec.capture_model]
+        model_spec = model_spec.model_copy(update={"device_map": args.device, "dtype": args.dtype or model_spec.dtype})
+        loaded = load_model(model_spec, model_cache_dir(), f"{spec_path}: models.{spec.capture_model}")
+        model, tokenizer, input_device = loaded.model.eval(), loaded.tokenizer, torch.device(loaded.input_device)
+        prompts, human = wikitext_texts(spec, tokenizer, args.n_samples or spec.dataset.n_samples, str(spec_path))
+        label = model_spec.id or args.model
+    return Workload(
+        model, tokenizer, input_device, prompts, human, generation, spec.metrics,
+        args.generation_batch_size or spec.runtime.generation_batch_size,
+        args.token_budget or spec.runtime.token_budget, label,
+    )
+
+
+# -- measuring -----------------------------------------------------------------------------------
+@dataclass
+class Part:
+    name: str
+    seconds: float
+    peak_rss_mib: float
+    """Peak resident memory of the process during the part (since the last reset, on Linux)."""
+    peak_device_mib: float | None
+    """torch.cuda.max_memory_allocated during the part, on CUDA."""
+
+
+def reset_peak_rss() -> bool:
+    """Make getrusage's ru_maxrss restart from the current RSS (Linux: /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peaks(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+
+
+def peak_device_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
+
+
+def timed(name: str, run: Callable[[Sequence], Any], items: Sequence, device: torch.device) -> tuple[Part, Any]:
+    """Warm up on a few items, then time `run(items)` and record its peak memory."""
+    run(items[:WARMUP_ITEMS])
+    synchronize(device)
+    reset_peaks(device)
+    start = time.perf_counter()
+    result = run(items)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return Part(name, seconds, peak_rss_mib(), peak_device_mib(device)), result
+
+
+# -- the harness's stages ------------------------------------------------------------------------
+def harness_generate(work: Workload, prompts: Sequence[str]) -> list[str]:
+    """The generation stage as the runner drives it: length-sorted batches, one seed per batch."""
+    lengths = [len(work.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    responses: dict[int, str] = {}
+    for unit in generate.plan_batches(lengths, work.generation_batch_size):
+        outputs = generate.generate_batch(
+            work.model, work.tokenizer, work.device, [prompts[i] for i in unit], work.generation,
+            seed=work.generation.seed * 1_000_003 + unit[0],
+        )
+        responses.update((i, output["response"]) for i, output in zip(unit, outputs))
+    return [responses[i] for i in range(len(prompts))]
+
+
+def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized]) -> list[dict]:
+    """The capture stage: one fused forward (metrics + CE) per token-budget batch."""
+    layers = capture.resolve_layers(work.model, "all")
+    records: dict[int, dict] = {}
+    for unit in capture.plan_batches([len(item.input_ids) for item in tokenized], work.token_budget):
+        batch = capture.measure_batch(
+            work.model, work.device, work.tokenizer.pad_token_id, [tokenized[i] for i in unit], layers,
+            work.metrics, capture.report_layers(layers),
+        )
+        records.update(zip(unit, batch))
+    return [records[i] for i in range(len(tokenized))]
+
+
+# -- the seed-style pipeline ---------------------------------------------------------------------
+def seed_generate(work: Workload, prompts: Sequence[str]) -> list[str]:
+    """Generation in fixed batches of 8, in dataset order."""
+    responses = []
+    for start in range(0, len(prompts), SEED_GENERATION_BATCH):
+        batch = list(prompts[start : start + SEED_GENERATION_BATCH])
+        outputs = generate.generate_batch(work.model, work.tokenizer, work.device, batch, work.generation, work.generation.seed)
+        responses.extend(output["response"] for output in outputs)
+    return responses
+
+
+@torch.inference_mode()
+def seed_capture(work: Workload, tokenized: Sequence[capture.Tokenized], folder: Path) -> list[Path]:
+    """One text at a time: every hidden state's response tokens copied to CPU and saved."""
+    paths = []
+    for index, item in enumerate(tokenized):
+        ids = torch.tensor([item.input_ids], device=work.device)
+        hidden_states = work.model(input_ids=ids, output_hidden_states=True).hidden_states
+        layers = {str(layer): state[0, item.response_start :].cpu() for layer, state in enumerate(hidden_states)}
+        path = folder / f"text-{index:05d}.safetensors"
+        save_file(layers, str(path))
+        paths.append(path)
+    return paths
+
+
+def seed_metrics(work: Workload, paths: Sequence[Path]) -> list[dict[str, list[float]]]:
+    """Per text, each metric per saved hidden state (embeddings, then every block), from the files."""
+    records = []
+    for path in paths:
+        layers = load_file(str(path))
+        states = [layers[str(layer)].float().unsqueeze(0) for layer in range(len(layers))]
+        mask = torch.ones(1, states[0].shape[1], dtype=torch.bool)
+        records.append({name: [float(LAYER_METRICS[name](state, mask)) for state in states] for name in work.metrics})
+    return records
+
+
+@torch.inference_mode()
+def seed_cross_entropy(work: Workload, tokenized: Sequence[capture.Tokenized]) -> list[dict[str, float]]:
+    """A second batch-1 forward per text, CE from the full fp32 logits."""
+    records = []
+    for item in tokenized:
+        ids = torch.tensor([item.input_ids], device=work.device)
+        logits = work.model(input_ids=ids).logits[0, :-1].float()
+        nll = nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        records.append(
+            {"ce_loss": float(nll.mean()), "ce_loss_response": float(nll[item.response_start - 1 :].mean())}
+        )
+    return records
+
+
+# -- the floor -----------------------------------------------------------------------------------
+def floor_generate(work: Workload, prompts: Sequence[str]) -> list[str]:
+    """Generation of every prompt in one batch."""
+    outputs = generate.generate_batch(work.model, work.tokenizer, work.device, list(prompts), work.generation, work.generation.seed)
+    return [output["response"] for output in outputs]
+
+
+def right_padded(tokenized: Sequence[capture.Tokenized], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(item.input_ids) for item in tokenized)
+    input_ids = torch.full((len(tokenized), longest), pad_token_id, dtype=torch.long)
+    attention = torch.zeros(len(tokenized), longest, dtype=torch.long)
+    for row, item in enumerate(tokenized):
+        input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+        attention[row, : len(item.input_ids)] = 1
+    return input_ids, attention
+
+
+@torch.inference_mode()
+def final_hidden(work: Workload, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The decoder alone (no LM head, no hooks): the final hidden states."""
+    return work.model.get_decoder()(
+        input_ids=input_ids.to(work.device), attention_mask=attention.to(work.device), use_cache=False
+    ).last_hidden_state
+
+
+def floor_forward(work: Workload, tokenized: Sequence[capture.Tokenized]) -> None:
+    """One bare batched forward of every text."""
+    final_hidden(work, *right_padded(tokenized, work.tokenizer.pad_token_id))
+
+
+# -- CE memory -----------------------------------------------------------------------------------
+@dataclass
+class CrossEntropyMemory:
+    batch_shape: tuple[int, int]
+    chunked_peak_mib: float
+    """Peak memory added by capture.token_nll on the largest capture batch."""
+    full_logits_mib: float
+    """Size of the fp32 logits of the whole batch."""
+    full_logits_peak_mib: float | None
+    """Peak memory added by the full-logits CE, when it fit in memory to measure."""
+
+
+def memory_in_use_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MIB
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def peak_added_mib(run: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    reset_peaks(device)
+    before = memory_in_use_mib(device)
+    run()
+    synchronize(device)
+    peak = peak_device_mib(device) if device.type == "cuda" else peak_rss_mib()
+    return peak - before
+
+
+def memory_free_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / MIB
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1]) / 1024
+
+
+@torch.inference_mode()
+def full_logits_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """CE the usual way: fp32 logits of the whole batch at once (softcapped as the model does)."""
+    logits = model.get_output_embeddings()(hidden[:, :-1]).float()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized]) -> CrossEntropyMemory:
+    """Peak memory of chunked CE vs full fp32 logits, on the harness's largest capture batch."""
+    units = capture.plan_batches([len(item.input_ids) for item in tokenized], work.token_budget)
+    largest = max(units, key=lambda unit: len(unit) * max(len(tokenized[i].input_ids) for i in unit))
+    input_ids, attention = right_padded([tokenized[i] for i in largest], work.tokenizer.pad_token_id)
+    hidden = final_hidden(work, input_ids, attention)
+    input_ids = input_ids.to(hidden.device)
+    vocab = work.model.get_output_embeddings().weight.shape[0]
+    full_mib = input_ids.shape[0] * (input_ids.shape[1] - 1) * vocab * 4 / MIB
+    with torch.inference_mode():
+        chunked = peak_added_mib(lambda: capture.token_nll(work.model, hidden, input_ids), work.device)
+    # The full logits exist in the model's dtype and in fp32 at once; measure only when that fits easily.
+    fits = 3 * full_mib < memory_free_mib(work.device)
+    full = peak_added_mib(lambda: full_logits_nll(work.model, hidden, input_ids), work.device) if fits else None
+    return CrossEntropyMemory(tuple(input_ids.shape), chunked, full_mib, full)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+HARNESS_PARTS = ("harness generate", "harness capture+CE")
+SEED_PARTS = ("seed generate", "seed capture", "seed metrics", "seed CE")
+FLOOR_PARTS = ("floor generate", "floor forward")
+
+
+@dataclass
+class BenchmarkResult:
+    label: str
+    tokenized: list[capture.Tokenized]
+    """The capture texts: every human response, then every harness-generated one."""
+    parts: dict[str, Part] = field(default_factory=dict)
+    seed_bytes_written: int | None = None
+    ce_memory: CrossEntropyMemory | None = None
+    harness_records: list[dict] = field(default_factory=list)
+    seed_metric_records: list[dict] = field(default_factory=list)
+    seed_ce_records: list[dict] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(item.input_ids) for item in self.tokenized)
+
+    def total(self, names: Sequence[str]) -> float | None:
+        if not all(name in self.parts for name in names):
+            return None
+        return sum(self.parts[name].seconds for name in names)
+
+
+def run_benchmark(work: Workload, skip_seed: bool = False) -> BenchmarkResult:
+    """Time every part on the same model and texts; the capture texts are human + harness-generated."""
+    parts: dict[str, Part] = {}
+
+    def time_part(name: str, run: Callable[[Sequence], Any], items: Sequence) -> Any:
+        parts[name], result = timed(name, run, items, work.device)
+        return result
+
+    generated = time_part("harness generate", lambda prompts: harness_generate(work, prompts), work.prompts)
+    texts = [
+        capture.TextToMeasure(prompt, response)
+        for responses in (work.human_responses, generated)
+        for prompt, response in zip(work.prompts, responses)
+    ]
+    tokenized = [capture.tokenize_for_capture(work.tokenizer, text) for text in texts]
+    harness_records = time_part("harness capture+CE", lambda items: harness_capture(work, items), tokenized)
+    time_part("floor generate", lambda prompts: floor_generate(work, prompts), work.prompts)
+    time_part("floor forward", lambda items: floor_forward(work, items), tokenized)
+    result = BenchmarkResult(work.label, tokenized, parts)
+    result.harness_records = harness_records
+    result.ce_memory = cross_entropy_memory(work, tokenized)
+    if not skip_seed:
+        time_part("seed generate", lambda prompts: seed_generate(work, prompts), work.prompts)
+        with tempfile.TemporaryDirectory(prefix="bench-seed-") as folder:
+            paths = time_part("seed capture", lambda items: seed_capture(work, items, Path(folder)), tokenized)
+            result.seed_bytes_written = sum(path.stat().st_size for path in paths)
+            result.seed_metric_records = time_part("seed metrics", lambda items: seed_metrics(work, items), paths)
+        result.seed_ce_records = time_part("seed CE", lambda items: seed_cross_entropy(work, items), tokenized)
+    return result
+
+
+def format_report(result: BenchmarkResult, work: Workload) -> str:
+    """A markdown table of the parts, then the ratios the issue's acceptance is stated in."""
+    device_column = work.device.type == "cuda"
+    header = "| part | seconds | peak RSS MiB |" + (" peak GPU MiB |" if device_column else "")
+    lines = [
+        f"{result.label} · {work.dtype} · {work.device} · {len(result.tokenized)} texts, {result.n_tokens} tokens · "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load average {os.getloadavg()[0]:.1f}",
+        "",
+        header,
+        "|---|---:|---:|" + ("---:|" if device_column else ""),
+    ]
+    for name in HARNESS_PARTS + FLOOR_PARTS + SEED_PARTS:
+        if name in result.parts:
+            part = result.parts[name]
+            row = f"| {name} | {part.seconds:.2f} | {part.peak_rss_mib:.0f} |"
+            lines.append(row + (f" {part.peak_device_mib:.0f} |" if device_column else ""))
+    harness, floor, seed = (result.total(names) for names in (HARNESS_PARTS, FLOOR_PARTS, SEED_PARTS))
+    lines += ["", f"- harness generate + capture: {harness:.2f} s; floor: {floor:.2f} s; harness/floor = {harness / floor:.2f}"]
+    if seed is not None:
+        seed_capture_s = result.total(SEED_PARTS[1:])
+        capture_s = result.parts["harness capture+CE"].seconds
+        lines += [
+            f"- seed-style: {seed:.2f} s; seed/harness = {seed / harness:.1f}x overall",
+            f"- capture+CE: seed-style {seed_capture_s:.2f} s vs harness {capture_s:.2f} s: "
+            f"harness {seed_capture_s / capture_s:.1f}x faster",
+            f"- generation: seed-style (batches of {SEED_GENERATION_BATCH}) "
+            f"{result.parts['seed generate'].seconds:.2f} s vs harness (batches of {work.generation_batch_size}) "
+            f"{result.parts['harness generate'].seconds:.2f} s",
+            f"- seed-style wrote {result.seed_bytes_written / 1e9:.3f} GB",
+        ]
+    memory = result.ce_memory
+    full_peak = f", measured peak +{memory.full_logits_peak_mib:.0f} MiB" if memory.full_logits_peak_mib is not None else " (not allocated)"
+    lines.append(
+        f"- CE on the largest capture batch {memory.batch_shape}: capture.token_nll peak +{memory.chunked_peak_mib:.0f} MiB; "
+        f"full fp32 logits {memory.full_logits_mib:.0f} MiB{full_peak}"
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SPEC_FILES), default="gemma3-270m")
+    parser.add_argument("--random-weights", dest="model", action="store_const", const="random",
+                        help="same as --model random: a config's shape with random weights, no files needed")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="gemma-2-2b", help="random-weights shape")
+    parser.add_argument("--n-samples", type=int, help=f"default: the spec's (random: {RANDOM_MODE_SAMPLES})")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: the spec's (random: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--generation-batch-size", type=int, help="harness generation batch; default: the spec's")
+    parser.add_argument("--token-budget", type=int, help="harness capture batch budget; default: the spec's")
+    parser.add_argument("--skip-seed", action="store_true", help="time only the harness and the floor")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = load_workload(args)
+    print(format_report(run_benchmark(work, args.skip_seed), work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

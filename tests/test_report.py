@@ -1,0 +1,330 @@
+"""Report stage: diagnostics, figures and RESULTS.md of a synthetic but complete run folder."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import pearsonr
+
+from harness.artifacts import read_json, write_json, write_jsonl
+from harness.criteria import evaluate_criteria, to_json
+from harness.diagnostics import repeated_ngram_fraction, text_diagnostics
+from harness.errors import InputError
+from harness.report import OUTCOMES, load_run, render_report
+from harness.spec import Spec
+from harness.stats import compute_stats, load_table
+
+N_SAMPLES, N_LAYERS = 12, 4
+DELTA_LAYERS = (0, 2, 3)
+PRIMARY = "human_vs_model"
+WORDS = "the river flows past old stone walls and green fields under a grey sky".split()
+
+
+def spec_data(**overrides) -> dict:
+    data = {
+        "name": "synthetic",
+        "description": "A synthetic run for the report tests.",
+        "models": {"base": {"id": "dummy/model"}},
+        "conditions": {"human": {"source": "human"}, "model": {"source": "generate"}},
+        "metrics": ["smoothness", "magnitude"],
+        "stats": {"bootstrap_resamples": 200},
+        "criteria": {
+            "model_text_smoother": "smoothness.overall.d > 0 and smoothness.overall.p < 0.05",
+            "smoothness_tracks_surprise": "correlation.pooled.r > 0 and correlation.pooled.p < 0.05",
+        },
+    }
+    return data | overrides
+
+
+def make_run(root: Path, **spec_overrides) -> Path:
+    """Write every file of a finished run (seeded), statistics by harness.stats; return the folder."""
+    rng = np.random.default_rng(0)
+    spec = Spec.model_validate(spec_data(**spec_overrides))
+    run_dir = root / "runs" / spec.name / "run-1"
+    run_dir.mkdir(parents=True)
+    spec_file = root / "specs" / "synthetic.yaml"
+    spec_file.parent.mkdir()
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+
+    # Smoothness rises with CE; the human text is more surprising, the shuffled text the smoothest.
+    offsets = {"human": (3.0, 10.0), "model": (1.5, 0.0), "shuffled": (4.0, -30.0)}
+    rows, texts, deltas = [], [], []
+    for condition in spec.conditions:
+        ce_offset, smooth_offset = offsets[condition]
+        for sample in range(N_SAMPLES):
+            ce = ce_offset + rng.normal(0, 0.3)
+            rows += [(sample, condition, "", "ce_loss", ce), (sample, condition, "", "ce_loss_response", ce + 0.1)]
+            for layer in range(N_LAYERS):
+                smooth = 100 + 10 * layer + smooth_offset + 8 * ce + rng.normal(0, 3)
+                rows += [(sample, condition, layer, "smoothness", smooth), (sample, condition, layer, "magnitude", 50 + rng.normal())]
+            tokens = [" " + str(word) for word in rng.choice(WORDS, size=20 + sample)]
+            texts.append(
+                {
+                    "sample_id": sample,
+                    "condition": condition,
+                    "prompt": "A first sentence.",
+                    "response": _response(condition, sample, tokens),
+                    "n_response_tokens": len(tokens),
+                    "stopped_early": sample % 3 == 0 if condition == "model" else None,
+                    "generator": "base" if condition == "model" else None,
+                }
+            )
+            for layer in DELTA_LAYERS:
+                norms = rng.uniform(1, 10, size=len(tokens) - 1).tolist()
+                deltas.append({"sample_id": sample, "condition": condition, "layer": layer, "tokens": tokens, "norms": norms})
+
+    with open(run_dir / "per_sample.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sample_id", "condition", "layer", "metric", "value"])
+        writer.writerows(rows)
+    write_jsonl(run_dir / "texts.jsonl", texts)
+    write_jsonl(run_dir / "token_deltas.jsonl", deltas)
+    stats = compute_stats(load_table(run_dir / "per_sample.csv"), spec)
+    write_json(run_dir / "stats.json", stats)
+    write_json(run_dir / "criteria.json", to_json(evaluate_criteria(spec.criteria, stats)))
+    write_json(
+        run_dir / "manifest.json",
+        {
+            "harness_version": "0.1.0", "spec_name": spec.name, "spec_file": str(spec_file), "spec_hash": "abc123",
+            "run_id": "run-1", "started": "2024-01-01T00:00:00+00:00", "git_commit": "deadbeef",
+            "packages": {"torch": "2.13", "scipy": "1.0"}, "models": {"base": {"id": "dummy/model", "revision": "main"}},
+            "device": {"base": "cpu"}, "timings": {"data": 1.5, "capture[human]": 2.5}, "cache": {"data": "reused", "capture[human]": "computed"},
+        },
+    )
+    return run_dir
+
+
+def _response(condition: str, sample: int, tokens: list[str]) -> str:
+    text = "".join(tokens).strip()
+    if condition == "human":
+        return text + " , 1 @-@ 2"  # WikiText's tokenization
+    if condition == "model" and sample % 2 == 0:
+        return text + " the river flows past the river flows past"  # a loop
+    return text
+
+
+def row_cells(markdown: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is `first_cell`."""
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r}")
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell.replace("*", ""))]
+
+
+def shows(cell: str, *values: float) -> bool:
+    """The cell shows these values, in order, to the 4 significant digits of the report."""
+    shown = numbers(cell)
+    return len(shown) == len(values) and all(s == pytest.approx(v, rel=1e-3, abs=1e-12) for s, v in zip(shown, values))
+
+
+def section(markdown: str, heading: str) -> str:
+    start = markdown.index(heading)
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end != -1 else None]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, str, dict]:
+    run_dir = make_run(tmp_path_factory.mktemp("run"))
+    results = render_report(run_dir)
+    return run_dir, results.read_text(encoding="utf-8"), read_json(run_dir / "stats.json")
+
+
+def test_summary_table_shows_descriptives_and_primary_comparison(rendered):
+    _, text, stats = rendered
+    for metric, first_cell in [("ce_loss", "ce_loss"), ("ce_loss_response", "ce_loss_response"), ("smoothness", "smoothness (overall)")]:
+        cells = row_cells(text, first_cell)
+        assert shows(cells[1], stats[f"{metric}.human.mean"], stats[f"{metric}.human.sd"])
+        assert shows(cells[2], stats[f"{metric}.model.mean"], stats[f"{metric}.model.sd"])
+        paired = f"{metric}.overall"
+        assert shows(cells[3], *(stats[f"{paired}.{s}"] for s in ("mean_diff", "mean_diff_ci_low", "mean_diff_ci_high")))
+        assert shows(cells[4], *(stats[f"{paired}.{s}"] for s in ("d", "d_ci_low", "d_ci_high")))
+        assert [shows(cells[i], stats[f"{paired}.{s}"]) for i, s in [(5, "t"), (6, "p"), (7, "wilcoxon_p"), (8, "n")]] == [True] * 4
+
+
+def test_correlation_table_shows_every_scope(rendered):
+    _, text, stats = rendered
+    for scope, first_cell in [("pooled", "pooled (human and model)"), ("human", "human"), ("model", "model"), ("difference", "difference (human − model)")]:
+        cells = row_cells(section(text, "## Correlation"), first_cell)
+        prefix = f"correlation.{scope}"
+        assert shows(cells[1], stats[f"{prefix}.r"], stats[f"{prefix}.ci_low"], stats[f"{prefix}.ci_high"])
+        assert shows(cells[2], stats[f"{prefix}.p"]) and shows(cells[3], stats[f"{prefix}.n"])
+
+
+def test_per_layer_table_marks_holm_significant_layers(rendered):
+    _, text, stats = rendered
+    table = section(text, "## Per-layer")
+    for layer in range(N_LAYERS):
+        prefix = f"smoothness.layer{layer}"
+        significant = stats[f"{prefix}.p_holm"] < 0.05
+        cells = row_cells(table, f"**{layer}**" if significant else str(layer))
+        expected = [stats[f"{prefix}.{s}"] for s in ("mean_a", "mean_b", "mean_diff")]
+        assert [shows(cell, value) for cell, value in zip(cells[1:4], expected)] == [True] * 3
+        assert shows(cells[4], stats[f"{prefix}.d"], stats[f"{prefix}.d_ci_low"], stats[f"{prefix}.d_ci_high"])
+        assert shows(cells[5], stats[f"{prefix}.p"]) and shows(cells[6], stats[f"{prefix}.p_holm"]) and shows(cells[7], stats[f"{prefix}.p_bh"])
+        assert cells[6].startswith("**") == significant
+
+
+def test_interpretation_follows_the_numbers(rendered):
+    _, text, stats = rendered
+    smoother = stats["smoothness.overall.d"] > 0 and stats["smoothness.overall.p"] < 0.05
+    tracks = stats["correlation.pooled.r"] > 0 and stats["correlation.pooled.p"] < 0.05
+    interpretation = section(text, "## Interpretation")
+    assert f"**{OUTCOMES[(smoother, tracks)]}.**" in interpretation
+    assert f"**▶ {OUTCOMES[(smoother, tracks)]}**" in interpretation
+    assert interpretation.count("▶") == 1
+
+
+@pytest.mark.parametrize(
+    "d, p, r, r_p",
+    [(1.2, 0.001, 0.6, 0.001), (1.2, 0.001, -0.1, 0.6), (0.1, 0.5, 0.6, 0.001), (-1.0, 0.001, 0.1, 0.5)],
+)
+def test_each_outcome_is_chosen_by_the_numbers(tmp_path, d, p, r, r_p):
+    run_dir = make_run(tmp_path, criteria={}, report={"plots": False})
+    stats = read_json(run_dir / "stats.json")
+    for prefix in ("", f"{PRIMARY}."):
+        stats |= {f"{prefix}smoothness.overall.d": d, f"{prefix}smoothness.overall.p": p}
+        stats |= {f"{prefix}correlation.pooled.r": r, f"{prefix}correlation.pooled.p": r_p}
+    write_json(run_dir / "stats.json", stats)
+    interpretation = section(render_report(run_dir).read_text(), "## Interpretation")
+    smoother, tracks = d > 0 and p < 0.05, r > 0 and r_p < 0.05
+    assert f"**▶ {OUTCOMES[(smoother, tracks)]}**" in interpretation
+    assert ("significant in the opposite direction" in interpretation) == (d < 0 and p < 0.05)
+
+
+def test_plots_are_written_and_embedded(rendered):
+    run_dir, text, _ = rendered
+    pngs = sorted(path.name for path in run_dir.glob("*.png"))
+    assert len(pngs) == 4
+    for name in pngs:
+        assert (run_dir / name).stat().st_size > 10_000
+        assert f"]({name})" in text
+
+
+def test_plots_off_draws_nothing(tmp_path):
+    run_dir = make_run(tmp_path, report={"plots": False})
+    text = render_report(run_dir).read_text()
+    assert not list(run_dir.glob("*.png"))
+    assert "![" not in text
+
+
+def test_token_attribution_shows_the_largest_steps(rendered):
+    run_dir, text, _ = rendered
+    run = load_run(run_dir)
+    middle = sorted(DELTA_LAYERS)[len(DELTA_LAYERS) // 2]
+    for condition in ("human", "model"):
+        rows = [r for r in run.token_deltas if r["layer"] == middle and r["condition"] == condition]
+        norm, row, step = max((n, r, i) for r in rows for i, n in enumerate(r["norms"]))
+        cells = row_cells(section(text, "## Token-level attribution").split(f"**{condition}**")[1], str(row["sample_id"]))
+        assert int(cells[1]) == step + 1 and shows(cells[2], norm)
+        assert f"**{row['tokens'][step + 1].strip()}**" in cells[3]
+
+
+def test_threats_and_manifest(tmp_path):
+    run_dir = make_run(
+        tmp_path,
+        conditions={"human": {"source": "human"}, "model": {"source": "generate"}, "shuffled": {"source": "shuffle", "of": "human"}},
+        stats={"bootstrap_resamples": 200, "mixed_model": False,
+               "comparisons": {"human_vs_model": {"a": "human", "b": "model"}, "human_vs_shuffled": {"a": "human", "b": "shuffled"}}},
+    )
+    text = render_report(run_dir).read_text()
+    stats = read_json(run_dir / "stats.json")
+    assert "shuffled control `shuffled` — the least natural text — is the smoothest" in text
+    assert "Length matching was **off**" in text
+    assert "**Mixed model**: not fitted." in text
+    cells = row_cells(section(text, "### Comparison human_vs_shuffled"), "smoothness (overall)")
+    assert shows(cells[5], stats["human_vs_shuffled.smoothness.overall.t"])
+    assert "shuffled (shuffle)" in text and "| capture[human] | 2.5 | computed |" in text
+    assert "deadbeef" in text and "revision = `main`" in text
+
+
+def test_custom_template_path(rendered, tmp_path):
+    run_dir, _, _ = rendered
+    template = tmp_path / "mine.md.j2"
+    template.write_text("# {{ title }}: {{ interpretation.verdict }}\n")
+    text = render_report(run_dir, template).read_text()
+    assert text.startswith("# synthetic: ") and text.strip().endswith(tuple(OUTCOMES.values()))
+
+
+def test_spec_template_relative_to_spec_file(tmp_path):
+    run_dir = make_run(tmp_path, report={"template": "local.md.j2", "plots": False})
+    (tmp_path / "specs" / "local.md.j2").write_text("local {{ metric }}\n")
+    assert render_report(run_dir).read_text() == "local smoothness\n"
+
+
+def test_missing_template_is_an_input_error(tmp_path):
+    run_dir = make_run(tmp_path, report={"template": "nope.md.j2", "plots": False})
+    with pytest.raises(InputError, match=r"synthetic\.yaml: report\.template: template 'nope\.md\.j2' not found"):
+        render_report(run_dir)
+    assert not (run_dir / "RESULTS.md").exists()
+
+
+def test_broken_template_is_an_input_error(tmp_path):
+    template = tmp_path / "broken.j2"
+    template.write_text("{{ no_such_value }}\n")
+    with pytest.raises(InputError, match="broken.j2"):
+        render_report(make_run(tmp_path, report={"plots": False}), template)
+
+
+# --- diagnostics --------------------------------------------------------------------------
+
+
+def test_repeated_ngram_fraction_of_a_loop():
+    # 12 words, 9 four-grams; the last 3 repeat the first 3.
+    assert repeated_ngram_fraction("the cat sat on the mat The cat sat on the mat") == pytest.approx(3 / 9)
+    assert repeated_ngram_fraction("no repeats in these words here") == 0
+    assert repeated_ngram_fraction("too short") == 0
+
+
+def test_text_diagnostics_per_condition(rendered):
+    run = load_run(rendered[0])
+    diagnostics = text_diagnostics(run.texts, run.table, run.spec)
+    for condition in ("human", "model"):
+        texts = [t for t in run.texts if t["condition"] == condition]
+        got = diagnostics["conditions"][condition]
+        fractions = [repeated_ngram_fraction(t["response"]) for t in texts]
+        assert got["repeated_ngram_fraction"] == pytest.approx({"mean": np.mean(fractions), "max": max(fractions)})
+        lengths = [t["n_response_tokens"] for t in texts]
+        assert got["response_tokens"] == pytest.approx({"mean": np.mean(lengths), "min": min(lengths), "max": max(lengths)})
+        rows = run.table[(run.table["condition"] == condition) & (run.table["metric"] == "smoothness")]
+        smoothness = [rows[rows["sample_id"] == str(t["sample_id"])]["value"].mean() for t in texts]
+        assert got["repetition_vs_metric"]["n"] == N_SAMPLES
+        if condition == "model":  # the human texts never loop: see the next test
+            assert got["repetition_vs_metric"]["r"] == pytest.approx(pearsonr(fractions, smoothness).statistic)
+    human, model = diagnostics["conditions"]["human"], diagnostics["conditions"]["model"]
+    assert human["stopped_early_share"] is None
+    assert model["stopped_early_share"] == pytest.approx(4 / 12)  # samples 0, 3, 6, 9
+    assert human["artifact_share"] == {"line_breaks": 0.0, "wikitext_at_tokens": 1.0, "space_before_punctuation": 1.0}
+    assert model["artifact_share"]["wikitext_at_tokens"] == 0.0
+
+
+def test_repetition_association_undefined_for_constant_repetition(rendered):
+    run = load_run(rendered[0])
+    diagnostics = text_diagnostics(run.texts, run.table, run.spec)
+    # The human texts never loop: r is undefined, and None keeps the output valid JSON.
+    assert diagnostics["conditions"]["human"]["repetition_vs_metric"]["r"] is None
+    assert not math.isnan(diagnostics["conditions"]["model"]["repetition_vs_metric"]["r"])
+
+
+def test_renders_without_optional_stats(tmp_path):
+    run_dir = make_run(tmp_path, criteria={}, report={"plots": False})
+    stats = read_json(run_dir / "stats.json")
+    optional = ("mixedlm.", "_ci_", ".ci_", "correlation.")
+    write_json(run_dir / "stats.json", {k: v for k, v in stats.items() if not any(part in k for part in optional)})
+    text = render_report(run_dir).read_text()
+    assert "**Mixed model**: not fitted." in text
+    assert shows(row_cells(text, "smoothness (overall)")[4], stats["smoothness.overall.d"])  # the interval shows as –
+    assert "[–, –]" in row_cells(text, "smoothness (overall)")[4]
+    assert "The pooled correlation was not computed" in text

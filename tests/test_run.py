@@ -1,0 +1,125 @@
+"""The runner end to end on a tiny local model: outputs, cache reuse, determinism, clean failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.runner import run_spec
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_FILES = {"spec.yaml", "manifest.json", "texts.jsonl", "per_sample.csv", "stats.json", "criteria.json", "RESULTS.md"}
+
+
+def tiny_spec(folder: Path, model_dir: Path, name: str = "tiny", extra: str = "") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: {name}
+        models:
+          base: {{id: "{model_dir}"}}
+        dataset:
+          local_path: "{REPO.parent / 'shared/data/wikitext-2-raw/wiki.test.raw'}"
+          n_samples: 6
+          min_tokens: 40
+          max_tokens: 400
+        conditions:
+          human: {{source: human}}
+          model: {{source: generate, generation: {{max_new_tokens: 12}}}}
+        metrics: [smoothness, magnitude]
+        stats: {{bootstrap_resamples: 200}}
+        runtime: {{generation_batch_size: 4, token_budget: 600}}
+        report: {{plots: false}}
+        criteria:
+          model_text_less_surprising: ce_loss.model.mean < ce_loss.human.mean
+          model_text_smoother: smoothness.overall.d > 0 and smoothness.overall.p < 0.05
+    """) + textwrap.dedent(extra))
+    return path
+
+
+class Log(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+    def stages(self, word: str) -> list[str]:
+        return [line.split()[0] for line in self if len(line.split()) > 1 and line.split()[1] == word]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("run")
+    spec = tiny_spec(folder, tiny_model_dir)
+    log = Log()
+    outcome = run_spec(spec, folder / "runs", log=log)
+    return folder, spec, outcome, log
+
+
+def test_a_run_writes_every_artifact(first_run):
+    folder, spec, outcome, log = first_run
+    assert RUN_FILES <= {p.name for p in outcome.run_dir.iterdir()}
+    assert outcome.run_dir.parent == folder / "runs" / "tiny"
+    texts = [json.loads(line) for line in (outcome.run_dir / "texts.jsonl").read_text().splitlines()]
+    assert len(texts) == 12 and {t["condition"] for t in texts} == {"human", "model"}
+    assert all(t["n_response_tokens"] > 0 and t["response"] for t in texts)
+    rows = (outcome.run_dir / "per_sample.csv").read_text().splitlines()
+    assert rows[0] == "sample_id,condition,layer,metric,value"
+    assert len(rows) - 1 == 2 * 6 * (2 + 2 * 3)  # per text: 2 CE metrics + 2 metrics x 3 layers
+    criteria = json.loads((outcome.run_dir / "criteria.json").read_text())
+    assert [c["name"] for c in criteria] == ["model_text_less_surprising", "model_text_smoother"]
+    assert outcome.exit_code == (0 if all(c["passed"] for c in criteria) else 1)
+    assert "generate[model]" in log.stages("computed")
+    manifest = json.loads((outcome.run_dir / "manifest.json").read_text())
+    assert {"data", "generate[model]", "capture[human]", "capture[model]", "stats"} <= set(manifest["timings"])
+
+
+def test_a_rerun_reuses_every_stage_and_gives_identical_numbers(first_run):
+    folder, spec, outcome, _ = first_run
+    log = Log()
+    again = run_spec(spec, folder / "runs", log=log)
+    assert {"data", "generate[model]", "capture[human]", "capture[model]"} <= set(log.stages("reused"))
+    assert not any(stage.startswith(("generate", "capture", "load")) for stage in log.stages("computed"))
+    assert (again.run_dir / "per_sample.csv").read_bytes() == (outcome.run_dir / "per_sample.csv").read_bytes()
+
+
+def test_no_cache_recomputes_the_same_bytes(first_run):
+    folder, spec, outcome, _ = first_run
+    log = Log()
+    fresh = run_spec(spec, folder / "runs", use_cache=False, log=log)
+    assert "generate[model]" in log.stages("computed")
+    assert (fresh.run_dir / "per_sample.csv").read_bytes() == (outcome.run_dir / "per_sample.csv").read_bytes()
+
+
+def test_a_sibling_spec_reuses_shared_stages(first_run, tiny_model_dir):
+    folder, _, outcome, _ = first_run
+    sibling = folder / "tiny_shuffled.yaml"
+    sibling.write_text(textwrap.dedent("""
+        extends: tiny.yaml
+        name: tiny_shuffled
+        conditions:
+          shuffled: {source: shuffle, of: human, seed: 1}
+    """))
+    log = Log()
+    run = run_spec(sibling, folder / "runs", log=log)
+    assert {"data", "generate[model]", "capture[human]", "capture[model]"} <= set(log.stages("reused"))
+    assert "capture[shuffled]" in log.stages("computed")
+    texts = [json.loads(line) for line in (run.run_dir / "texts.jsonl").read_text().splitlines()]
+    by_condition = {(t["condition"], t["sample_id"]): t["response"] for t in texts}
+    for sample in range(6):
+        assert sorted(by_condition["shuffled", sample].split()) == sorted(by_condition["human", sample].split())
+
+
+def harness_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_model_path_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    spec = tiny_spec(tmp_path, tmp_path / "no-such-model")
+    result = harness_cli("run", str(spec), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "models.base" in result.stderr and str(spec) in result.stderr
+    assert not (tmp_path / "runs").exists()
