@@ -21,3 +21,9 @@ class RunFailure(HarnessError):
     """Something broke while running a valid spec (exit 3)."""
 
     exit_code = 3
+
+
+class Interrupted(HarnessError):
+    """Ctrl-C: says where the run stopped and how to resume (exit 130)."""
+
+    exit_code = 130

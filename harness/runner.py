@@ -37,7 +37,7 @@ from harness.artifacts import (
     write_text,
 )
 from harness.criteria import CriterionResult, evaluate_criteria, to_json
-from harness.errors import InputError
+from harness.errors import Interrupted
 from harness.models import LoadedModel, load_model, load_tokenizer, model_identity
 from harness.spec import GeneratedCondition, HumanCondition, ShuffledCondition, Spec, dump_spec, load_spec
 
@@ -129,7 +129,13 @@ class Run:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted during {name}; finished batches are kept in {self.cache.root} — "
+                f"run the same command again to resume from there"
+            ) from None
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def note(self, name: str, reused: bool, detail: str = "") -> None:
@@ -171,7 +177,7 @@ class Run:
         stage_name = f"generate[{name}]"
         with self.stage(stage_name):
             result = self.cache.get("generate", key)
-            reused = result is not None
+            reused, resumed = result is not None, 0
             if result is None:
                 loaded = self.model(alias)
                 lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in prompts]
@@ -184,13 +190,13 @@ class Run:
                     )
                     return [{"index": i, **output} for i, output in zip(unit, outputs)]
 
-                compute_units(self.cache, "generate", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
+                resumed = compute_units(self.cache, "generate", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
                 self.dist.barrier()
                 by_index = {item.pop("index"): item for item in gather_units(self.cache, "generate", key, len(units))}
                 result = [by_index[i] for i in range(len(prompts))]
                 if self.dist.rank == 0:
                     self.cache.put("generate", key, result)
-        self.note(stage_name, reused, f"{alias}, {len(result)} continuations")
+        self.note(stage_name, reused, f"{alias}, {len(result)} continuations{self._resumed(resumed)}")
         return [
             {"prompt": sample["prompt"], "response": out["response"], "stopped_early": out["stopped_early"], "generator": alias}
             for sample, out in zip(samples, result)
@@ -268,7 +274,7 @@ class Run:
         stage_name = f"capture[{name}]"
         with self.stage(stage_name):
             result = self.cache.get("capture", key)
-            reused = result is not None
+            reused, resumed = result is not None, 0
             if result is None:
                 loaded = self.model(alias)
                 tokenized = [capture.tokenize_for_capture(loaded.tokenizer, text) for text in to_measure]
@@ -287,15 +293,19 @@ class Run:
                         record["tokens"] = [loaded.tokenizer.decode([token]) for token in record.pop("response_ids")]
                     return [{"index": i, **record} for i, record in zip(unit, records)]
 
-                compute_units(self.cache, "capture", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
+                resumed = compute_units(self.cache, "capture", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
                 self.dist.barrier()
                 by_index = {item.pop("index"): item for item in gather_units(self.cache, "capture", key, len(units))}
                 result = {"layers": layers, "records": [by_index[i] for i in range(len(rows))]}
                 if self.dist.rank == 0:
                     self.cache.put("capture", key, result)
-        self.note(stage_name, reused, f"{len(rows)} texts")
+        self.note(stage_name, reused, f"{len(rows)} texts{self._resumed(resumed)}")
         result["key"] = key
         return result
+
+    @staticmethod
+    def _resumed(units: int) -> str:
+        return f" ({units} batches resumed from an earlier, interrupted run)" if units else ""
 
     def _save_activations(self, key: str, unit: list[int], records: list[dict]) -> None:
         from safetensors.torch import save_file
@@ -399,6 +409,7 @@ def run_spec(
     started = time.perf_counter()
     spec = load_spec(spec_path)
     cache_root = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
+    report.find_template(spec, spec_path)  # a missing template fails now, not after the compute
     run = Run(spec_path, spec, StageCache(cache_root, enabled=use_cache), log, Distributed.detect())
     for alias in {spec.capture_model, spec.dataset_tokenizer, *(
         spec.generator_of(name) for name, c in spec.conditions.items() if isinstance(c, GeneratedCondition)

@@ -33,7 +33,7 @@ class GGUFSource(StrictModel):
     package: str
     """Import name of the package (located with importlib, not imported, unless `assemble`)."""
     file: str = "*.gguf"
-    """Glob for the file inside the package directory."""
+    """Glob for the file inside the package directory (ignored with `assemble`)."""
     assemble: bool = False
     """The package ships the file in chunks: call its `assemble(path)` to write it."""
 
@@ -42,7 +42,8 @@ class ModelSpec(StrictModel):
     """Where a model comes from and how it is placed."""
 
     id: str | None = None
-    """Hub id (`google/gemma-2-2b`) or local directory; a name only, for GGUF models."""
+    """Hub id (`google/gemma-2-2b`), local model directory, or local `.gguf` file; a display
+    name only when `gguf` is given."""
     gguf: GGUFSource | None = None
     """Load from a GGUF file inside an installed package instead of the hub."""
     revision: str | None = None

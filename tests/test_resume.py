@@ -1,0 +1,49 @@
+"""A run killed mid-capture (SIGKILL) resumes where it stopped and ends with identical results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_run import tiny_spec
+
+
+def harness_run(spec: Path, runs: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "HARNESS_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "harness", "run", str(spec), "--runs-dir", str(runs)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tmp_path, tiny_model_dir)
+    # one text per forward batch, so capture is many small units and a kill lands between them
+    spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
+    cache = tmp_path / "cache"
+    victim = harness_run(spec, tmp_path / "runs", cache)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("capture/*/unit-*.json")):
+        assert victim.poll() is None, f"run ended before it could be killed: {victim.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    finished = list(cache.glob("capture/*/unit-*.json"))
+    assert finished and not list(cache.glob("capture/*/result.json")), "the kill should land mid-capture"
+    assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+
+    resumed = harness_run(spec, tmp_path / "runs", cache)
+    _, log = resumed.communicate(timeout=600)
+    assert resumed.returncode in (0, 1), log
+    assert "resumed from an earlier, interrupted run" in log
+    assert "generate[model]" in log and "reused" in log.split("generate[model]")[1].split("\n")[0]
+
+    reference = harness_run(spec, tmp_path / "runs-ref", tmp_path / "cache-ref")
+    _, ref_log = reference.communicate(timeout=600)
+    assert reference.returncode in (0, 1), ref_log
+    [resumed_dir] = (tmp_path / "runs" / "tiny").iterdir()
+    [reference_dir] = (tmp_path / "runs-ref" / "tiny").iterdir()
+    assert (resumed_dir / "per_sample.csv").read_bytes() == (reference_dir / "per_sample.csv").read_bytes()
