@@ -424,6 +424,7 @@ def run_benchmark(work: Workload, skip_seed: bool = False) -> BenchmarkResult:
 
     def time_part(name: str, run: Callable[[Sequence], Any], items: Sequence) -> Any:
         parts[name], result = timed(name, run, items, work.device)
+        print(f"  {name}: {parts[name].seconds:.2f} s", file=sys.stderr, flush=True)  # progress of a long run
         return result
 
     generated = time_part("harness generate", lambda prompts: harness_generate(work, prompts), work.prompts)
@@ -454,7 +455,8 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
     device_column = work.device.type == "cuda"
     header = "| part | seconds | peak RSS MiB |" + (" peak GPU MiB |" if device_column else "")
     lines = [
-        f"{result.label} · {work.dtype} · {work.device} · {len(result.tokenized)} texts, {result.n_tokens} tokens · "
+        f"{result.label} · {work.dtype} · {work.model.config._attn_implementation} attention · {work.device} · "
+        f"{len(result.tokenized)} texts, {result.n_tokens} tokens · "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load average {os.getloadavg()[0]:.1f}",
         "",
         header,
@@ -501,11 +503,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--generation-batch-size", type=int, help="harness generation batch; default: the spec's")
     parser.add_argument("--token-budget", type=int, help="harness capture batch budget; default: the spec's")
     parser.add_argument("--skip-seed", action="store_true", help="time only the harness and the floor")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads (torch.set_num_threads); 1 resists other processes' load best")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = load_workload(args)
     print(format_report(run_benchmark(work, args.skip_seed), work))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -36,14 +37,51 @@ def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
 
 
 def _selected(name: str, expression: str) -> bool:
-    """pytest -k in small: substrings joined by `or`, each may be negated with `not`."""
-    for alternative in expression.split(" or "):
-        words = alternative.strip()
-        negate = words.startswith("not ")
-        term = words.removeprefix("not ").strip()
-        if (term in name) != negate:
-            return True
-    return False
+    """pytest's -k: words match as substrings of the spec's file name; `and`, `or`, `not`, ()."""
+    tokens = re.findall(r"\(|\)|[^\s()]+", expression)
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position] if position < len(tokens) else None
+
+    def take() -> str:
+        nonlocal position
+        if peek() is None:
+            raise InputError(f"-k: incomplete expression {expression!r}")
+        position += 1
+        return tokens[position - 1]
+
+    def either() -> bool:
+        value = both()
+        while peek() == "or":
+            take()
+            value = both() or value
+        return value
+
+    def both() -> bool:
+        value = single()
+        while peek() == "and":
+            take()
+            value = single() and value
+        return value
+
+    def single() -> bool:
+        token = take()
+        if token == "not":
+            return not single()
+        if token == "(":
+            value = either()
+            if take() != ")":
+                raise InputError(f"-k: unbalanced parentheses in {expression!r}")
+            return value
+        if token in ("and", "or", ")"):
+            raise InputError(f"-k: unexpected {token!r} in {expression!r}")
+        return token in name
+
+    value = either()
+    if peek() is not None:
+        raise InputError(f"-k: unexpected {peek()!r} in {expression!r}")
+    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

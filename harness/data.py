@@ -62,7 +62,9 @@ def read_rows(spec: DatasetSpec, where: str) -> list[str]:
         return Path(spec.local_path).read_text(encoding="utf-8").splitlines()
     try:
         import datasets
+        from huggingface_hub import HfApi
 
+        HfApi().resolve_revision(spec.hub_name, repo_type="dataset")  # offline: fails in 1 s, load_dataset retries for 25 s
         return list(datasets.load_dataset(spec.hub_name, spec.hub_config, split=spec.split)["text"])
     except Exception as exc:  # offline, unknown dataset name, ...: all the user's to fix
         local = f"local file {spec.local_path!r} not found and " if spec.local_path else ""

@@ -117,7 +117,7 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> PreTrainedTo
 def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     """Load the spec's model and tokenizer, placed by accelerate per `spec.device_map`."""
     cache_dir = Path(cache_dir)
-    _check_device(spec, where)
+    check_device(spec, where)
     weights = _locate(spec, cache_dir, where)
     pretrained = _pretrained(weights, spec, cache_dir, where)
     tokenizer = _tokenizer(spec, pretrained, where)
@@ -363,7 +363,7 @@ def _tokenizer(spec: ModelSpec, pretrained: _Pretrained, where: str) -> PreTrain
     return tokenizer
 
 
-def _check_device(spec: ModelSpec, where: str) -> None:
+def check_device(spec: ModelSpec, where: str) -> None:
     if "cuda" in spec.device_map and not torch.cuda.is_available():
         raise InputError(f"{where}: device_map {spec.device_map!r} needs a CUDA GPU, and none is available")
 

@@ -79,7 +79,7 @@ class CriterionItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, None, f"{self.path.name}::{self.name}"
+        return self.path, None, self.name
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

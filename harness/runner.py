@@ -37,8 +37,8 @@ from harness.artifacts import (
     write_text,
 )
 from harness.criteria import CriterionResult, evaluate_criteria, to_json
-from harness.errors import Interrupted
-from harness.models import LoadedModel, load_model, load_tokenizer, model_identity
+from harness.errors import InputError, Interrupted
+from harness.models import LoadedModel, check_device, load_model, load_tokenizer, model_identity
 from harness.spec import GeneratedCondition, HumanCondition, ShuffledCondition, Spec, dump_spec, load_spec
 
 MANIFEST_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "scipy", "statsmodels", "pandas", "pydantic")
@@ -415,6 +415,12 @@ def run_spec(
         spec.generator_of(name) for name, c in spec.conditions.items() if isinstance(c, GeneratedCondition)
     )}:
         run.identity(alias)  # fails fast on a missing package, file or path
+        check_device(spec.models[alias], run.where(alias))
+    if spec.capture.layers != "all":  # checked before any stage writes to the cache
+        try:
+            capture.resolve_layers(run.model(spec.capture_model).model, spec.capture.layers)
+        except ValueError as exc:
+            raise InputError(f"{spec_path}: capture.layers: {exc}") from None
     log(f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions")
 
     samples = run.samples()

@@ -71,8 +71,8 @@ class DatasetSpec(StrictModel):
     """Fallback: `datasets.load_dataset(hub_name, hub_config, split=split)`."""
     hub_config: str = "wikitext-2-raw-v1"
     split: str = "test"
-    n_samples: int = Field(50, gt=0)
-    """How many paragraphs to keep (the first that match, in order)."""
+    n_samples: int = Field(50, ge=3)
+    """How many paragraphs to keep (the first that match, in order); paired statistics need 3."""
     min_tokens: int = Field(80, ge=1)
     max_tokens: int = Field(120, ge=1)
     tokenizer: str | None = None
@@ -360,7 +360,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         return data
     if not isinstance(parent, str):
         raise InputError(f"{path}: extends: must be a file name")
-    base = _read_yaml(path.parent / parent, seen + (path.resolve(),))
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise InputError(f"{path}: extends: {str(parent_path)!r} not found")
+    base = _read_yaml(parent_path, seen + (path.resolve(),))
     return _merge(base, data)
 
 
@@ -371,11 +374,12 @@ def load_spec(path: str | Path) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()  # of a union's failed branches, the deepest error says most
+        err = max((e for e in errors if e["loc"][:2] == errors[0]["loc"][:2]), key=lambda e: len(e["loc"]))
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _FieldError):
             raise InputError(f"{path}: {ctx_error.field}: {ctx_error}") from None
-        field = ".".join(str(p) for p in _without_union_tags(err["loc"])) or "(top level)"
+        field = ".".join(str(p) for p in _without_union_tags(err["loc"]) if "[" not in str(p)) or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
@@ -400,11 +404,20 @@ def dump_spec(spec: Spec) -> str:
 
 
 def spec_json_schema() -> dict:
-    """JSON Schema of a spec file (for editors); `extends` is read before validation."""
+    """JSON Schema of a spec file, for editors: `extends` added, nothing required (an extending
+    file may be partial; `harness validate` checks the resolved spec)."""
     schema = Spec.model_json_schema()
     schema["properties"]["extends"] = {
         "type": "string",
         "description": "Spec file (relative to this one) whose keys this file overrides.",
     }
-    schema["required"] = [name for name in schema.get("required", []) if name != "models"]
-    return schema
+    return _drop_required(schema)
+
+
+def _drop_required(node: Any) -> Any:
+    """A file that `extends` another may omit anything, so the editor schema requires nothing."""
+    if isinstance(node, dict):
+        return {key: _drop_required(value) for key, value in node.items() if key != "required"}
+    if isinstance(node, list):
+        return [_drop_required(item) for item in node]
+    return node

@@ -153,7 +153,7 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "conditions_missing": "conditions: Field required",
     "name_path_traversal": "name: String should match pattern",
     # values
-    "negative_n": "dataset.n_samples: Input should be greater than 0",
+    "negative_n": "dataset.n_samples: Input should be greater than or equal to 3",
     "min_tokens_above_max": "dataset: min_tokens (200) is larger than max_tokens (100)",
     "negative_temperature": "conditions.model.generation.temperature: Input should be greater than or equal to 0",
     "top_p_above_one": "conditions.model.generation.top_p: Input should be less than or equal to 1",

@@ -31,6 +31,15 @@ def import_benchmark():
 bench = import_benchmark()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model is thousands of tiny ops: one thread never waits on a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def workload():
     args = bench.parse_args(["--random-weights", "--config", "tiny", "--device", "cpu", "--n-samples", str(N_SAMPLES)])

@@ -123,3 +123,31 @@ def test_bad_model_path_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "models.base" in result.stderr and str(spec) in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_length_matching_truncates_each_pair_to_the_shorter_response(first_run, tiny_model_dir):
+    folder = first_run[0]
+    matched = folder / "tiny_matched.yaml"
+    matched.write_text("extends: tiny.yaml\nname: tiny_matched\ncapture: {length_matching: true}\n")
+    run = run_spec(matched, folder / "runs", log=Log())
+    texts = [json.loads(line) for line in (run.run_dir / "texts.jsonl").read_text().splitlines()]
+    lengths = {(t["condition"], t["sample_id"]): t["n_response_tokens"] for t in texts}
+    unmatched = [json.loads(line) for line in (first_run[2].run_dir / "texts.jsonl").read_text().splitlines()]
+    original = {(t["condition"], t["sample_id"]): t["n_response_tokens"] for t in unmatched}
+    for sample in range(6):
+        assert lengths["human", sample] == lengths["model", sample] == min(original["human", sample], original["model", sample])
+
+
+def test_compare_and_junit_through_the_cli(first_run):
+    folder, spec, outcome, _ = first_run
+    result = harness_cli("compare", str(outcome.run_dir), str(outcome.run_dir), "-o", str(folder / "cmp.md"), cwd=folder)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((outcome.run_dir / "stats.json").read_text())
+    assert f"| smoothness.overall.d | {stats['smoothness.overall.d']:.4g} | {stats['smoothness.overall.d']:.4g} | 0 |" in result.stdout
+    assert (folder / "cmp.md").read_text().strip() == result.stdout.strip()
+
+    junit = folder / "junit.xml"
+    result = harness_cli("run", str(folder), "-k", "tiny and not shuffled", "--runs-dir", str(folder / "runs"),
+                         "--junitxml", str(junit), cwd=folder)
+    assert result.returncode in (0, 1), result.stderr
+    assert "model_text_smoother" in junit.read_text() and "<testsuites" in junit.read_text()

@@ -56,13 +56,13 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("dataset: {n_samples: -1}", r"base.yaml: dataset.n_samples: Input should be greater than 0"),
+        ("dataset: {n_samples: 2}", r"base.yaml: dataset.n_samples: Input should be greater than or equal to 3"),
         ("dataset: {min_tokens: 50, max_tokens: 10}", r"dataset: min_tokens \(50\) is larger than max_tokens"),
         (
-            "conditions: {human: {source: human}, model: {source: generate, generation: {temprature: 1}}}",
+            "conditions: {model: {generation: {temprature: 1}}}",
             r"conditions.model.generation.temprature: unknown key",
         ),
-        ("conditions: {human: {source: human}, model: {}}", r"conditions.model.source: missing: one of human, generate, shuffle"),
+        ("conditions: {extra: {of: human}}", r"conditions.extra.source: missing: one of human, generate, shuffle"),
         ("metrics: [smoothnes]", r"metrics: unknown metric 'smoothnes'"),
         ("criteria: {x: 'smoothness.overall.d > 0 and'}", r"criteria.x: "),
         ("criteria: {x: 'ce_loss.hman.mean > 1'}", r"criteria.x: unknown name 'hman'"),
@@ -70,7 +70,8 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     ],
 )
 def test_errors_name_file_and_field(tmp_path, override, message):
-    path = write(tmp_path, "base.yaml", BASE + override + "\n")
+    write(tmp_path, "parent.yaml", BASE)
+    path = write(tmp_path, "base.yaml", "extends: parent.yaml\n" + override + "\n")
     with pytest.raises(InputError, match=message) as caught:
         load_spec(path)
     assert "\n" not in str(caught.value)
