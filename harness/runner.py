@@ -184,16 +184,12 @@ class Run:
                 units = generate.plan_batches(lengths, self.spec.runtime.generation_batch_size)
 
                 def run_unit(unit: list[int]) -> list[dict]:
-                    outputs = generate.generate_batch(
+                    return generate.generate_batch(
                         loaded.model, loaded.tokenizer, loaded.input_device, [prompts[i] for i in unit],
                         settings, seed=settings.seed * 1_000_003 + unit[0],
                     )
-                    return [{"index": i, **output} for i, output in zip(unit, outputs)]
 
-                resumed = compute_units(self.cache, "generate", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
-                self.dist.barrier()
-                by_index = {item.pop("index"): item for item in gather_units(self.cache, "generate", key, len(units))}
-                result = [by_index[i] for i in range(len(prompts))]
+                result, resumed = self._run_units("generate", key, stage_name, units, run_unit)
                 if self.dist.rank == 0:
                     self.cache.put("generate", key, result)
         self.note(stage_name, reused, f"{alias}, {len(result)} continuations{self._resumed(resumed)}")
@@ -291,17 +287,28 @@ class Run:
                         self._save_activations(key, unit, records)
                     for record in records:
                         record["tokens"] = [loaded.tokenizer.decode([token]) for token in record.pop("response_ids")]
-                    return [{"index": i, **record} for i, record in zip(unit, records)]
+                    return records
 
-                resumed = compute_units(self.cache, "capture", key, units, run_unit, self.dist.rank, self.dist.world, self._progress(stage_name, len(units)))
-                self.dist.barrier()
-                by_index = {item.pop("index"): item for item in gather_units(self.cache, "capture", key, len(units))}
-                result = {"layers": layers, "records": [by_index[i] for i in range(len(rows))]}
+                records, resumed = self._run_units("capture", key, stage_name, units, run_unit)
+                result = {"layers": layers, "records": records}
                 if self.dist.rank == 0:
                     self.cache.put("capture", key, result)
         self.note(stage_name, reused, f"{len(rows)} texts{self._resumed(resumed)}")
         result["key"] = key
         return result
+
+    def _run_units(
+        self, stage: str, key: str, label: str, units: list[list[int]], compute: Callable[[list[int]], list[dict]]
+    ) -> tuple[list[dict], int]:
+        """This process's share of a chunked stage, then every item in input order (and units resumed)."""
+        resumed = compute_units(
+            self.cache, stage, key, units,
+            lambda unit: [{"index": i, **item} for i, item in zip(unit, compute(unit))],
+            self.dist.rank, self.dist.world, self._progress(label, len(units)),
+        )
+        self.dist.barrier()
+        by_index = {item.pop("index"): item for item in gather_units(self.cache, stage, key, len(units))}
+        return [by_index[i] for i in range(len(by_index))], resumed
 
     @staticmethod
     def _resumed(units: int) -> str:
