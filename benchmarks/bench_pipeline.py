@@ -328,11 +328,17 @@ def floor_forward(work: Workload, tokenized: Sequence[capture.Tokenized]) -> Non
 
 
 # -- CE memory -----------------------------------------------------------------------------------
+CE_PREFIX_POSITIONS = 32
+
+
 @dataclass
 class CrossEntropyMemory:
     batch_shape: tuple[int, int]
+    """The largest capture batch: texts x padded length."""
+    measured_positions: int
+    """Positions token_nll ran over: all of them, or a prefix when the full logits are too large."""
     chunked_peak_mib: float
-    """Peak memory added by capture.token_nll on the largest capture batch."""
+    """Peak memory added by capture.token_nll."""
     full_logits_mib: float
     """Size of the fp32 logits of the whole batch."""
     full_logits_peak_mib: float | None
@@ -374,20 +380,28 @@ def full_logits_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Ten
 
 
 def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized]) -> CrossEntropyMemory:
-    """Peak memory of chunked CE vs full fp32 logits, on the harness's largest capture batch."""
+    """Peak memory of chunked CE vs full fp32 logits, on the harness's largest capture batch.
+
+    When the full logits are too large to allocate, token_nll runs on the batch's first
+    CE_PREFIX_POSITIONS positions only: its peak is one chunk of positions whatever the length,
+    and a CPU run is spared a second pass of the LM head over the whole batch.
+    """
     units = capture.plan_batches([len(item.input_ids) for item in tokenized], work.token_budget)
     largest = max(units, key=lambda unit: len(unit) * max(len(tokenized[i].input_ids) for i in unit))
     input_ids, attention = right_padded([tokenized[i] for i in largest], work.tokenizer.pad_token_id)
-    hidden = final_hidden(work, input_ids, attention)
-    input_ids = input_ids.to(hidden.device)
+    batch_shape = tuple(input_ids.shape)
     vocab = work.model.get_output_embeddings().weight.shape[0]
-    full_mib = input_ids.shape[0] * (input_ids.shape[1] - 1) * vocab * 4 / MIB
+    full_mib = batch_shape[0] * (batch_shape[1] - 1) * vocab * 4 / MIB
+    # The full logits exist in the model's dtype and in fp32 at once; allocate them only when that fits easily.
+    fits = 3 * full_mib < memory_free_mib(work.device)
+    positions = batch_shape[1] if fits else min(batch_shape[1], CE_PREFIX_POSITIONS)
+    input_ids, attention = input_ids[:, :positions], attention[:, :positions]
+    hidden = final_hidden(work, input_ids, attention)  # causal: a prefix's states need only the prefix
+    input_ids = input_ids.to(hidden.device)
     with torch.inference_mode():
         chunked = peak_added_mib(lambda: capture.token_nll(work.model, hidden, input_ids), work.device)
-    # The full logits exist in the model's dtype and in fp32 at once; measure only when that fits easily.
-    fits = 3 * full_mib < memory_free_mib(work.device)
     full = peak_added_mib(lambda: full_logits_nll(work.model, hidden, input_ids), work.device) if fits else None
-    return CrossEntropyMemory(tuple(input_ids.shape), chunked, full_mib, full)
+    return CrossEntropyMemory(batch_shape, positions, chunked, full_mib, full)
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -484,7 +498,8 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
     memory = result.ce_memory
     full_peak = f", measured peak +{memory.full_logits_peak_mib:.0f} MiB" if memory.full_logits_peak_mib is not None else " (not allocated)"
     lines.append(
-        f"- CE on the largest capture batch {memory.batch_shape}: capture.token_nll peak +{memory.chunked_peak_mib:.0f} MiB; "
+        f"- CE on the largest capture batch {memory.batch_shape}: capture.token_nll peak +{memory.chunked_peak_mib:.0f} MiB"
+        f" (over {memory.measured_positions} positions); "
         f"full fp32 logits {memory.full_logits_mib:.0f} MiB{full_peak}"
     )
     return "\n".join(lines)

@@ -74,6 +74,27 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
+    """Padded tokens per forward that fit in half the free memory of `device`.
+
+    A rough per-token cost of one inference forward: the residual stream, attention
+    projections and MLP activations in the model's dtype, the hook's float32 copies, and the
+    attention scores of a row of `longest` tokens. The logits are bounded separately
+    (LOGITS_CHUNK_BYTES).
+    """
+    config = model.config.get_text_config()
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    per_token = (6 * hidden + 3 * intermediate) * model.dtype.itemsize + 8 * hidden * 4
+    per_token += config.num_attention_heads * longest * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(longest, int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token))
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks of a causal LM."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model

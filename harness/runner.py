@@ -32,6 +32,7 @@ from harness.artifacts import (
     compute_units,
     content_hash,
     gather_units,
+    read_json,
     write_json,
     write_jsonl,
     write_text,
@@ -275,7 +276,11 @@ class Run:
                 loaded = self.model(alias)
                 tokenized = [capture.tokenize_for_capture(loaded.tokenizer, text) for text in to_measure]
                 layers = capture.resolve_layers(loaded.model, settings.layers)
-                units = capture.plan_batches([len(t.input_ids) for t in tokenized], self.spec.runtime.token_budget)
+                lengths = [len(t.input_ids) for t in tokenized]
+                budget = self.spec.runtime.token_budget
+                if budget == "auto":
+                    budget = capture.auto_token_budget(loaded.model, loaded.input_device, max(lengths))
+                units = capture.plan_batches(lengths, budget)
 
                 def run_unit(unit: list[int]) -> list[dict]:
                     records = capture.measure_batch(
@@ -300,7 +305,16 @@ class Run:
     def _run_units(
         self, stage: str, key: str, label: str, units: list[list[int]], compute: Callable[[list[int]], list[dict]]
     ) -> tuple[list[dict], int]:
-        """This process's share of a chunked stage, then every item in input order (and units resumed)."""
+        """This process's share of a chunked stage, then every item in input order (and units resumed).
+
+        The unit plan is stored with the units: a resumed run keeps the batches it started with
+        (an `auto` token budget may come out differently), so its numbers match an uninterrupted run.
+        """
+        plan = self.cache.folder(stage, key) / "plan.json"
+        if self.cache.enabled and plan.is_file():
+            units = read_json(plan)
+        elif self.dist.rank == 0:
+            write_json(plan, units)
         resumed = compute_units(
             self.cache, stage, key, units,
             lambda unit: [{"index": i, **item} for i, item in zip(unit, compute(unit))],

@@ -178,8 +178,8 @@ class RuntimeSpec(StrictModel):
     """How the work is batched; never changes what is computed, only how fast."""
 
     generation_batch_size: int = Field(64, gt=0)
-    token_budget: int = Field(16384, gt=0)
-    """Tokens (padded) per forward batch."""
+    token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = 16384
+    """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory."""
 
 
 class Spec(StrictModel):

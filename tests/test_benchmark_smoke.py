@@ -125,5 +125,13 @@ def test_cross_entropy_memory_covers_the_largest_capture_batch(result, workload)
     memory = result.ce_memory
     longest = max(len(item.input_ids) for item in result.tokenized)
     assert memory.batch_shape == (len(result.tokenized), longest)  # one token-budget batch holds them all
-    assert memory.full_logits_mib == pytest.approx(len(result.tokenized) * (longest - 1) * workload.model.config.vocab_size * 4 / 2**20)
-    assert memory.full_logits_peak_mib is not None  # small enough to measure
+    vocab = workload.model.config.vocab_size
+    assert memory.full_logits_mib == pytest.approx(len(result.tokenized) * (longest - 1) * vocab * 4 / 2**20)
+    assert memory.measured_positions == longest and memory.full_logits_peak_mib is not None  # small: measured
+
+
+def test_cross_entropy_memory_measures_a_prefix_when_full_logits_do_not_fit(result, workload, monkeypatch):
+    monkeypatch.setattr(bench, "memory_free_mib", lambda device: 0.0)
+    memory = bench.cross_entropy_memory(workload, result.tokenized)
+    assert memory.batch_shape == result.ce_memory.batch_shape
+    assert memory.measured_positions == bench.CE_PREFIX_POSITIONS and memory.full_logits_peak_mib is None

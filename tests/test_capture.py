@@ -102,3 +102,15 @@ def test_plan_batches_respects_the_token_budget():
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
+
+
+def test_auto_token_budget_fits_free_memory(tiny_model, monkeypatch):
+    import psutil
+
+    longest = 50
+    roomy = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
+    assert roomy >= longest
+    free = psutil.virtual_memory()._replace(available=capture.LOGITS_CHUNK_BYTES + 2**20)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    tight = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
+    assert longest <= tight < roomy  # less memory, smaller batches, never below one row
