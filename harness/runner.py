@@ -148,7 +148,12 @@ class Run:
     def samples(self) -> list[dict]:
         alias = self.spec.dataset_tokenizer
         key = content_hash(
-            {"v": data.STAGE_VERSION, "dataset": self.spec.dataset.model_dump(mode="json"), "tokenizer": self.identity(alias)}
+            {
+                "v": data.STAGE_VERSION,
+                # the tokenizer enters by identity, so naming the same model by another alias reuses the stage
+                "dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"}),
+                "tokenizer": self.identity(alias),
+            }
         )
         with self.stage("data"):
             cached = self.cache.get("data", key)
@@ -163,7 +168,7 @@ class Run:
         return cached
 
     def generated(self, name: str, condition: GeneratedCondition, samples: list[dict]) -> list[dict]:
-        alias = self.generator(name)
+        alias = self.spec.generator_of(name)
         prompts = [sample["prompt"] for sample in samples]
         settings = condition.generation
         key = content_hash(
@@ -198,9 +203,6 @@ class Run:
             {"prompt": sample["prompt"], "response": out["response"], "stopped_early": out["stopped_early"], "generator": alias}
             for sample, out in zip(samples, result)
         ]
-
-    def generator(self, name: str) -> str:
-        return self.spec.generator_of(name)
 
     def shuffled(self, condition: ShuffledCondition, source: list[dict]) -> list[dict]:
         """The source condition's responses with words (or capture-model tokens) shuffled."""
