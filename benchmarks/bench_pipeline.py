@@ -11,7 +11,7 @@ Three ways to do the same work, on the same model, texts and device, in one proc
 - floor: generation in one batch plus one bare batched forward of the decoder (no hooks, no
   metrics, no LM head): what any pipeline must at least spend.
 
-Run by hand (not in CI), from the repository root:
+Run by hand (not in CI; Linux: memory is read from /proc), from the repository root:
 
     python benchmarks/bench_pipeline.py --model gemma3-270m --n-samples 50     # CPU, offline
     python benchmarks/bench_pipeline.py --random-weights                        # GPU: Gemma-2-2B shape, bf16
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from harness import capture, data, generate  # noqa: E402
 from harness.spec import GenerationSpec, Spec, load_spec  # noqa: E402
-from metrics import LAYER_METRICS, TEXT_METRICS  # noqa: E402
+from metrics import LAYER_METRICS  # noqa: E402
 
 SPEC_FILES = {"gemma3-270m": "gemma3-270m.yaml", "smollm2": "quickstart.yaml", "random": "baseline.yaml"}
 """Which spec each --model takes its model, metrics, generation and runtime settings from."""
@@ -129,8 +128,13 @@ def synthetic_texts(vocab_size: int, n_samples: int, response_tokens: int) -> tu
     """Prompts and "human" responses of random ids (never the special ids 0-2)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab_size, (n_samples, SYNTHETIC_PROMPT_TOKENS + response_tokens), generator=generator)
-    as_text = lambda row: " ".join(str(int(token)) for token in row)  # noqa: E731
-    return [as_text(row[:SYNTHETIC_PROMPT_TOKENS]) for row in ids], [as_text(row[SYNTHETIC_PROMPT_TOKENS:]) for row in ids]
+    prompts, responses = ids.split([SYNTHETIC_PROMPT_TOKENS, response_tokens], dim=1)
+    return [ids_as_text(row) for row in prompts], [ids_as_text(row) for row in responses]
+
+
+def ids_as_text(ids: torch.Tensor) -> str:
+    """What id_tokenizer encodes back to exactly these ids."""
+    return " ".join(str(int(token)) for token in ids)
 
 
 def wikitext_texts(spec: Spec, tokenizer, n_samples: int, where: str) -> tuple[list[str], list[str]]:
@@ -158,7 +162,7 @@ def load_workload(args: argparse.Namespace) -> Workload:
         model_spec = spec.models[spec.capture_model]
         model_spec = model_spec.model_copy(update={"device_map": args.device, "dtype": args.dtype or model_spec.dtype})
         loaded = load_model(model_spec, model_cache_dir(), f"{spec_path}: models.{spec.capture_model}")
-        model, tokenizer, input_device = loaded.model.eval(), loaded.tokenizer, torch.device(loaded.input_device)
+        model, tokenizer, input_device = loaded.model, loaded.tokenizer, loaded.input_device
         prompts, human = wikitext_texts(spec, tokenizer, args.n_samples or spec.dataset.n_samples, str(spec_path))
         label = model_spec.id or args.model
     return Workload(
@@ -174,23 +178,18 @@ class Part:
     name: str
     seconds: float
     peak_rss_mib: float
-    """Peak resident memory of the process during the part (since the last reset, on Linux)."""
+    """Peak resident memory of the process during the part (peak reset before it)."""
     peak_device_mib: float | None
     """torch.cuda.max_memory_allocated during the part, on CUDA."""
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss() -> None:
     """Make getrusage's ru_maxrss restart from the current RSS (Linux: /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_mib() -> float:
-    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def synchronize(device: torch.device) -> None:
@@ -361,7 +360,7 @@ def peak_added_mib(run: Callable[[], Any], device: torch.device) -> float:
     run()
     synchronize(device)
     peak = peak_device_mib(device) if device.type == "cuda" else peak_rss_mib()
-    return peak - before
+    return max(0.0, peak - before)  # the peak is never below the start; a negative is rounding
 
 
 def memory_free_mib(device: torch.device) -> float:
@@ -484,7 +483,15 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
             row = f"| {name} | {part.seconds:.2f} | {part.peak_rss_mib:.0f} |"
             lines.append(row + (f" {part.peak_device_mib:.0f} |" if device_column else ""))
     harness, floor, seed = (result.total(names) for names in (HARNESS_PARTS, FLOOR_PARTS, SEED_PARTS))
-    lines += ["", f"- harness generate + capture: {harness:.2f} s; floor: {floor:.2f} s; harness/floor = {harness / floor:.2f}"]
+    stage_ratios = (
+        result.parts["harness generate"].seconds / result.parts["floor generate"].seconds,
+        result.parts["harness capture+CE"].seconds / result.parts["floor forward"].seconds,
+    )
+    lines += [
+        "",
+        f"- harness generate + capture: {harness:.2f} s; floor: {floor:.2f} s; harness/floor = {harness / floor:.2f} "
+        f"(generation {stage_ratios[0]:.2f}, capture+CE vs bare forward {stage_ratios[1]:.2f})",
+    ]
     if seed is not None:
         seed_capture_s = result.total(SEED_PARTS[1:])
         capture_s = result.parts["harness capture+CE"].seconds
