@@ -134,17 +134,18 @@ def token_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     batch, length = input_ids.shape
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab * batch))
-    nll = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
-    for start in range(0, length - 1, chunk):
-        stop = min(start + chunk, length - 1)
-        logits = head(hidden[:, start:stop]).float()
+    # Contiguous 2-D rows: a strided 3-D slice makes matmul re-read the head's weight per text.
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1).to(rows.device)
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], chunk):
+        logits = head(rows[start : start + chunk]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        targets = input_ids[:, start + 1 : stop + 1].to(logits.device)
-        nll[:, start + 1 : stop + 1] = nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, reduction="none"
-        ).to(nll.device)
+        flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+    nll = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
+    nll[:, 1:] = flat.view(batch, length - 1).to(nll.device)
     return nll
 
 
