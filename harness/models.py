@@ -32,11 +32,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
 import torch
-import transformers
+import transformers  # a lazy module: model classes load on first use, so a fully cached run skips them
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -47,10 +47,12 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from harness.errors import InputError
 from harness.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONVERSION_RECORD = "source.json"
 """Written into each converted GGUF directory: which file it came from."""
@@ -122,7 +124,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     pretrained = _pretrained(weights, spec, cache_dir, where)
     tokenizer = _tokenizer(spec, pretrained, where)
     model = _from_pretrained(
-        AutoModelForCausalLM.from_pretrained,
+        transformers.AutoModelForCausalLM.from_pretrained,
         spec,
         pretrained,
         where,
@@ -352,7 +354,7 @@ def _from_hub(load: Callable[..., Any], pretrained: _Pretrained, where: str, **k
 
 
 def _tokenizer(spec: ModelSpec, pretrained: _Pretrained, where: str) -> PreTrainedTokenizerBase:
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, spec, pretrained, where)
+    tokenizer = _from_pretrained(transformers.AutoTokenizer.from_pretrained, spec, pretrained, where)
     if not tokenizer.is_fast:
         raise InputError(f"{where}: {pretrained.location!r} has no fast tokenizer")
     if tokenizer.pad_token is None:
@@ -409,16 +411,16 @@ def _check_gguf_readable(path: Path, where: str) -> None:
 
 def _convert_gguf(path: Path, output: Path) -> None:
     """Dequantize a GGUF file (float32, CPU) and save model and tokenizer as safetensors."""
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # dequantize=True unpacks every weight (whatever GGUF kernels are installed), after which
     # transformers drops the quantization config itself; that is what lets save_pretrained
     # write the model (it refuses models that are still GGUF-quantized).
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent,
         gguf_file=path.name,
         dtype=torch.float32,
         device_map="cpu",
-        quantization_config=GgufConfig(dequantize=True),
+        quantization_config=transformers.GgufConfig(dequantize=True),
     )
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

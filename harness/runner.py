@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import platform
 import random
@@ -304,6 +305,29 @@ class Run:
         result["key"] = key
         return result
 
+    def statistics(self, per_sample: Path) -> dict[str, float]:
+        """Every statistic of the per-sample table (see `harness.stats`)."""
+        from harness import stats
+
+        key = content_hash(
+            {
+                "v": stats.STAGE_VERSION,
+                "table": content_hash(per_sample.read_text(encoding="utf-8")),
+                "comparisons": {name: c.model_dump(mode="json") for name, c in self.spec.comparisons.items()},
+                "stats": self.spec.stats.model_dump(mode="json"),
+            }
+        )
+        with self.stage("stats"):
+            cached = self.cache.get("stats", key)
+            if cached is None:
+                result = stats.compute_stats(stats.load_table(per_sample), self.spec)
+                # JSON has no NaN or infinity: the cache keeps those as "nan" / "inf" strings
+                self.cache.put("stats", key, {k: v if math.isfinite(v) else str(v) for k, v in result.items()})
+            else:
+                result = {k: float(v) for k, v in cached.items()}
+        self.note("stats", cached is not None, f"{len(result)} statistics")
+        return result
+
     def _run_units(
         self, stage: str, key: str, label: str, units: list[list[int]], compute: Callable[[list[int]], list[dict]]
     ) -> tuple[list[dict], int]:
@@ -427,7 +451,7 @@ def run_spec(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> RunOutcome:
     """Run one spec end to end; returns the criteria results and the run folder."""
-    from harness import report, stats
+    from harness import report
 
     started = time.perf_counter()
     spec = load_spec(spec_path)
@@ -463,11 +487,8 @@ def run_spec(
             write_jsonl(staging / "token_deltas.jsonl", token_deltas_jsonl(measured))
             if spec.capture.save_activations:
                 _collect_activations(run.cache, measured, staging / "activations")
-        with run.stage("stats"):
-            table = stats.load_table(staging / "per_sample.csv")
-            statistics = stats.compute_stats(table, spec)
-            write_json(staging / "stats.json", statistics)
-        run.note("stats", False, f"{len(statistics)} statistics")
+        statistics = run.statistics(staging / "per_sample.csv")
+        write_json(staging / "stats.json", statistics)
         results = evaluate_criteria(spec.criteria, statistics)
         write_json(staging / "criteria.json", to_json(results))
         manifest = {

@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import statsmodels.formula.api as smf
 from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
-from statsmodels.stats.multitest import multipletests
 
 from harness.errors import RunFailure
 from harness.spec import Comparison, Spec, StatsSpec
+
+STAGE_VERSION = 1
+"""Bump when a change here changes any statistic: cached stats stages are then recomputed."""
 
 COLUMNS = ("sample_id", "condition", "layer", "metric", "value")
 """Columns of per_sample.csv."""
@@ -261,6 +262,8 @@ def _paired_stats(
 
 def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
     """Per-layer p-values adjusted across the layers of their metric (NaN for overall and NaN p)."""
+    from statsmodels.stats.multitest import multipletests  # statsmodels imports in ~1 s: only when computing
+
     metrics, scopes = p.index.get_level_values(0), p.index.get_level_values(1)
     adjusted = {stat: np.full(len(p), np.nan) for stat in LAYER_ADJUSTED_P}
     for metric in metrics.unique():
@@ -300,6 +303,8 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
             "condition": np.repeat([1, 0], [len(x_a), len(x_b)]),
         }
     )
+    import statsmodels.formula.api as smf
+
     failed = {f"mixedlm.{stat}": np.nan for stat in MIXEDLM_STATS} | {"mixedlm.converged": 0.0}
     if frame.isna().any(axis=None):  # NaN values make statistics NaN, here as everywhere
         return failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -80,9 +81,25 @@ def test_a_rerun_reuses_every_stage_and_gives_identical_numbers(first_run):
     folder, spec, outcome, _ = first_run
     log = Log()
     again = run_spec(spec, folder / "runs", log=log)
-    assert {"data", "generate[model]", "capture[human]", "capture[model]"} <= set(log.stages("reused"))
+    assert {"data", "generate[model]", "capture[human]", "capture[model]", "stats"} <= set(log.stages("reused"))
     assert not any(stage.startswith(("generate", "capture", "load")) for stage in log.stages("computed"))
-    assert (again.run_dir / "per_sample.csv").read_bytes() == (outcome.run_dir / "per_sample.csv").read_bytes()
+    for name in ("per_sample.csv", "stats.json", "criteria.json"):
+        assert (again.run_dir / name).read_bytes() == (outcome.run_dir / name).read_bytes(), name
+
+
+def test_changed_stats_settings_recompute_only_the_stats(first_run):
+    folder, _, outcome, _ = first_run
+    variant = folder / "tiny_ddof0.yaml"
+    variant.write_text("extends: tiny.yaml\nname: tiny_ddof0\nstats: {ddof: 0}\n")
+    log = Log()
+    run = run_spec(variant, folder / "runs", log=log)
+    assert {"capture[human]", "capture[model]"} <= set(log.stages("reused"))
+    assert "stats" in log.stages("computed")
+    before = json.loads((outcome.run_dir / "stats.json").read_text())
+    after = json.loads((run.run_dir / "stats.json").read_text())
+    n, d = before["smoothness.human.n"], before["smoothness.overall.d"]
+    # d_z with the population SD is sqrt(n / (n - 1)) times d_z with the sample SD
+    assert after["smoothness.overall.d"] == pytest.approx(d * (n / (n - 1)) ** 0.5, rel=1e-9)
 
 
 def test_no_cache_recomputes_the_same_bytes(first_run):
@@ -110,6 +127,30 @@ def test_a_sibling_spec_reuses_shared_stages(first_run, tiny_model_dir):
     by_condition = {(t["condition"], t["sample_id"]): t["response"] for t in texts}
     for sample in range(6):
         assert sorted(by_condition["shuffled", sample].split()) == sorted(by_condition["human", sample].split())
+
+
+def test_cached_stats_keep_nan_and_infinity(tmp_path, tiny_model_dir, monkeypatch):
+    """JSON holds neither: a cached stats stage must give back what the computed one gave."""
+    from harness import stats
+    from harness.artifacts import StageCache
+    from harness.runner import Run
+    from harness.spec import load_spec
+
+    computed = {"a.nan": float("nan"), "a.inf": float("inf"), "a.neg_inf": float("-inf"), "a.value": 0.25}
+    monkeypatch.setattr(stats, "compute_stats", lambda table, spec: dict(computed))
+    spec_path = tiny_spec(tmp_path, tiny_model_dir)
+    table = tmp_path / "per_sample.csv"
+    table.write_text("sample_id,condition,layer,metric,value\n0,human,,ce_loss,1.0\n")
+    results = []
+    for _ in range(2):
+        log = Log()
+        run = Run(spec_path, load_spec(spec_path), StageCache(tmp_path / "cache"), log)
+        results.append(run.statistics(table))
+    assert log.stages("reused") == ["stats"]
+    for result in results:
+        assert result.keys() == computed.keys()
+        assert math.isnan(result["a.nan"]) and result["a.inf"] == math.inf and result["a.neg_inf"] == -math.inf
+        assert result["a.value"] == 0.25
 
 
 def harness_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
