@@ -11,6 +11,7 @@ from harness.errors import InputError
 from harness.spec import DatasetSpec
 
 STAGE_VERSION = 1
+"""Part of every cache key of this stage: bump it when a change here alters the samples."""
 
 # WikiText tokenizes numbers and punctuation: "1 @,@ 000", "well @-@ known", "word , word".
 _DETOKENIZE = [

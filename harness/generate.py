@@ -9,6 +9,7 @@ import torch
 from harness.spec import GenerationSpec
 
 STAGE_VERSION = 1
+"""Part of every cache key of this stage: bump it when a change here alters a continuation."""
 
 
 def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
