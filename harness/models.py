@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,10 +100,11 @@ def model_identity(spec: ModelSpec, cache_dir: Path, where: str = "model") -> st
     """A stable string naming the weights, for cache keys; never loads the model.
 
     GGUF: package name and version (if packaged), file name, size and sha256; local
-    directory: its name and a hash of its contents; hub: `hub:<id>@<revision or main>`.
+    directory: its name and a hash of its contents; hub: `hub:<id>@<commit>`, the commit the
+    spec's revision resolves to (the local cache first, else the hub: fails fast offline).
     File hashes are computed once and memoised under `cache_dir`.
     """
-    return _identity(_locate(spec, Path(cache_dir), where), spec, Path(cache_dir))
+    return _identity(_locate(spec, Path(cache_dir), where), spec, Path(cache_dir), where)
 
 
 def load_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> PreTrainedTokenizerBase:
@@ -135,7 +137,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        identity=_identity(weights, spec, cache_dir),
+        identity=_identity(weights, spec, cache_dir, where),
         input_device=model.get_input_embeddings().weight.device,
         source=_source_record(weights, pretrained, spec, model, cache_dir),
     )
@@ -242,9 +244,10 @@ def _assembled_gguf(package: str, version: str, cache_dir: Path, where: str) -> 
 # --- identity ------------------------------------------------------------------------
 
 
-def _identity(weights: _Weights, spec: ModelSpec, cache_dir: Path) -> str:
+def _identity(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> str:
     if weights.kind == "hub":
-        return f"hub:{spec.id}@{spec.revision or 'main'}"
+        # the commit, not the revision's name: `main` moves, and cached stages must not follow it
+        return f"hub:{spec.id}@{_hub_commit(spec, where)}"
     assert weights.path is not None
     if weights.kind == "local":
         return f"local:{weights.path.resolve().name}@{_directory_sha256(weights.path, cache_dir)}"
@@ -376,7 +379,7 @@ def check_device(spec: ModelSpec, where: str) -> None:
 def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> Path:
     """The safetensors copy of a GGUF file, converted on first use."""
     assert weights.path is not None
-    identity = _identity(weights, spec, cache_dir)
+    identity = _identity(weights, spec, cache_dir, where)
     # The conversion is transformers' code: a new version converts again.
     key = hashlib.sha256(f"{identity}|transformers=={transformers.__version__}".encode()).hexdigest()[:16]
     target = cache_dir / "models" / f"{_slug(weights.path.stem)}-{key}"
@@ -390,6 +393,8 @@ def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: 
         "package_version": weights.package_version,
         "transformers_version": transformers.__version__,
     }
+    if sys.stderr.isatty():  # otherwise the first run is silent for up to two minutes here
+        print(f"converting {weights.path.name} to safetensors in {target.parent} (once per machine)", file=sys.stderr)
     with _staged(target) as staged:
         try:
             _convert_gguf(weights.path, staged)

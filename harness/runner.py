@@ -94,6 +94,8 @@ class Run:
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _tokenizers: dict[str, object] = field(default_factory=dict)
     _identities: dict[str, str] = field(default_factory=dict)
+    header: str = ""
+    """Logged with the first stage line: a bad input that the data stage finds prints only its error."""
 
     # -- models, loaded on first use so a fully cached run loads none -------------------------
     def where(self, alias: str) -> str:
@@ -141,6 +143,9 @@ class Run:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def note(self, name: str, reused: bool, detail: str = "") -> None:
+        if self.header:
+            self.log(self.header)
+            self.header = ""
         self.reuse[name] = "reused" if reused else "computed"
         seconds = self.timings.get(name, 0.0)
         self.log(f"  {name:<28} {self.reuse[name]:<9} {seconds:7.1f}s  {detail}".rstrip())
@@ -468,7 +473,7 @@ def run_spec(
             capture.resolve_layers(run.model(spec.capture_model).model, spec.capture.layers)
         except ValueError as exc:
             raise InputError(f"{spec_path}: capture.layers: {exc}") from None
-    log(f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions")
+    run.header = f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
 
     samples = run.samples()
     texts = run.texts(samples)

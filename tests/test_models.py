@@ -118,10 +118,16 @@ def test_local_directory_identity_hashes_the_files(model_dir: Path, tmp_path: Pa
     assert model_identity(spec, tmp_path) != identity
 
 
-def test_hub_identity_is_id_and_revision_without_network(tmp_path: Path) -> None:
-    assert model_identity(ModelSpec(id="google/gemma-2-2b"), tmp_path) == "hub:google/gemma-2-2b@main"
-    pinned = ModelSpec(id="google/gemma-2-2b", revision="v1.0")
-    assert model_identity(pinned, tmp_path) == "hub:google/gemma-2-2b@v1.0"
+def test_hub_identity_is_the_commit_the_revision_resolves_to(offline_hub: Path, tmp_path: Path) -> None:
+    """`main` moves: cache keys name the commit, read from the local cache without loading anything."""
+    repo = offline_hub / "models--harness-tests--tiny"
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit in (("main", "1" * 40), ("v1.0", "2" * 40)):
+        (repo / "refs" / ref).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+    assert model_identity(ModelSpec(id="harness-tests/tiny"), tmp_path) == f"hub:harness-tests/tiny@{'1' * 40}"
+    pinned = ModelSpec(id="harness-tests/tiny", revision="v1.0")
+    assert model_identity(pinned, tmp_path) == f"hub:harness-tests/tiny@{'2' * 40}"
     assert not tmp_path.joinpath("models").exists()
 
 
@@ -175,6 +181,7 @@ def test_hub_id_not_cached_fails_fast_offline(offline_hub: Path, tmp_path: Path)
     started = time.monotonic()
     message = input_error(load_tokenizer, spec, tmp_path, WHERE)
     assert "'harness-tests/not-downloaded' is not available offline" in message
+    assert "not available offline" in input_error(model_identity, spec, tmp_path, WHERE)
     assert "not available offline" in input_error(load_model, spec, tmp_path, WHERE)
     assert time.monotonic() - started < 5
 
@@ -189,7 +196,7 @@ def test_hub_id_in_the_local_cache_loads_offline(offline_hub: Path, model_dir: P
     tokenizer_config.write_text(json.dumps(json.loads(tokenizer_config.read_text()) | {"pad_token": None}))
 
     loaded = load_model(ModelSpec(id="harness-tests/tiny"), tmp_path, WHERE)
-    assert loaded.identity == "hub:harness-tests/tiny@main"
+    assert loaded.identity == f"hub:harness-tests/tiny@{commit}"
     assert loaded.source["commit"] == commit
     assert loaded.source["kind"] == "hub"
     assert loaded.tokenizer.pad_token == "<eos>"  # none of its own: eos stands in
