@@ -137,7 +137,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        identity=_identity(weights, spec, cache_dir, where),
+        identity=_identity(weights, spec, cache_dir, where, pretrained.commit),
         input_device=model.get_input_embeddings().weight.device,
         source=_source_record(weights, pretrained, spec, model, cache_dir),
     )
@@ -244,10 +244,11 @@ def _assembled_gguf(package: str, version: str, cache_dir: Path, where: str) -> 
 # --- identity ------------------------------------------------------------------------
 
 
-def _identity(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> str:
+def _identity(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str, commit: str | None = None) -> str:
+    """`commit`: a hub model's resolved commit, when the caller has it already."""
     if weights.kind == "hub":
         # the commit, not the revision's name: `main` moves, and cached stages must not follow it
-        return f"hub:{spec.id}@{_hub_commit(spec, where)}"
+        return f"hub:{spec.id}@{commit or _hub_commit(spec, where)}"
     assert weights.path is not None
     if weights.kind == "local":
         return f"local:{weights.path.resolve().name}@{_directory_sha256(weights.path, cache_dir)}"
