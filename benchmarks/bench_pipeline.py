@@ -40,8 +40,10 @@ from transformers import AutoModelForCausalLM, Gemma2Config, PreTrainedTokenizer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness import capture, data, generate  # noqa: E402
-from harness.spec import GenerationSpec, Spec, load_spec  # noqa: E402
+from harness.stages import capture, data, generate  # noqa: E402
+from harness.schema import Spec  # noqa: E402
+from harness.spec import load_spec  # noqa: E402
+from harness.stages.conditions import GenerationSpec  # noqa: E402
 from metrics import LAYER_METRICS  # noqa: E402
 
 SPEC_FILES = {"gemma3-270m": "gemma3-270m.yaml", "smollm2": "quickstart.yaml", "random": "baseline.yaml"}

@@ -127,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.criteria import format_result, summary_line
+    from harness.stages.criteria import format_result, summary_line
     from harness.spec import load_spec
 
     files = spec_files(args.paths, args.select)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import pearsonr
 
-from harness.spec import Spec
+from harness.schema import Spec
 
 NGRAM_SIZE = 4
 """Repetition is measured on word n-grams of this size."""

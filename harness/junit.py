@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from harness.artifacts import write_bytes
-from harness.criteria import format_result
+from harness.stages.criteria import format_result
 
 
 def write_junit(path: Path, outcomes: list) -> None:

@@ -50,7 +50,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from harness.errors import InputError
-from harness.spec import ModelSpec
+from harness.schema import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -65,7 +65,7 @@ class CriterionFailed(Exception):
 
 class CriterionItem(pytest.Item):
     def runtest(self) -> None:
-        from harness.criteria import format_result
+        from harness.stages.criteria import format_result
 
         outcome = self.parent.run_once()
         result = next(r for r in outcome.results if r.name == self.name)

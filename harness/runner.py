@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import harness
-from harness import capture, data, generate
+from harness.stages import capture, data, generate
 from harness.artifacts import (
     StageCache,
     compute_units,
@@ -38,10 +38,12 @@ from harness.artifacts import (
     write_jsonl,
     write_text,
 )
-from harness.criteria import CriterionResult, evaluate_criteria, to_json
+from harness.stages.criteria import CriterionResult, evaluate_criteria, to_json
 from harness.errors import InputError, Interrupted
 from harness.models import LoadedModel, check_device, load_model, load_tokenizer, model_identity
-from harness.spec import GeneratedCondition, HumanCondition, ShuffledCondition, Spec, dump_spec, load_spec
+from harness.schema import Spec
+from harness.spec import dump_spec, load_spec
+from harness.stages.conditions import SOURCES, GeneratedCondition, ShuffledCondition, execution_order
 
 MANIFEST_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "scipy", "statsmodels", "pandas", "pydantic")
 
@@ -94,6 +96,8 @@ class Run:
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _tokenizers: dict[str, object] = field(default_factory=dict)
     _identities: dict[str, str] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    texts: dict[str, list[dict]] = field(default_factory=dict)
     header: str = ""
     """Logged with the first stage line: a bad input that the data stage finds prints only its error."""
 
@@ -151,7 +155,7 @@ class Run:
         self.log(f"  {name:<28} {self.reuse[name]:<9} {seconds:7.1f}s  {detail}".rstrip())
 
     # -- stages -----------------------------------------------------------------------------
-    def samples(self) -> list[dict]:
+    def load_samples(self) -> list[dict]:
         alias = self.spec.dataset_tokenizer
         key = content_hash(
             {
@@ -171,10 +175,12 @@ class Run:
                 if self.dist.rank == 0:
                     self.cache.put("data", key, cached)
         self.note("data", reused, f"{len(cached)} samples")
+        self.samples = cached
         return cached
 
-    def generated(self, name: str, condition: GeneratedCondition, samples: list[dict]) -> list[dict]:
-        alias = self.spec.generator_of(name)
+    def generate(self, name: str, condition: GeneratedCondition) -> list[dict]:
+        samples = self.samples
+        (alias,) = condition.models(self.spec)
         prompts = [sample["prompt"] for sample in samples]
         settings = condition.generation
         key = content_hash(
@@ -210,38 +216,13 @@ class Run:
             for sample, out in zip(samples, result)
         ]
 
-    def shuffled(self, condition: ShuffledCondition, source: list[dict]) -> list[dict]:
-        """The source condition's responses with words (or capture-model tokens) shuffled."""
-        texts = []
-        for sample_id, text in enumerate(source):
-            rng = random.Random(f"{condition.seed}:{sample_id}")
-            if condition.unit == "words":
-                pieces = text["response"].split()
-                rng.shuffle(pieces)
-                response = " ".join(pieces)
-            else:
-                tokenizer = self.tokenizer(self.spec.capture_model)
-                ids = tokenizer(text["response"], add_special_tokens=False)["input_ids"]
-                rng.shuffle(ids)
-                response = tokenizer.decode(ids).strip()
-            texts.append({"prompt": text["prompt"], "response": response, "stopped_early": None, "generator": None})
-        return texts
-
-    def texts(self, samples: list[dict]) -> dict[str, list[dict]]:
-        """Prompt and response of every sample, per condition (derived conditions last)."""
-        texts: dict[str, list[dict]] = {}
-        ordered = sorted(self.spec.conditions.items(), key=lambda item: isinstance(item[1], ShuffledCondition))
-        for name, condition in ordered:
-            if isinstance(condition, HumanCondition):
-                texts[name] = [
-                    {"prompt": s["prompt"], "response": s["human_response"], "stopped_early": None, "generator": None}
-                    for s in samples
-                ]
-            elif isinstance(condition, GeneratedCondition):
-                texts[name] = self.generated(name, condition, samples)
-            else:
-                texts[name] = self.shuffled(condition, texts[condition.of])
-        return {name: texts[name] for name in self.spec.conditions}
+    def condition_texts(self) -> dict[str, list[dict]]:
+        """Prompt and response of every sample, per condition (derived conditions after their sources)."""
+        self.texts = {}
+        for name in execution_order(self.spec.conditions):
+            condition = self.spec.conditions[name]
+            self.texts[name] = SOURCES[condition.source].texts(name, condition, self)
+        return {name: self.texts[name] for name in self.spec.conditions}
 
     def response_limits(self, texts: dict[str, list[dict]]) -> dict[str, list[int | None]]:
         """Per condition and sample, the response token cap (length matching) or None."""
@@ -311,8 +292,8 @@ class Run:
         return result
 
     def statistics(self, per_sample: Path) -> dict[str, float]:
-        """Every statistic of the per-sample table (see `harness.stats`)."""
-        from harness import stats
+        """Every statistic of the per-sample table (see `harness.stages.stats`)."""
+        from harness.stages import stats
 
         key = content_hash(
             {
@@ -456,7 +437,7 @@ def run_spec(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> RunOutcome:
     """Run one spec end to end; returns the criteria results and the run folder."""
-    from harness import report
+    from harness.stages import report
 
     started = time.perf_counter()
     spec = load_spec(spec_path)
@@ -464,7 +445,7 @@ def run_spec(
     report.find_template(spec, spec_path)  # a missing template fails now, not after the compute
     run = Run(spec_path, spec, StageCache(cache_root, enabled=use_cache), log, Distributed.detect())
     for alias in {spec.capture_model, spec.dataset_tokenizer, *(
-        spec.generator_of(name) for name, c in spec.conditions.items() if isinstance(c, GeneratedCondition)
+        alias for condition in spec.conditions.values() for alias in condition.models(spec)
     )}:
         run.identity(alias)  # fails fast on a missing package, file or path
         check_device(spec.models[alias], run.where(alias))
@@ -475,8 +456,8 @@ def run_spec(
             raise InputError(f"{spec_path}: capture.layers: {exc}") from None
     run.header = f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
 
-    samples = run.samples()
-    texts = run.texts(samples)
+    run.load_samples()
+    texts = run.condition_texts()
     limits = run.response_limits(texts)
     measured = {name: run.measured(name, rows, limits[name]) for name, rows in texts.items()}
     if run.dist.rank != 0:

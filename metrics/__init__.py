@@ -15,10 +15,10 @@ Adding a metric is one decorated function here plus its name in a spec's ``metri
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # the metrics only call tensor methods: validating a spec imports no torch
+    from torch import Tensor
 
 LAYER_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 TEXT_METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
@@ -78,8 +78,10 @@ def variance(hidden: Tensor, mask: Tensor) -> Tensor:
 @layer_metric
 def directional_consistency(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean cosine similarity between successive deltas (1 = straight line)."""
+    from torch.nn.functional import cosine_similarity
+
     deltas, pair_mask = _step_deltas(hidden, mask)
-    cosines = torch.nn.functional.cosine_similarity(deltas[:, 1:], deltas[:, :-1], dim=-1, eps=1e-12)
+    cosines = cosine_similarity(deltas[:, 1:], deltas[:, :-1], dim=-1, eps=1e-12)
     return _masked_mean(cosines, pair_mask[:, 1:] & pair_mask[:, :-1])
 
 

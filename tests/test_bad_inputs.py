@@ -334,7 +334,7 @@ def schema() -> dict:
 
 
 def test_schema_lists_every_spec_field_and_extends(schema):
-    from harness.spec import Spec
+    from harness.schema import Spec
 
     assert set(Spec.model_fields) | {"extends"} <= set(schema["properties"])
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import capture
+from harness.stages import capture
 from metrics import LAYER_METRICS
 
 TEXTS = [

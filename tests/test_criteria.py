@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from harness.criteria import (
+from harness.stages.criteria import (
     CriterionResult,
     check_criterion,
     evaluate_criteria,

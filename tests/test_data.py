@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import data
+from harness.stages import data
 from harness.errors import InputError
-from harness.spec import DatasetSpec
+from harness.schema import DatasetSpec
 
 from conftest import wikitext_rows
 

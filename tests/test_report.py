@@ -13,12 +13,12 @@ import yaml
 from scipy.stats import pearsonr
 
 from harness.artifacts import read_json, write_json, write_jsonl
-from harness.criteria import evaluate_criteria, to_json
+from harness.stages.criteria import evaluate_criteria, to_json
 from harness.diagnostics import repeated_ngram_fraction, text_diagnostics
 from harness.errors import InputError
-from harness.report import OUTCOMES, load_run, render_report
-from harness.spec import Spec
-from harness.stats import compute_stats, load_table
+from harness.stages.report import OUTCOMES, load_run, render_report
+from harness.schema import Spec
+from harness.stages.stats import compute_stats, load_table
 
 N_SAMPLES, N_LAYERS = 12, 4
 DELTA_LAYERS = (0, 2, 3)
@@ -43,7 +43,7 @@ def spec_data(**overrides) -> dict:
 
 
 def make_run(root: Path, **spec_overrides) -> Path:
-    """Write every file of a finished run (seeded), statistics by harness.stats; return the folder."""
+    """Write every file of a finished run (seeded), statistics by harness.stages.stats; return the folder."""
     rng = np.random.default_rng(0)
     spec = Spec.model_validate(spec_data(**spec_overrides))
     run_dir = root / "runs" / spec.name / "run-1"

@@ -131,7 +131,7 @@ def test_a_sibling_spec_reuses_shared_stages(first_run, tiny_model_dir):
 
 def test_cached_stats_keep_nan_and_infinity(tmp_path, tiny_model_dir, monkeypatch):
     """JSON holds neither: a cached stats stage must give back what the computed one gave."""
-    from harness import stats
+    from harness.stages import stats
     from harness.artifacts import StageCache
     from harness.runner import Run
     from harness.spec import load_spec

@@ -1,4 +1,4 @@
-"""harness.stats against an independent recomputation from the CSV with pandas/scipy/statsmodels."""
+"""harness.stages.stats against an independent recomputation from the CSV with pandas/scipy/statsmodels."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
 from statsmodels.stats.multitest import multipletests
 
 from harness.errors import RunFailure
-from harness.spec import Spec
-from harness.stats import STAT_KEYWORDS, compute_stats, load_table
+from harness.schema import Spec
+from harness.stages.stats import compute_stats, load_table
+from harness.statnames import STAT_KEYWORDS
 
 N_SAMPLES = 40
 N_LAYERS = 4

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from harness.spec import GenerationSpec
+from harness.stages.conditions import GenerationSpec
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""

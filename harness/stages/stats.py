@@ -40,48 +40,18 @@ import pandas as pd
 from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
 
 from harness.errors import RunFailure
-from harness.spec import Comparison, Spec, StatsSpec
+from harness.statnames import (
+    COLUMNS,
+    CORRELATION_STATS,
+    LAYER_ADJUSTED_P,
+    MIXEDLM_STATS,
+    OVERALL,
+    PAIRED_STATS,
+)
+from harness.schema import Comparison, Spec, StatsSpec
 
 STAGE_VERSION = 1
 """Bump when a change here changes any statistic: cached stats stages are then recomputed."""
-
-COLUMNS = ("sample_id", "condition", "layer", "metric", "value")
-"""Columns of per_sample.csv."""
-
-OVERALL = "overall"
-"""Scope of a metric's value for a whole sample (trajectory metrics: the mean over layers)."""
-
-DESCRIPTIVE_STATS = ("mean", "sd", "n")
-PAIRED_STATS = (
-    "mean_a",
-    "mean_b",
-    "mean_diff",
-    "mean_diff_ci_low",
-    "mean_diff_ci_high",
-    "d",
-    "d_ci_low",
-    "d_ci_high",
-    "t",
-    "p",
-    "wilcoxon_w",
-    "wilcoxon_p",
-    "n",
-)
-LAYER_ADJUSTED_P = {"p_holm": "holm", "p_bh": "fdr_bh"}
-"""Per-layer p-values adjusted across the layers of one metric: name -> multipletests method."""
-CORRELATION_STATS = ("r", "p", "ci_low", "ci_high", "n")
-MIXEDLM_STATS = ("x_coef", "x_p", "condition_coef", "condition_p", "converged")
-
-STAT_KEYWORDS: frozenset[str] = frozenset(
-    {OVERALL, "correlation", "pooled", "difference", "mixedlm"}
-    | set(DESCRIPTIVE_STATS)
-    | set(PAIRED_STATS)
-    | set(LAYER_ADJUSTED_P)
-    | set(CORRELATION_STATS)
-    | set(MIXEDLM_STATS)
-)
-"""Every word of a statistic name that does not come from the spec (metric, condition and
-comparison names, and ``layer<N>``)."""
 
 _BOOTSTRAP_BATCH = 250
 """Resamples evaluated per vectorised call: bounds memory, does not change the result."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from harness.errors import InputError
-from harness.spec import DatasetSpec
+from harness.schema import DatasetSpec
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters the samples."""

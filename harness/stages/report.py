@@ -19,11 +19,13 @@ import yaml
 import harness
 from harness import plots
 from harness.artifacts import read_json, read_jsonl, write_json, write_text
-from harness.criteria import CriterionResult, format_number, outcome, summary_line
+from harness.stages.criteria import CriterionResult, format_number, outcome, summary_line
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.errors import InputError
-from harness.spec import TEXT_METRIC_NAMES, Comparison, ShuffledCondition, Spec
-from harness.stats import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, load_table
+from harness.schema import Comparison, Spec
+from harness.stages.conditions import ShuffledCondition
+from harness.statnames import TEXT_METRIC_NAMES
+from harness.stages.stats import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, load_table
 
 TEMPLATES_DIR = Path(harness.__file__).parent.parent / "reports" / "templates"
 """Templates shipped with the harness; `report.template` names one of these, or a path."""

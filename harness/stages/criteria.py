@@ -42,8 +42,8 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
-LAYER_SEGMENT = re.compile(r"layer\d+")
-"""Per-layer statistics (``smoothness.layer12.d``) are accepted for any layer number."""
+from harness.statnames import LAYER_SCOPE
+
 
 ALLOWED = "criteria use only comparisons, and/or/not, numbers and statistic names"
 
@@ -209,7 +209,7 @@ def check_criterion(expr: str, vocabulary: Collection[str]) -> None:
     """
     for name in statistic_names(expr):
         for segment in name.split("."):
-            if segment not in vocabulary and not LAYER_SEGMENT.fullmatch(segment):
+            if segment not in vocabulary and not LAYER_SCOPE.fullmatch(segment):
                 raise ValueError(f"unknown name '{segment}' in '{name}' ({_hint(segment, vocabulary)})")
 
 

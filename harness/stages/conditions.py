@@ -1,0 +1,184 @@
+"""Conditions stage: the texts each condition gives for every sample.
+
+A condition *source* is one registered function plus its pydantic spec model (the model's
+``source`` literal is the name a spec uses):
+
+    class ReversedCondition(ConditionSpec):
+        source: Literal["reverse"]
+        of: str
+
+        def derived_from(self) -> list[str]:
+            return [self.of]
+
+    @condition_source(ReversedCondition)
+    def reverse(name, condition, context) -> list[Text]:
+        return [text(t["prompt"], " ".join(t["response"].split()[::-1])) for t in context.texts[condition.of]]
+
+The spec schema's ``conditions`` union is built from this registry, so a new source needs
+no edit elsewhere. Sources run in dependency order (``derived_from``); a source that needs a
+model says so in ``models`` so the run loads and checks it before anything is computed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+
+from pydantic import Field
+
+from harness.base import StrictModel
+
+if TYPE_CHECKING:
+    from harness.schema import Spec
+
+Text = dict[str, Any]
+"""One condition's text for one sample: prompt, response, stopped_early, generator."""
+
+
+def text(prompt: str, response: str, stopped_early: bool | None = None, generator: str | None = None) -> Text:
+    return {"prompt": prompt, "response": response, "stopped_early": stopped_early, "generator": generator}
+
+
+class ConditionSpec(StrictModel):
+    """Base of every condition source's spec model."""
+
+    source: str
+
+    def derived_from(self) -> list[str]:
+        """Conditions whose texts this one is built from (computed first)."""
+        return []
+
+    def models(self, spec: "Spec") -> list[str]:
+        """Model aliases this source loads or tokenizes with."""
+        return []
+
+
+class SourceContext(Protocol):
+    """What a source may use while it computes its texts."""
+
+    spec: "Spec"
+    samples: list[dict]
+    """The data stage's samples: sample_id, row, prompt, human_response, n_tokens."""
+    texts: dict[str, list[Text]]
+    """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
+
+    def tokenizer(self, alias: str) -> Any: ...
+
+    def generate(self, name: str, condition: "GeneratedCondition") -> list[Text]: ...
+
+
+@dataclass(frozen=True)
+class ConditionSource:
+    spec_model: type[ConditionSpec]
+    texts: Callable[[str, Any, SourceContext], list[Text]]
+
+
+SOURCES: dict[str, ConditionSource] = {}
+"""Registered condition sources by the name a spec's `source:` uses."""
+
+
+def condition_source(spec_model: type[ConditionSpec]):
+    """Register `fn(name, condition, context) -> list[Text]` for `spec_model`'s `source` literal."""
+    (name,) = spec_model.model_fields["source"].annotation.__args__
+
+    def register(fn: Callable[[str, Any, SourceContext], list[Text]]):
+        SOURCES[name] = ConditionSource(spec_model, fn)
+        return fn
+
+    return register
+
+
+# --- the built-in sources ---------------------------------------------------------------
+
+
+class GenerationSpec(StrictModel):
+    """How a model continues the prompt."""
+
+    max_new_tokens: int = Field(90, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    """0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class HumanCondition(ConditionSpec):
+    """The human-written rest of the paragraph."""
+
+    source: Literal["human"]
+
+
+class GeneratedCondition(ConditionSpec):
+    """A model's continuation of the prompt."""
+
+    source: Literal["generate"]
+    generator: str | None = None
+    """Model alias that writes the text; default: the capture model."""
+    generation: GenerationSpec = GenerationSpec()
+
+    def models(self, spec: "Spec") -> list[str]:
+        return [self.generator or spec.capture_model]
+
+
+class ShuffledCondition(ConditionSpec):
+    """Another condition's response with its words (or tokens) shuffled: a control."""
+
+    source: Literal["shuffle"]
+    of: str
+    """Condition whose response is shuffled."""
+    unit: Literal["words", "tokens"] = "words"
+    """Shuffle whitespace-separated words, or the capture tokenizer's tokens."""
+    seed: int = 0
+
+    def derived_from(self) -> list[str]:
+        return [self.of]
+
+    def models(self, spec: "Spec") -> list[str]:
+        return [spec.capture_model] if self.unit == "tokens" else []
+
+
+@condition_source(HumanCondition)
+def human(name: str, condition: HumanCondition, context: SourceContext) -> list[Text]:
+    return [text(sample["prompt"], sample["human_response"]) for sample in context.samples]
+
+
+@condition_source(GeneratedCondition)
+def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
+    return context.generate(name, condition)
+
+
+@condition_source(ShuffledCondition)
+def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> list[Text]:
+    """The source condition's responses with words (or capture-model tokens) shuffled."""
+    texts = []
+    for sample_id, source in enumerate(context.texts[condition.of]):
+        rng = random.Random(f"{condition.seed}:{sample_id}")
+        if condition.unit == "words":
+            pieces = source["response"].split()
+            rng.shuffle(pieces)
+            response = " ".join(pieces)
+        else:
+            tokenizer = context.tokenizer(context.spec.capture_model)
+            ids = tokenizer(source["response"], add_special_tokens=False)["input_ids"]
+            rng.shuffle(ids)
+            response = tokenizer.decode(ids).strip()
+        texts.append(text(source["prompt"], response))
+    return texts
+
+
+def execution_order(conditions: dict[str, ConditionSpec]) -> list[str]:
+    """Condition names with every condition after those it is derived from (stable otherwise)."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in ordered:
+            for parent in conditions[name].derived_from():
+                visit(parent)
+            ordered.append(name)
+
+    for name in conditions:
+        visit(name)
+    return ordered
