@@ -1,35 +1,55 @@
-"""Atomic artifact writes and the content-addressed stage cache.
+"""Files written atomically, and the one JSON convention for numbers that are not finite.
 
 Every file is written to a temporary name beside its target and renamed into place, so a
-killed run leaves either the old file or the new one, never half of one. The cache holds
-stage outputs under ``<cache root>/<stage>/<key>/``, where the key hashes exactly the inputs
-that determine the output; chunked stages store one file per work unit there, which is what
-makes a killed run resumable.
+killed run leaves either the old file or the new one, never half of one; `staged` does the
+same for a directory.
+
+JSON has no NaN or infinity. Everywhere the harness writes JSON, a non-finite float becomes
+the string "nan", "inf" or "-inf" — the spelling `repr` gives it in CSV cells — and `number`
+reads any of those back. `null` is kept for "not computed".
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from harness.errors import RunFailure
+
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_failure(path, exc) from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failure(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_failure(path: Path, exc: OSError) -> RunFailure:
+    """A full disk or a permission problem, named by the path it hit."""
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+    return RunFailure(f"{path}: cannot write ({reason})")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -40,23 +60,32 @@ def write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(Path(path), lambda handle: handle.write(data), "wb")
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
+def encode(value: Any) -> Any:
+    """A JSON-able copy of `value` with every non-finite float spelled as a string."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return repr(value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: encode(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [encode(item) for item in value]
     return value
 
 
+def number(value: Any) -> float | None:
+    """A float read back from JSON: "nan", "inf", "-inf" included; None stays None."""
+    return None if value is None else float(value)
+
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    return json.dumps(encode(value), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
 def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(_json_safe(value), indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json_text(value) + "\n")
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    write_text(path, "".join(json.dumps(_json_safe(row), ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(json_text(row, indent=None) + "\n" for row in rows))
 
 
 def read_json(path: Path) -> Any:
@@ -73,58 +102,20 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-class StageCache:
-    """Content-addressed store of stage outputs; `enabled=False` recomputes (and overwrites)."""
-
-    def __init__(self, root: Path, enabled: bool = True):
-        self.root = Path(root)
-        self.enabled = enabled
-
-    def folder(self, stage: str, key: str) -> Path:
-        return self.root / stage / key
-
-    def get(self, stage: str, key: str) -> Any | None:
-        path = self.folder(stage, key) / "result.json"
-        return read_json(path) if self.enabled and path.is_file() else None
-
-    def put(self, stage: str, key: str, value: Any) -> None:
-        write_json(self.folder(stage, key) / "result.json", value)
-
-
-def unit_path(cache: StageCache, stage: str, key: str, index: int) -> Path:
-    return cache.folder(stage, key) / f"unit-{index:05d}.json"
-
-
-def compute_units(
-    cache: StageCache,
-    stage: str,
-    key: str,
-    units: Sequence[Sequence[int]],
-    compute: Callable[[Sequence[int]], list],
-    rank: int = 0,
-    world: int = 1,
-    progress: Callable[[], None] | None = None,
-) -> int:
-    """Compute the work units this process owns that are not stored yet; return how many were reused.
-
-    Unit ``i`` belongs to process ``i % world``. Each finished unit is one file, so a killed
-    run loses at most the unit in flight, and a rerun with any number of processes picks
-    up the same files (the unit plan depends on the inputs only, never on the process count).
-    """
-    reused = 0
-    for index, unit in enumerate(units):
-        if index % world != rank:
-            continue
-        path = unit_path(cache, stage, key, index)
-        if cache.enabled and path.is_file():
-            reused += 1
-        else:
-            write_json(path, compute(unit))
-        if progress:
-            progress()
-    return reused
-
-
-def gather_units(cache: StageCache, stage: str, key: str, n_units: int) -> list:
-    """All units' results, in unit order (after every process finished its share)."""
-    return [item for index in range(n_units) for item in read_json(unit_path(cache, stage, key, index))]
+@contextlib.contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A path in a private temporary directory beside `target`, renamed to `target` when the
+    block succeeds; on failure nothing is left behind. If another process wrote `target`
+    first, its copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        path = scratch / target.name
+        yield path
+        try:
+            os.replace(path, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,7 +1,7 @@
 """`harness` command line: run, validate, schema, compare.
 
-Exit codes (pytest-style): 0 every criterion passed, 1 some criterion failed, 2 bad input
-or usage, 3 runtime error, 130 interrupted.
+Exit codes (pytest-style, `harness.errors.ExitCode`): 0 every criterion passed, 1 some
+criterion failed, 2 bad input or usage, 3 runtime error, 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Sequence
 
-from harness.errors import HarnessError, InputError
-
-EXIT_PASSED, EXIT_FAILED, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from harness.errors import ExitCode, HarnessError, InputError
 
 
 def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
@@ -104,14 +103,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             print(f"ok     {path}  ({spec.name})")
     print(f"{len(files) - bad} valid, {bad} invalid")
-    return EXIT_INPUT if bad else EXIT_PASSED
+    return ExitCode.INPUT if bad else ExitCode.PASSED
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from harness.spec import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
-    return EXIT_PASSED
+    return ExitCode.PASSED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -123,7 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from harness.artifacts import write_text
 
         write_text(Path(args.output), markdown)
-    return EXIT_PASSED
+    return ExitCode.PASSED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_spec
 
     _quiet_libraries()
-    outcomes, totals, worst = [], [], EXIT_PASSED
+    outcomes, totals, worst = [], [], ExitCode.PASSED
     for path in files:
         try:
             outcome = run_spec(path, Path(args.runs_dir), use_cache=not args.no_cache)
@@ -149,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if len(files) == 1:
                 raise
             print(f"ERROR  {path}: {exc}", file=sys.stderr)
-            worst = max(worst, EXIT_RUNTIME)
+            worst = max(worst, ExitCode.RUNTIME)
             continue
         if outcome.run_dir is None:  # a helper process under accelerate launch
             continue
@@ -206,21 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    from harness.executor import Terminated
+
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
     try:
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
+        return ExitCode.INPUT
+    except BrokenPipeError:  # `harness validate specs/ | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.PASSED
+    except KeyboardInterrupt as exc:
+        from harness.executor import Terminated
+
+        terminated = isinstance(exc, Terminated)
         print(
-            "\ninterrupted: finished batches are saved in the stage cache; "
+            f"\n{'terminated' if terminated else 'interrupted'}: finished batches are saved in the stage cache; "
             "run the same command again to resume from there",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -229,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else ""
         print(f"runtime error: {type(exc).__name__}: {message} (HARNESS_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
-from harness.artifacts import read_json
 from harness.errors import InputError
+from harness.numbers import format_number
+from harness.rundir import is_run_dir, read_criteria, read_stats
 
 KEY_STATISTICS = re.compile(
     r"^(ce_loss(_response)?\.[A-Za-z0-9_]+\.mean"
@@ -19,15 +19,9 @@ KEY_STATISTICS = re.compile(
 
 
 def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    if not (run_dir / "stats.json").is_file():
-        raise InputError(f"{run_dir}: not a finished run folder (no stats.json)")
-    return read_json(run_dir / "stats.json"), read_json(run_dir / "criteria.json")
-
-
-def _cell(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4g}"
+    if not is_run_dir(run_dir):
+        raise InputError(f"{run_dir}: not a finished run folder (no stats.json / criteria.json)")
+    return read_stats(run_dir), read_criteria(run_dir)
 
 
 def compare_runs(run_a: Path, run_b: Path) -> str:
@@ -42,7 +36,7 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     for name in names:
         a, b = stats_a.get(name), stats_b.get(name)
         delta = b - a if a is not None and b is not None else None
-        lines.append(f"| {name} | {_cell(a)} | {_cell(b)} | {_cell(delta)} |")
+        lines.append(f"| {name} | {format_number(a)} | {format_number(b)} | {format_number(delta)} |")
     lines += ["", "| criterion | A | B |", "|---|---|---|"]
     outcome_a = {c["name"]: c["passed"] for c in criteria_a}
     outcome_b = {c["name"]: c["passed"] for c in criteria_b}

@@ -1,10 +1,29 @@
-"""Errors the CLI turns into exit codes: one line, never a traceback."""
+"""Exit codes and the errors the CLI turns into them: one line, never a traceback."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """pytest-style exit codes of `harness` commands."""
+
+    PASSED = 0
+    """Every criterion passed (or the command succeeded)."""
+    FAILED = 1
+    """Some criterion failed: a finding about the model, not an error."""
+    INPUT = 2
+    """Bad input or usage: a spec, file, model name or criterion to fix."""
+    RUNTIME = 3
+    """Something broke while running a valid spec."""
+    INTERRUPTED = 130
+    """Ctrl-C: rerun to resume."""
+    TERMINATED = 143
+    """SIGTERM: rerun to resume."""
 
 
 class HarnessError(Exception):
     """Base class; `exit_code` is what the CLI returns."""
 
-    exit_code = 3
+    exit_code = ExitCode.RUNTIME
 
 
 class InputError(HarnessError):
@@ -14,16 +33,18 @@ class InputError(HarnessError):
     ``specs/x.yaml: dataset.n_samples: must be > 0``.
     """
 
-    exit_code = 2
+    exit_code = ExitCode.INPUT
 
 
 class RunFailure(HarnessError):
     """Something broke while running a valid spec (exit 3)."""
 
-    exit_code = 3
+    exit_code = ExitCode.RUNTIME
 
 
 class Interrupted(HarnessError):
-    """Ctrl-C: says where the run stopped and how to resume (exit 130)."""
+    """Ctrl-C or SIGTERM: says where the run stopped and how to resume (exit 130 or 143)."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.INTERRUPTED):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -18,19 +18,15 @@ so a failure never leaves a partial file behind):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +45,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from harness.artifacts import staged
 from harness.errors import InputError
 from harness.schema import ModelSpec
 
@@ -139,7 +136,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
         tokenizer=tokenizer,
         identity=_identity(weights, spec, cache_dir, where, pretrained.commit),
         input_device=model.get_input_embeddings().weight.device,
-        source=_source_record(weights, pretrained, spec, model, cache_dir),
+        source=_source_record(weights, pretrained, spec, cache_dir) | {"device_map": _placement(model)},
     )
 
 
@@ -233,9 +230,9 @@ def _assembled_gguf(package: str, version: str, cache_dir: Path, where: str) -> 
         raise InputError(f"{where}: gguf.package {package!r} cannot be imported: {exc}") from None
     if not callable(getattr(module, "assemble", None)):
         raise InputError(f"{where}: gguf.package {package!r} has no assemble() function (gguf.assemble: true)")
-    with _staged(target) as staged:
+    with staged(target) as path:
         try:
-            module.assemble(staged)
+            module.assemble(path)
         except Exception as exc:  # whatever the package raises, its installation is broken
             raise InputError(f"{where}: package {package!r} failed to assemble its GGUF file: {exc}") from None
     return target
@@ -266,8 +263,8 @@ def _file_sha256(path: Path, cache_dir: Path) -> str:
         return memo.read_text().strip()
     with path.open("rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
-    with _staged(memo) as staged:
-        staged.write_text(digest + "\n")
+    with staged(memo) as path:
+        path.write_text(digest + "\n")
     return digest
 
 
@@ -396,13 +393,13 @@ def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: 
     }
     if sys.stderr.isatty():  # otherwise the first run is silent for up to two minutes here
         print(f"converting {weights.path.name} to safetensors in {target.parent} (once per machine)", file=sys.stderr)
-    with _staged(target) as staged:
+    with staged(target) as path:
         try:
-            _convert_gguf(weights.path, staged)
+            _convert_gguf(weights.path, path)
         except Exception:
             _check_gguf_readable(weights.path, where)  # a corrupt file is the user's: InputError
             raise
-        (staged / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (path / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return target
 
 
@@ -439,10 +436,15 @@ def _slug(name: str) -> str:
 # --- manifest -------------------------------------------------------------------------
 
 
-def _source_record(
-    weights: _Weights, pretrained: _Pretrained, spec: ModelSpec, model: PreTrainedModel, cache_dir: Path
-) -> dict[str, Any]:
-    """Where the weights came from, for the run manifest."""
+def model_source(spec: ModelSpec, cache_dir: Path, where: str = "model") -> dict[str, Any]:
+    """Where the spec's weights come from, for the run manifest, without loading them."""
+    cache_dir = Path(cache_dir)
+    weights = _locate(spec, cache_dir, where)
+    return _source_record(weights, _pretrained(weights, spec, cache_dir, where), spec, cache_dir)
+
+
+def _source_record(weights: _Weights, pretrained: _Pretrained, spec: ModelSpec, cache_dir: Path) -> dict[str, Any]:
+    """Where the weights came from, their dtype and the requested placement."""
     record: dict[str, Any] = {"kind": weights.kind}
     if weights.kind == "hub":
         record.update(id=spec.id, revision=spec.revision, commit=pretrained.commit)
@@ -458,32 +460,17 @@ def _source_record(
             gguf_sha256=_file_sha256(weights.path, cache_dir),
             converted=pretrained.location,
         )
-    # A model on a single device has no hf_device_map.
-    device_map = getattr(model, "hf_device_map", None) or {"": model.device}
-    record.update(dtype=spec.dtype, device_map={name: str(device) for name, device in device_map.items()})
+    record.update(dtype=spec.dtype, requested_device_map=spec.device_map)
     return record
 
 
+def _placement(model: PreTrainedModel) -> dict[str, str]:
+    """Where accelerate put each part (a model on a single device has no hf_device_map)."""
+    device_map = getattr(model, "hf_device_map", None) or {"": model.device}
+    return {name: str(device) for name, device in device_map.items()}
+
+
 # --- files ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A path in a private temporary directory beside `target`, renamed to `target` when the
-    block succeeds; on failure nothing is left behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        staged = scratch / target.name
-        yield staged
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if not target.exists():
-                raise
-            # Another process wrote the same entry first: keep its copy.
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -121,10 +121,45 @@ class StatsSpec(StrictModel):
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
 
 
+class VerdictSpec(StrictModel):
+    """A 2×2 verdict grid: the outcomes of two criteria pick one of four sentences."""
+
+    rows: str
+    """Criterion whose outcome picks the row (first row: passed)."""
+    columns: str
+    """Criterion whose outcome picks the column (first column: passed)."""
+    cells: tuple[tuple[str, str], tuple[str, str]]
+    """What each outcome means: [[both passed, only `rows` passed], [only `columns` passed, neither]]."""
+
+
+class ThreatsSpec(StrictModel):
+    """Thresholds above which a text diagnostic is flagged as a threat to validity."""
+
+    repetition_mean: float = Field(0.10, ge=0, le=1)
+    """Mean share of repeated word 4-grams in a condition's responses (loops)."""
+    repetition_max: float = Field(0.30, ge=0, le=1)
+    """Share of repeated word 4-grams in the worst single response."""
+    early_stop: float = Field(0.20, ge=0, le=1)
+    """Share of generated responses ended by the end-of-sequence token."""
+    length_difference: float = Field(0.10, ge=0)
+    """Relative difference of the primary comparison's mean response lengths."""
+    scale_free_metric: str | None = None
+    """A scale-free variant of the studied metric, reported beside it (it must be in `metrics`)."""
+
+
 class ReportSpec(StrictModel):
+    """What RESULTS.md says, and with which template."""
+
     template: str = "results.md.j2"
     """A file in reports/templates/, or a path relative to the spec file."""
     plots: bool = True
+    hypothesis: str = ""
+    """The question the run answers, in words (shown at the top of the report)."""
+    verdict: VerdictSpec | None = None
+    """The verdict grid; none: the report lists the criteria only."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """Significance level of the per-layer Holm marks and the report's notes."""
+    threats: ThreatsSpec = ThreatsSpec()
 
 
 class RuntimeSpec(StrictModel):
@@ -216,6 +251,11 @@ class Spec(StrictModel):
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
         need("metric", "stats.correlate", y, self.metrics)
+        if self.report.verdict:
+            need("criterion", "report.verdict.rows", self.report.verdict.rows, self.criteria)
+            need("criterion", "report.verdict.columns", self.report.verdict.columns, self.criteria)
+        if self.report.threats.scale_free_metric:
+            need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, self.metrics)
         from harness.stages.criteria import check_criterion
 
         for crit_name, expr in self.criteria.items():

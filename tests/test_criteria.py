@@ -10,11 +10,12 @@ from typing import Callable
 
 import pytest
 
+from harness.artifacts import json_text
+from harness.numbers import format_number
 from harness.stages.criteria import (
     CriterionResult,
     check_criterion,
     evaluate_criteria,
-    format_number,
     format_result,
     statistic_names,
     summary_line,
@@ -253,12 +254,12 @@ def test_summary_line_wording() -> None:
     assert summary_line(many) == "2 passed, 2 failed"
 
 
-def test_to_json_is_strict_json() -> None:
+def test_criteria_json_is_strict_json_with_nan_spelled_out() -> None:
     results = evaluate_criteria({"a": "x.d > 0 or y.d > 0", "b": "z.d > 0"}, {"x.d": 1.0, "y.d": math.nan})
-    rows = json.loads(json.dumps(to_json(results), allow_nan=False))
+    rows = json.loads(json_text(to_json(results)))
     assert rows == [
         {"name": "a", "expr": "x.d > 0 or y.d > 0", "passed": True,
-         "values": {"x.d": 1.0, "y.d": None}, "error": None},
+         "values": {"x.d": 1.0, "y.d": "nan"}, "error": None},
         {"name": "b", "expr": "z.d > 0", "passed": False,
          "values": {"z.d": None}, "error": "statistic z.d not computed"},
     ]

@@ -16,7 +16,8 @@ from harness.artifacts import read_json, write_json, write_jsonl
 from harness.stages.criteria import evaluate_criteria, to_json
 from harness.diagnostics import repeated_ngram_fraction, text_diagnostics
 from harness.errors import InputError
-from harness.stages.report import OUTCOMES, load_run, render_report
+from harness.rundir import Manifest, load_run, write_manifest
+from harness.stages.report import render_report
 from harness.schema import Spec
 from harness.stages.stats import compute_stats, load_table
 
@@ -24,6 +25,12 @@ N_SAMPLES, N_LAYERS = 12, 4
 DELTA_LAYERS = (0, 2, 3)
 PRIMARY = "human_vs_model"
 WORDS = "the river flows past old stone walls and green fields under a grey sky".split()
+CELLS = [["both held", "only the effect held"], ["only the correlation held", "neither held"]]
+"""The verdict grid's sentences: [[both criteria passed, only the row's], [only the column's, neither]]."""
+
+
+def outcome_sentence(effect: bool, correlation: bool) -> str:
+    return CELLS[not effect][not correlation]
 
 
 def spec_data(**overrides) -> dict:
@@ -38,6 +45,7 @@ def spec_data(**overrides) -> dict:
             "model_text_smoother": "smoothness.overall.d > 0 and smoothness.overall.p < 0.05",
             "smoothness_tracks_surprise": "correlation.pooled.r > 0 and correlation.pooled.p < 0.05",
         },
+        "report": {"verdict": {"rows": "model_text_smoother", "columns": "smoothness_tracks_surprise", "cells": CELLS}},
     }
     return data | overrides
 
@@ -89,15 +97,13 @@ def make_run(root: Path, **spec_overrides) -> Path:
     stats = compute_stats(load_table(run_dir / "per_sample.csv"), spec)
     write_json(run_dir / "stats.json", stats)
     write_json(run_dir / "criteria.json", to_json(evaluate_criteria(spec.criteria, stats)))
-    write_json(
-        run_dir / "manifest.json",
-        {
-            "harness_version": "0.1.0", "spec_name": spec.name, "spec_file": str(spec_file), "spec_hash": "abc123",
-            "run_id": "run-1", "started": "2024-01-01T00:00:00+00:00", "git_commit": "deadbeef",
-            "packages": {"torch": "2.13", "scipy": "1.0"}, "models": {"base": {"id": "dummy/model", "revision": "main"}},
-            "device": {"base": "cpu"}, "timings": {"data": 1.5, "capture[human]": 2.5}, "cache": {"data": "reused", "capture[human]": "computed"},
-        },
-    )
+    write_manifest(run_dir, Manifest(
+        harness_version="0.1.0", spec_name=spec.name, spec_file=str(spec_file), spec_file_in_repo=None, spec_hash="abc123",
+        run_id="run-1", started="2024-01-01T00:00:00+00:00", git_commit="deadbeef",
+        packages={"torch": "2.13", "scipy": "1.0"}, processes=1, seeds={}, cache_keys={},
+        models={"base": {"identity": "hub:dummy/model@abc", "source": {"kind": "hub", "id": "dummy/model", "revision": "main"}, "device": "cpu"}},
+        timings={"data": 1.5, "capture[human]": 2.5}, cache={"data": "reused", "capture[human]": "computed"},
+    ))
     return run_dir
 
 
@@ -177,14 +183,14 @@ def test_per_layer_table_marks_holm_significant_layers(rendered):
         assert cells[6].startswith("**") == significant
 
 
-def test_interpretation_follows_the_numbers(rendered):
+def test_verdict_follows_the_criteria(rendered):
     _, text, stats = rendered
-    smoother = stats["smoothness.overall.d"] > 0 and stats["smoothness.overall.p"] < 0.05
-    tracks = stats["correlation.pooled.r"] > 0 and stats["correlation.pooled.p"] < 0.05
-    interpretation = section(text, "## Interpretation")
-    assert f"**{OUTCOMES[(smoother, tracks)]}.**" in interpretation
-    assert f"**▶ {OUTCOMES[(smoother, tracks)]}**" in interpretation
-    assert interpretation.count("▶") == 1
+    effect = stats["smoothness.overall.d"] > 0 and stats["smoothness.overall.p"] < 0.05
+    correlation = stats["correlation.pooled.r"] > 0 and stats["correlation.pooled.p"] < 0.05
+    verdict = section(text, "## Verdict")
+    assert f"**{outcome_sentence(effect, correlation)}.**" in verdict
+    assert f"**▶ {outcome_sentence(effect, correlation)}**" in verdict
+    assert verdict.count("▶") == 1
 
 
 @pytest.mark.parametrize(
@@ -192,16 +198,21 @@ def test_interpretation_follows_the_numbers(rendered):
     [(1.2, 0.001, 0.6, 0.001), (1.2, 0.001, -0.1, 0.6), (0.1, 0.5, 0.6, 0.001), (-1.0, 0.001, 0.1, 0.5)],
 )
 def test_each_outcome_is_chosen_by_the_numbers(tmp_path, d, p, r, r_p):
-    run_dir = make_run(tmp_path, criteria={}, report={"plots": False})
+    run_dir = make_run(tmp_path, report={"plots": False, "verdict": spec_data()["report"]["verdict"]})
     stats = read_json(run_dir / "stats.json")
     for prefix in ("", f"{PRIMARY}."):
         stats |= {f"{prefix}smoothness.overall.d": d, f"{prefix}smoothness.overall.p": p}
         stats |= {f"{prefix}correlation.pooled.r": r, f"{prefix}correlation.pooled.p": r_p}
     write_json(run_dir / "stats.json", stats)
-    interpretation = section(render_report(run_dir).read_text(), "## Interpretation")
-    smoother, tracks = d > 0 and p < 0.05, r > 0 and r_p < 0.05
-    assert f"**▶ {OUTCOMES[(smoother, tracks)]}**" in interpretation
-    assert ("significant in the opposite direction" in interpretation) == (d < 0 and p < 0.05)
+    write_json(run_dir / "criteria.json", to_json(evaluate_criteria(spec_data()["criteria"], stats)))
+    verdict = section(render_report(run_dir).read_text(), "## Verdict")
+    assert f"**▶ {outcome_sentence(d > 0 and p < 0.05, r > 0 and r_p < 0.05)}**" in verdict
+    assert ("significant in the opposite direction" in verdict) == (d < 0 and p < 0.05)
+
+
+def test_without_a_verdict_grid_the_report_says_so(tmp_path):
+    text = render_report(make_run(tmp_path, report={"plots": False})).read_text()
+    assert "▶" not in text and "the spec defines no verdict grid" in section(text, "## Verdict")
 
 
 def test_plots_are_written_and_embedded(rendered):
@@ -241,21 +252,21 @@ def test_threats_and_manifest(tmp_path):
     )
     text = render_report(run_dir).read_text()
     stats = read_json(run_dir / "stats.json")
-    assert "shuffled control `shuffled` — the least natural text — is the smoothest" in text
+    assert "the control condition `shuffled` has the lowest mean" in text.replace("\n> ", " ")
     assert "Length matching was **off**" in text
     assert "**Mixed model**: not fitted." in text
     cells = row_cells(section(text, "### Comparison human_vs_shuffled"), "smoothness (overall)")
     assert shows(cells[5], stats["human_vs_shuffled.smoothness.overall.t"])
     assert "shuffled (shuffle)" in text and "| capture[human] | 2.5 | computed |" in text
-    assert "deadbeef" in text and "revision = `main`" in text
+    assert "deadbeef" in text and "revision = `main`" in text and "ran on `cpu`" in text
 
 
 def test_custom_template_path(rendered, tmp_path):
     run_dir, _, _ = rendered
     template = tmp_path / "mine.md.j2"
-    template.write_text("# {{ title }}: {{ interpretation.verdict }}\n")
+    template.write_text("# {{ title }}: {{ verdict.text }}\n")
     text = render_report(run_dir, template).read_text()
-    assert text.startswith("# synthetic: ") and text.strip().endswith(tuple(OUTCOMES.values()))
+    assert text.startswith("# synthetic: ") and text.strip().endswith(tuple(sum(CELLS, [])))
 
 
 def test_spec_template_relative_to_spec_file(tmp_path):

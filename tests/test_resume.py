@@ -47,3 +47,31 @@ def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, t
     [resumed_dir] = (tmp_path / "runs" / "tiny").iterdir()
     [reference_dir] = (tmp_path / "runs-ref" / "tiny").iterdir()
     assert (resumed_dir / "per_sample.csv").read_bytes() == (reference_dir / "per_sample.csv").read_bytes()
+
+
+def test_sigterm_mid_capture_exits_143_leaves_no_staging_and_the_rerun_matches(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tmp_path, tiny_model_dir)
+    spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
+    cache = tmp_path / "cache"
+    victim = harness_run(spec, tmp_path / "runs", cache)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("capture/*/unit-*.json")):
+        assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGTERM)
+    _, log = victim.communicate(timeout=120)
+    assert victim.returncode == 143, log
+    assert "terminated during capture[" in log and "run the same command again to resume" in log
+    assert "Traceback" not in log and len(log.strip().splitlines()) <= 8
+    assert not list((tmp_path / "runs").glob("**/.*.partial"))
+
+    resumed = harness_run(spec, tmp_path / "runs", cache)
+    _, log = resumed.communicate(timeout=600)
+    assert resumed.returncode in (0, 1), log
+    reference = harness_run(spec, tmp_path / "runs-ref", tmp_path / "cache-ref")
+    _, ref_log = reference.communicate(timeout=600)
+    [resumed_dir] = (tmp_path / "runs" / "tiny").iterdir()
+    [reference_dir] = (tmp_path / "runs-ref" / "tiny").iterdir()
+    for name in ("per_sample.csv", "stats.json", "criteria.json"):
+        assert (resumed_dir / name).read_bytes() == (reference_dir / name).read_bytes(), name

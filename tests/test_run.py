@@ -85,6 +85,13 @@ def test_a_rerun_reuses_every_stage_and_gives_identical_numbers(first_run):
     assert not any(stage.startswith(("generate", "capture", "load")) for stage in log.stages("computed"))
     for name in ("per_sample.csv", "stats.json", "criteria.json"):
         assert (again.run_dir / name).read_bytes() == (outcome.run_dir / name).read_bytes(), name
+    # provenance survives reuse: the weights are named although no model was loaded
+    first, cached = (json.loads((run.run_dir / "manifest.json").read_text()) for run in (outcome, again))
+    assert cached["models"]["base"]["identity"] == first["models"]["base"]["identity"]
+    assert cached["models"]["base"]["source"]["content_sha256"] == first["models"]["base"]["source"]["content_sha256"]
+    assert first["models"]["base"]["device"] == "cpu" and cached["models"]["base"]["device"] is None
+    assert cached["spec_file"] == first["spec_file"] == str(spec.resolve())
+    assert cached["format_version"] == 1 and cached["cache"]["capture[human]"] == "reused"
 
 
 def test_changed_stats_settings_recompute_only_the_stats(first_run):
@@ -131,21 +138,21 @@ def test_a_sibling_spec_reuses_shared_stages(first_run, tiny_model_dir):
 
 def test_cached_stats_keep_nan_and_infinity(tmp_path, tiny_model_dir, monkeypatch):
     """JSON holds neither: a cached stats stage must give back what the computed one gave."""
-    from harness.stages import stats
-    from harness.artifacts import StageCache
-    from harness.runner import Run
+    from harness.artifacts import number
+    from harness.cache import StageCache
+    from harness.executor import Executor
     from harness.spec import load_spec
+    from harness.stages import stats
 
     computed = {"a.nan": float("nan"), "a.inf": float("inf"), "a.neg_inf": float("-inf"), "a.value": 0.25}
     monkeypatch.setattr(stats, "compute_stats", lambda table, spec: dict(computed))
-    spec_path = tiny_spec(tmp_path, tiny_model_dir)
-    table = tmp_path / "per_sample.csv"
-    table.write_text("sample_id,condition,layer,metric,value\n0,human,,ce_loss,1.0\n")
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir))
+    table = "sample_id,condition,layer,metric,value\n0,human,,ce_loss,1.0\n"
     results = []
     for _ in range(2):
         log = Log()
-        run = Run(spec_path, load_spec(spec_path), StageCache(tmp_path / "cache"), log)
-        results.append(run.statistics(table))
+        executor = Executor(StageCache(tmp_path / "cache"), log)
+        results.append({name: number(value) for name, value in executor.run(stats.StatsStage(table, spec)).items()})
     assert log.stages("reused") == ["stats"]
     for result in results:
         assert result.keys() == computed.keys()

@@ -10,13 +10,20 @@ chunks of positions, so fp32 logits for a whole batch never exist at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
+from harness.artifacts import content_hash, staged
+from harness.executor import Stage
+from harness.schema import CaptureSpec
 from metrics import LAYER_METRICS, TEXT_METRICS
+
+if TYPE_CHECKING:
+    from harness.pool import ModelPool
 
 STAGE_VERSION = 2
 """Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed)."""
@@ -225,3 +232,89 @@ def measure_batch(
             record["activations"] = torch.stack([captured[l]["activations"][row, lo:hi] for l in layers])
         records.append(record)
     return records
+
+
+def response_limits(tokenizer, texts: dict[str, list[dict]], length_matching: bool) -> dict[str, list[int | None]]:
+    """Per condition and sample, the response token cap: each pair's shorter response (length
+    matching), or None."""
+    n_samples = len(next(iter(texts.values())))
+    if not length_matching:
+        return {name: [None] * n_samples for name in texts}
+
+    def length(text: dict) -> int:
+        tokenized = tokenize_for_capture(tokenizer, TextToMeasure(text["prompt"], text["response"]))
+        return len(tokenized.input_ids) - tokenized.response_start
+
+    lengths = {name: [length(text) for text in rows] for name, rows in texts.items()}
+    shortest = [min(lengths[name][i] for name in texts) for i in range(n_samples)]
+    return {name: shortest for name in texts}
+
+
+@dataclass
+class CaptureStage(Stage):
+    """One condition's texts through the capture model: every metric per text, in batches."""
+
+    name: str
+    texts: list[TextToMeasure]
+    alias: str
+    """The capture model."""
+    settings: CaptureSpec
+    metrics: list[str]
+    token_budget: int | str
+    pool: ModelPool
+    kind = "capture"
+    version = STAGE_VERSION
+    layers: list[int] = field(default_factory=list)
+    tokenized: list[Tokenized] = field(default_factory=list)
+
+    def inputs(self) -> dict:
+        return {
+            "texts": content_hash([[t.prompt, t.response, t.max_response_tokens] for t in self.texts]),
+            "model": self.pool.key(self.alias),
+            "layers": self.settings.layers,
+            "metrics": self.metrics,
+            "token_budget": self.token_budget,
+            "activations": self.settings.save_activations,
+        }
+
+    def units(self) -> list[list[int]]:
+        loaded = self.pool.model(self.alias)
+        self.tokenized = [tokenize_for_capture(loaded.tokenizer, text) for text in self.texts]
+        self.layers = resolve_layers(loaded.model, self.settings.layers)
+        lengths = [len(t.input_ids) for t in self.tokenized]
+        budget = self.token_budget
+        if budget == "auto":
+            budget = auto_token_budget(loaded.model, loaded.input_device, max(lengths))
+        return plan_batches(lengths, budget)
+
+    def compute(self, unit: list[int], folder: Path) -> list[dict]:
+        loaded = self.pool.model(self.alias)
+        records = measure_batch(
+            loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id,
+            [self.tokenized[i] for i in unit], self.layers, self.metrics,
+            report_layers(self.layers), self.settings.save_activations,
+        )
+        if self.settings.save_activations:
+            save_activations(folder / "activations", unit, records)
+        for record in records:
+            record["tokens"] = [loaded.tokenizer.decode([token]) for token in record.pop("response_ids")]
+        return records
+
+    def finish(self, items: list[dict]) -> dict:
+        return {"layers": self.layers, "records": items}
+
+    def check(self, output: dict) -> str | None:
+        count = len(output["records"])
+        return None if count == len(self.texts) else f"{count} records for {len(self.texts)} texts"
+
+    def describe(self, output: dict) -> str:
+        return f"{len(output['records'])} texts"
+
+
+def save_activations(folder: Path, unit: list[int], records: list[dict]) -> None:
+    """One safetensors file per unit: key = sample id, value = [layers, response tokens, d]."""
+    from safetensors.torch import save_file
+
+    tensors = {str(i): record.pop("activations").contiguous() for i, record in zip(unit, records)}
+    with staged(folder / f"unit-{unit[0]:05d}.safetensors") as path:
+        save_file(tensors, str(path))

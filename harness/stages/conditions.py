@@ -22,14 +22,16 @@ model says so in ``models`` so the run loads and checks it before anything is co
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
 from harness.base import StrictModel
 
 if TYPE_CHECKING:
+    from harness.executor import Executor
+    from harness.pool import ModelPool
     from harness.schema import Spec
 
 Text = dict[str, Any]
@@ -53,19 +55,24 @@ class ConditionSpec(StrictModel):
         """Model aliases this source loads or tokenizes with."""
         return []
 
+    def random_seed(self) -> int | None:
+        """The seed of its randomness, for the run manifest (None: deterministic)."""
+        return getattr(self, "seed", None)
 
-class SourceContext(Protocol):
+
+@dataclass
+class SourceContext:
     """What a source may use while it computes its texts."""
 
     spec: "Spec"
     samples: list[dict]
     """The data stage's samples: sample_id, row, prompt, human_response, n_tokens."""
-    texts: dict[str, list[Text]]
+    executor: "Executor"
+    """Runs (and caches) a stage: `context.executor.run(stage)`."""
+    pool: "ModelPool"
+    """The run's models, loaded on first use."""
+    texts: dict[str, list[Text]] = field(default_factory=dict)
     """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
-
-    def tokenizer(self, alias: str) -> Any: ...
-
-    def generate(self, name: str, condition: "GeneratedCondition") -> list[Text]: ...
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,9 @@ class GeneratedCondition(ConditionSpec):
     def models(self, spec: "Spec") -> list[str]:
         return [self.generator or spec.capture_model]
 
+    def random_seed(self) -> int | None:
+        return self.generation.seed
+
 
 class ShuffledCondition(ConditionSpec):
     """Another condition's response with its words (or tokens) shuffled: a control."""
@@ -147,7 +157,15 @@ def human(name: str, condition: HumanCondition, context: SourceContext) -> list[
 
 @condition_source(GeneratedCondition)
 def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
-    return context.generate(name, condition)
+    from harness.stages.generate import GenerateStage
+
+    (alias,) = condition.models(context.spec)
+    prompts = [sample["prompt"] for sample in context.samples]
+    stage = GenerateStage(
+        f"generate[{name}]", prompts, alias, condition.generation, context.spec.runtime.generation_batch_size, context.pool
+    )
+    output = context.executor.run(stage)
+    return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
 
 
 @condition_source(ShuffledCondition)
@@ -161,12 +179,20 @@ def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> 
             rng.shuffle(pieces)
             response = " ".join(pieces)
         else:
-            tokenizer = context.tokenizer(context.spec.capture_model)
+            tokenizer = context.pool.tokenizer(context.spec.capture_model)
             ids = tokenizer(source["response"], add_special_tokens=False)["input_ids"]
             rng.shuffle(ids)
             response = tokenizer.decode(ids).strip()
         texts.append(text(source["prompt"], response))
     return texts
+
+
+def condition_texts(context: SourceContext) -> dict[str, list[Text]]:
+    """Every condition's texts, in the spec's order (computed in dependency order)."""
+    for name in execution_order(context.spec.conditions):
+        condition = context.spec.conditions[name]
+        context.texts[name] = SOURCES[condition.source].texts(name, condition, context)
+    return {name: context.texts[name] for name in context.spec.conditions}
 
 
 def execution_order(conditions: dict[str, ConditionSpec]) -> list[str]:

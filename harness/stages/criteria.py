@@ -39,9 +39,10 @@ import difflib
 import math
 import operator
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 
+from harness.numbers import format_number
 from harness.statnames import LAYER_SCOPE
 
 
@@ -311,15 +312,6 @@ def _are_nan(names: list[str]) -> str:
 # --- reporting ----------------------------------------------------------------------------
 
 
-def format_number(value: float | None) -> str:
-    """4 significant digits; scientific notation for tiny magnitudes (p-values < 1e-3)."""
-    if value is None:
-        return "not computed"
-    if value != 0 and abs(value) < 1e-3:
-        return f"{value:.3e}"
-    return f"{value:.4g}"
-
-
 def outcome(result: CriterionResult) -> str:
     """PASSED, FAILED or ERROR, as pytest says it."""
     if result.error is not None:
@@ -328,10 +320,10 @@ def outcome(result: CriterionResult) -> str:
 
 
 def format_result(result: CriterionResult) -> str:
-    """One pytest-style line, e.g. ``PASSED smoother: x.overall.d > 0 [x.overall.d=1.49]``."""
+    """One pytest-style line, e.g. ``PASSED effect: x.overall.d > 0 [x.overall.d=1.49]``."""
     line = f"{outcome(result)} {result.name}: {result.expr}"
     if result.values:
-        line += " [" + ", ".join(f"{stat}={format_number(value)}" for stat, value in result.values.items()) + "]"
+        line += " [" + ", ".join(f"{stat}={format_number(value, 'not computed')}" for stat, value in result.values.items()) + "]"
     if result.error is not None:
         line += f" - {result.error}"
     return line
@@ -346,10 +338,5 @@ def summary_line(results: list[CriterionResult]) -> str:
 
 
 def to_json(results: list[CriterionResult]) -> list[dict]:
-    """criteria.json rows: name, expr, passed, values, error. NaN becomes null (strict JSON)."""
-    return [{**asdict(result), "values": dict(_json_values(result.values))} for result in results]
-
-
-def _json_values(values: dict[str, float | None]) -> Iterator[tuple[str, float | None]]:
-    for stat, value in values.items():
-        yield stat, None if value is None or math.isnan(value) else value
+    """criteria.json rows: name, expr, passed, values, error (None for a statistic not computed)."""
+    return [asdict(result) for result in results]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from harness.errors import InputError
-from harness.schema import DatasetSpec
+from harness.executor import Stage
+from harness.schema import DatasetSpec, Spec
+
+if TYPE_CHECKING:
+    from harness.pool import ModelPool
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters the samples."""
@@ -97,3 +101,38 @@ def select_samples(rows: Iterable[str], tokenizer, spec: DatasetSpec, where: str
         f"{where}: dataset.n_samples: only {len(samples)} paragraphs have {spec.min_tokens}-"
         f"{spec.max_tokens} tokens and a first sentence, {spec.n_samples} asked for"
     )
+
+
+@dataclass
+class DataStage(Stage):
+    """The samples: the first `n_samples` qualifying paragraphs, split at their first sentence."""
+
+    spec: Spec
+    spec_path: Path
+    pool: ModelPool
+    name = kind = "data"
+    version = STAGE_VERSION
+
+    @property
+    def alias(self) -> str:
+        return self.spec.dataset_tokenizer
+
+    def inputs(self) -> dict:
+        # the tokenizer enters by identity, so naming the same model by another alias reuses the stage
+        return {
+            "dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"}),
+            "tokenizer": self.pool.identity(self.alias),
+        }
+
+    def compute(self, unit: None, folder: Path) -> list[dict]:
+        rows = read_rows(self.spec.dataset, str(self.spec_path))
+        samples = select_samples(rows, self.pool.tokenizer(self.alias), self.spec.dataset, str(self.spec_path))
+        return [sample.to_dict() for sample in samples]
+
+    def check(self, output: list[dict]) -> str | None:
+        if len(output) != self.spec.dataset.n_samples:
+            return f"{len(output)} samples, {self.spec.dataset.n_samples} asked for"
+        return None
+
+    def describe(self, output: list[dict]) -> str:
+        return f"{len(output)} samples"

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from harness.artifacts import content_hash
+from harness.executor import Stage
 from harness.stages.conditions import GenerationSpec
+
+if TYPE_CHECKING:
+    from harness.pool import ModelPool
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""
@@ -55,3 +62,43 @@ def generate_batch(model, tokenizer, device, prompts: list[str], spec: Generatio
         response = tokenizer.decode(ids, skip_special_tokens=True).strip()
         results.append({"response": response, "n_new_tokens": len(ids), "stopped_early": stopped})
     return results
+
+
+@dataclass
+class GenerateStage(Stage):
+    """One generated condition's continuations, in batches of prompts (the work units)."""
+
+    name: str
+    prompts: list[str]
+    alias: str
+    """The generator model."""
+    settings: GenerationSpec
+    batch_size: int
+    pool: ModelPool
+    kind = "generate"
+    version = STAGE_VERSION
+
+    def inputs(self) -> dict:
+        return {
+            "prompts": content_hash(self.prompts),
+            "model": self.pool.key(self.alias),
+            "generation": self.settings.model_dump(mode="json"),
+            "batch_size": self.batch_size,
+        }
+
+    def units(self) -> list[list[int]]:
+        tokenizer = self.pool.model(self.alias).tokenizer
+        return plan_batches([len(tokenizer(prompt)["input_ids"]) for prompt in self.prompts], self.batch_size)
+
+    def compute(self, unit: list[int], folder: Path) -> list[dict]:
+        loaded = self.pool.model(self.alias)
+        return generate_batch(
+            loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
+            self.settings, seed=self.settings.seed * 1_000_003 + unit[0],
+        )
+
+    def check(self, output: list[dict]) -> str | None:
+        return None if len(output) == len(self.prompts) else f"{len(output)} continuations for {len(self.prompts)} prompts"
+
+    def describe(self, output: list[dict]) -> str:
+        return f"{self.alias}, {len(output)} continuations"

@@ -1,51 +1,38 @@
 """Report stage: a finished run folder → diagnostics.json, figures and RESULTS.md.
 
-All decisions (which statistics go where, which interpretation holds, which threats to
-validity apply) are made here and handed to a jinja2 template as a context dict of plain
-values; the template only formats and lays them out. Missing statistics are NaN in the
-context and shown as "–", so a run without a mixed model or with one comparison renders.
+Which statistics go where is decided here and handed to a jinja2 template as a context dict
+of plain values; the template formats and lays them out. What one experiment claims — the
+hypothesis in words, the verdict grid and what each cell says, the thresholds above which a
+diagnostic counts as a threat to validity — comes from the spec's `report:` section, so the
+code holds no experiment's wording. Missing statistics are NaN in the context and shown as
+"–", so a run without a mixed model or with one comparison renders.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import pandas as pd
-import yaml
 
 import harness
 from harness import plots
-from harness.artifacts import read_json, read_jsonl, write_json, write_text
-from harness.stages.criteria import CriterionResult, format_number, outcome, summary_line
+from harness.artifacts import write_json, write_text
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.errors import InputError
+from harness.numbers import format_number, format_percent
+from harness.rundir import RunRecord, load_run
 from harness.schema import Comparison, Spec
-from harness.stages.conditions import ShuffledCondition
-from harness.statnames import TEXT_METRIC_NAMES
-from harness.stages.stats import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, load_table
+from harness.stages.criteria import CriterionResult, outcome, summary_line
+from harness.statnames import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, TEXT_METRIC_NAMES
 
 TEMPLATES_DIR = Path(harness.__file__).parent.parent / "reports" / "templates"
 """Templates shipped with the harness; `report.template` names one of these, or a path."""
 
-ALPHA = 0.05
-"""Significance level of the interpretation and the per-layer Holm marks."""
-
 TOP_TOKENS = 5
 CONTEXT_TOKENS = 3
 """Token attribution: the largest steps per condition, shown with this many tokens either side."""
-
-REPETITION_MEAN_FLAG = 0.10
-REPETITION_MAX_FLAG = 0.30
-"""Repeated 4-gram fractions above which a condition is flagged as looping (mean / worst text)."""
-EARLY_STOP_FLAG = 0.20
-"""Share of generated texts ended by EOS above which early stopping is flagged."""
-LENGTH_DIFFERENCE_FLAG = 0.10
-"""Relative difference of mean response lengths (primary comparison) above which it is flagged."""
-
-NORMALIZED_METRIC = "normalized_smoothness"
 
 PLOT_FILES = {
     "effect": "effect_by_layer.png",
@@ -53,44 +40,6 @@ PLOT_FILES = {
     "scatter": "correlation_scatter.png",
     "deltas": "delta_norms_by_position.png",
 }
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The contents of a finished run folder."""
-
-    spec: Spec
-    manifest: dict
-    texts: list[dict]
-    table: pd.DataFrame
-    token_deltas: list[dict]
-    stats: dict[str, float | None]
-    criteria: list[dict]
-
-    def stat(self, name: str) -> float:
-        """A statistic, NaN when absent or null (so templates and comparisons need no special case)."""
-        value = self.stats.get(name)
-        return math.nan if value is None else float(value)
-
-    @property
-    def layers(self) -> list[int]:
-        """Captured layers of the studied trajectory metric, in order."""
-        rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]
-        return sorted(int(layer) for layer in rows["layer"].dropna().unique())
-
-
-def load_run(run_dir: Path) -> RunFiles:
-    run_dir = Path(run_dir)
-    deltas_file = run_dir / "token_deltas.jsonl"
-    return RunFiles(
-        spec=Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))),
-        manifest=read_json(run_dir / "manifest.json"),
-        texts=read_jsonl(run_dir / "texts.jsonl"),
-        table=load_table(run_dir / "per_sample.csv"),
-        token_deltas=read_jsonl(deltas_file) if deltas_file.is_file() else [],
-        stats=read_json(run_dir / "stats.json"),
-        criteria=read_json(run_dir / "criteria.json"),
-    )
 
 
 def render_report(run_dir: Path, template: Path | None = None) -> Path:
@@ -137,29 +86,13 @@ def render_template(path: Path, context: dict) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(num=format_value, percent=format_percent, md=escape_markdown)
+    environment.filters.update(num=format_number, percent=format_percent, md=escape_markdown)
     try:
         return environment.get_template(path.name).render(context)
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(f"{path}: line {exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:
         raise InputError(f"{path}: {exc}") from None
-
-
-def format_value(value: float | int | None) -> str:
-    """A number for a table: 4 significant digits, integers as integers, "–" where missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if float(value).is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    return format_number(float(value))
-
-
-def format_percent(share: float | None) -> str:
-    """A share (0..1) as a whole percentage, "–" where missing."""
-    if share is None or math.isnan(share):
-        return "–"
-    return f"{share:.0%}"
 
 
 def escape_markdown(text: str) -> str:
@@ -171,7 +104,7 @@ def escape_markdown(text: str) -> str:
 # --- plots --------------------------------------------------------------------------------
 
 
-def draw_plots(run: RunFiles, run_dir: Path) -> list[dict]:
+def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
     """Draw every figure beside RESULTS.md; return [{title, file}] in report order."""
     spec, metric, x_name = run.spec, run.spec.stats.correlate[1], run.spec.stats.correlate[0]
     name, comparison = next(iter(spec.comparisons.items()))
@@ -196,7 +129,7 @@ def draw_plots(run: RunFiles, run_dir: Path) -> list[dict]:
     return [{"title": title, "file": path.name} for title, path in figures]
 
 
-def _layer_means(run: RunFiles) -> pd.DataFrame:
+def _layer_means(run: RunRecord) -> pd.DataFrame:
     metric = run.spec.stats.correlate[1]
     return pd.DataFrame(
         {"condition": condition, "layer": layer, "mean": run.stat(f"{metric}.{condition}.layer{layer}.mean")}
@@ -205,7 +138,7 @@ def _layer_means(run: RunFiles) -> pd.DataFrame:
     )
 
 
-def _scatter_pairs(run: RunFiles, comparison: Comparison) -> pd.DataFrame:
+def _scatter_pairs(run: RunRecord, comparison: Comparison) -> pd.DataFrame:
     """Per text of the comparison's conditions: x = the text metric, y = the overall trajectory metric."""
     x_name, y_name = run.spec.stats.correlate
     table = run.table.astype({"sample_id": str})
@@ -216,7 +149,7 @@ def _scatter_pairs(run: RunFiles, comparison: Comparison) -> pd.DataFrame:
     return pairs[pairs["condition"].isin([comparison.a, comparison.b])]
 
 
-def _delta_steps(run: RunFiles) -> pd.DataFrame:
+def _delta_steps(run: RunRecord) -> pd.DataFrame:
     """token_deltas.jsonl in long form: one row per (layer, condition, position) step."""
     return pd.DataFrame(
         {"layer": row["layer"], "condition": row["condition"], "position": position, "norm": norm}
@@ -228,7 +161,7 @@ def _delta_steps(run: RunFiles) -> pd.DataFrame:
 # --- context ------------------------------------------------------------------------------
 
 
-def build_context(run: RunFiles, diagnostics: dict, figures: list[dict]) -> dict:
+def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dict:
     """Everything the template shows, as plain values (floats may be NaN)."""
     spec = run.spec
     name, comparison = next(iter(spec.comparisons.items()))
@@ -237,7 +170,8 @@ def build_context(run: RunFiles, diagnostics: dict, figures: list[dict]) -> dict
         "description": spec.description.strip(),
         "run_id": run.manifest.get("run_id"),
         "confidence": spec.stats.confidence,
-        "alpha": ALPHA,
+        "alpha": spec.report.alpha,
+        "hypothesis": spec.report.hypothesis.strip(),
         "metric": spec.stats.correlate[1],
         "x_metric": spec.stats.correlate[0],
         "conditions": list(spec.conditions),
@@ -252,7 +186,8 @@ def build_context(run: RunFiles, diagnostics: dict, figures: list[dict]) -> dict
             for other, cmp in list(spec.comparisons.items())[1:]
         ],
         "mixed_model": _mixed_model(run, name),
-        "interpretation": interpretation(run),
+        "verdict": verdict(run),
+        "effect": effect_notes(run),
         "attribution": token_attribution(run.token_deltas, list(spec.conditions)),
         "plots_enabled": spec.report.plots,
         "figures": figures,
@@ -273,11 +208,11 @@ def _criteria(rows: list[dict]) -> list[dict]:
     ]
 
 
-def _paired(run: RunFiles, prefix: str) -> dict[str, float]:
+def _paired(run: RunRecord, prefix: str) -> dict[str, float]:
     return {stat: run.stat(f"{prefix}.{stat}") for stat in PAIRED_STATS}
 
 
-def _paired_rows(run: RunFiles, comparison: str) -> list[dict]:
+def _paired_rows(run: RunRecord, comparison: str) -> list[dict]:
     """A comparison's paired statistics per metric (trajectory metrics: overall)."""
     return [
         {"metric": metric, "trajectory": metric in run.spec.metrics, **_paired(run, f"{comparison}.{metric}.{OVERALL}")}
@@ -285,7 +220,7 @@ def _paired_rows(run: RunFiles, comparison: str) -> list[dict]:
     ]
 
 
-def _summary_rows(run: RunFiles, comparison: str) -> list[dict]:
+def _summary_rows(run: RunRecord, comparison: str) -> list[dict]:
     """Per metric: each condition's mean ± sd, then the primary comparison's paired statistics."""
     rows = _paired_rows(run, comparison)
     for row in rows:
@@ -296,7 +231,7 @@ def _summary_rows(run: RunFiles, comparison: str) -> list[dict]:
     return rows
 
 
-def _correlation_rows(run: RunFiles, name: str, comparison: Comparison) -> list[dict]:
+def _correlation_rows(run: RunRecord, name: str, comparison: Comparison) -> list[dict]:
     scopes = {
         "pooled": f"pooled ({comparison.a} and {comparison.b})",
         comparison.a: comparison.a,
@@ -309,7 +244,7 @@ def _correlation_rows(run: RunFiles, name: str, comparison: Comparison) -> list[
     ]
 
 
-def layer_rows(run: RunFiles) -> list[dict]:
+def layer_rows(run: RunRecord) -> list[dict]:
     """Per layer: the primary comparison's paired statistics of the studied metric, and the Holm mark."""
     name = next(iter(run.spec.comparisons))
     metric = run.spec.stats.correlate[1]
@@ -317,12 +252,12 @@ def layer_rows(run: RunFiles) -> list[dict]:
     for layer in run.layers:
         prefix = f"{name}.{metric}.layer{layer}"
         row = {"layer": layer, **_paired(run, prefix), "p_holm": run.stat(f"{prefix}.p_holm"), "p_bh": run.stat(f"{prefix}.p_bh")}
-        row["holm_significant"] = row["p_holm"] < ALPHA
+        row["holm_significant"] = row["p_holm"] < run.spec.report.alpha
         rows.append(row)
     return rows
 
 
-def _mixed_model(run: RunFiles, name: str) -> dict | None:
+def _mixed_model(run: RunRecord, name: str) -> dict | None:
     """The mixed model's statistics, or None when it was not fitted or the fit failed."""
     values = {stat: run.stat(f"{name}.mixedlm.{stat}") for stat in MIXEDLM_STATS}
     if all(math.isnan(values[stat]) for stat in ("x_coef", "condition_coef")):
@@ -330,39 +265,36 @@ def _mixed_model(run: RunFiles, name: str) -> dict | None:
     return {**values, "converged": values["converged"] == 1}
 
 
-OUTCOMES = {
-    (True, True): "Supported: the model's own text gives smoother trajectories, and smoothness tracks surprise (CE)",
-    (True, False): "Smoother, but not explained by predictability",
-    (False, True): "Smoothness tracks surprise, but the conditions do not differ",
-    (False, False): "Not supported",
-}
-"""The four outcomes, keyed by (smoother, tracks)."""
+def verdict(run: RunRecord) -> dict | None:
+    """The spec's verdict grid, the cell the two criteria's outcomes pick marked; None without one."""
+    grid = run.spec.report.verdict
+    if grid is None:
+        return None
+    passed = {row["name"]: bool(row["passed"]) for row in run.criteria}
+    actual = (passed[grid.rows], passed[grid.columns])
+    cells = [
+        [{"text": grid.cells[i][j], "actual": actual == (row, column)} for j, column in enumerate((True, False))]
+        for i, row in enumerate((True, False))
+    ]
+    return {"rows": grid.rows, "columns": grid.columns, "grid": cells, "text": grid.cells[not actual[0]][not actual[1]]}
 
 
-def interpretation(run: RunFiles) -> dict:
-    """The four-outcome verdict from the primary comparison's overall effect and pooled correlation.
-
-    smoother: d > 0 and p < ALPHA for the studied metric; tracks: pooled r > 0 and p < ALPHA.
-    """
+def effect_notes(run: RunRecord) -> dict:
+    """The primary comparison's effect on the studied metric and the pooled correlation: values,
+    and whether either is significant in the negative direction or missing."""
     name = next(iter(run.spec.comparisons))
-    metric = run.spec.stats.correlate[1]
+    metric, alpha = run.spec.stats.correlate[1], run.spec.report.alpha
     d, p = run.stat(f"{name}.{metric}.{OVERALL}.d"), run.stat(f"{name}.{metric}.{OVERALL}.p")
     r, r_p = run.stat(f"{name}.correlation.pooled.r"), run.stat(f"{name}.correlation.pooled.p")
-    smoother, tracks = d > 0 and p < ALPHA, r > 0 and r_p < ALPHA
     return {
         "d": d,
         "p": p,
         "r": r,
         "r_p": r_p,
-        "smoother": smoother,
-        "tracks": tracks,
-        "verdict": OUTCOMES[(smoother, tracks)],
-        "grid": [
-            [{"text": OUTCOMES[(row, column)], "actual": (row, column) == (smoother, tracks)} for column in (True, False)]
-            for row in (True, False)
-        ],
-        "opposite_effect": d < 0 and p < ALPHA,
-        "opposite_correlation": r < 0 and r_p < ALPHA,
+        "effect": d > 0 and p < alpha,
+        "correlation": r > 0 and r_p < alpha,
+        "negative_effect": d < 0 and p < alpha,
+        "negative_correlation": r < 0 and r_p < alpha,
         "effect_missing": math.isnan(d) or math.isnan(p),
         "correlation_missing": math.isnan(r) or math.isnan(r_p),
     }
@@ -410,27 +342,28 @@ def _visible(token: str) -> str:
     return token.replace("\n", "↵").replace("\t", "⇥")
 
 
-def threats_to_validity(run: RunFiles, diagnostics: dict) -> dict:
-    """What besides "the model's own text" could explain the result, from the diagnostics and spec."""
-    spec = run.spec
+def threats_to_validity(run: RunRecord, diagnostics: dict) -> dict:
+    """What besides the conditions' intended difference could explain the result: the text
+    diagnostics against the spec's `report.threats` thresholds."""
+    spec, limits = run.spec, run.spec.report.threats
     per_condition = diagnostics["conditions"]
     name, comparison = next(iter(spec.comparisons.items()))
+    scale_free = limits.scale_free_metric
     return {
         "ngram_size": diagnostics["ngram_size"],
         "repetition": [
-            {"condition": c, **d["repeated_ngram_fraction"], **_association(d["repetition_vs_metric"]),
-             "flagged": _exceeds(d["repeated_ngram_fraction"]["mean"], REPETITION_MEAN_FLAG)
-             or _exceeds(d["repeated_ngram_fraction"]["max"], REPETITION_MAX_FLAG)}
+            {"condition": c, **d["repeated_ngram_fraction"], **_association(d["repetition_vs_metric"], spec.report.alpha),
+             "flagged": _exceeds(d["repeated_ngram_fraction"]["mean"], limits.repetition_mean)
+             or _exceeds(d["repeated_ngram_fraction"]["max"], limits.repetition_max)}
             for c, d in per_condition.items()
         ],
         "early_stop": [
-            {"condition": c, "share": d["stopped_early_share"], "flagged": _exceeds(d["stopped_early_share"], EARLY_STOP_FLAG)}
+            {"condition": c, "share": d["stopped_early_share"], "flagged": _exceeds(d["stopped_early_share"], limits.early_stop)}
             for c, d in per_condition.items()
             if d["stopped_early_share"] is not None
         ],
-        "flags": {"repetition_mean": REPETITION_MEAN_FLAG, "repetition_max": REPETITION_MAX_FLAG,
-                  "early_stop": EARLY_STOP_FLAG, "length": LENGTH_DIFFERENCE_FLAG},
-        "length": _length_threat(per_condition, comparison),
+        "flags": limits.model_dump(),
+        "length": _length_threat(per_condition, comparison, limits.length_difference),
         "length_matching": spec.capture.length_matching,
         "artifacts": [
             {"condition": c, "source": spec.conditions[c].source, **d["artifact_share"],
@@ -438,11 +371,11 @@ def threats_to_validity(run: RunFiles, diagnostics: dict) -> dict:
             for c, d in per_condition.items()
         ],
         "artifact_names": list(ARTIFACT_PATTERNS),
-        "shuffled": _shuffle_threat(run),
-        "normalized": {
-            "computed": NORMALIZED_METRIC in spec.metrics,
-            "d": run.stat(f"{name}.{NORMALIZED_METRIC}.{OVERALL}.d"),
-            "p": run.stat(f"{name}.{NORMALIZED_METRIC}.{OVERALL}.p"),
+        "controls": _control_threat(run),
+        "scale_free": scale_free and {
+            "metric": scale_free,
+            "d": run.stat(f"{name}.{scale_free}.{OVERALL}.d"),
+            "p": run.stat(f"{name}.{scale_free}.{OVERALL}.p"),
         },
     }
 
@@ -451,42 +384,46 @@ def _exceeds(value: float | None, limit: float) -> bool:
     return value is not None and value > limit
 
 
-def _association(pearson: dict) -> dict:
-    return {"r": pearson["r"], "p": pearson["p"], "associated": pearson["p"] is not None and pearson["p"] < ALPHA}
+def _association(pearson: dict, alpha: float) -> dict:
+    return {"r": pearson["r"], "p": pearson["p"], "associated": pearson["p"] is not None and pearson["p"] < alpha}
 
 
-def _length_threat(per_condition: dict, comparison: Comparison) -> dict:
-    """Mean response lengths per condition, and whether the primary pair differs by more than the flag."""
+def _length_threat(per_condition: dict, comparison: Comparison, limit: float) -> dict:
+    """Mean response lengths per condition, and whether the primary pair differs by more than `limit`."""
     mean_a = per_condition[comparison.a]["response_tokens"]["mean"]
     mean_b = per_condition[comparison.b]["response_tokens"]["mean"]
     difference = abs(mean_a - mean_b) / max(mean_a, mean_b) if mean_a and mean_b else math.nan
     return {
         "rows": [{"condition": c, **d["response_tokens"]} for c, d in per_condition.items()],
         "relative_difference": difference,
-        "flagged": difference > LENGTH_DIFFERENCE_FLAG,
+        "flagged": difference > limit,
         "a": comparison.a,
         "b": comparison.b,
     }
 
 
-def _shuffle_threat(run: RunFiles) -> dict:
-    """Shuffled controls, and whether one of them is the smoothest condition (lowest mean metric)."""
+def _control_threat(run: RunRecord) -> dict:
+    """Control conditions (derived from another condition, e.g. shuffled), and whether one of
+    them has the lowest or the highest mean of the studied metric."""
     metric = run.spec.stats.correlate[1]
-    shuffled = [c for c, cond in run.spec.conditions.items() if isinstance(cond, ShuffledCondition)]
+    controls = [c for c, condition in run.spec.conditions.items() if condition.derived_from()]
     means = {c: run.stat(f"{metric}.{c}.mean") for c in run.spec.conditions}
     finite = {c: mean for c, mean in means.items() if not math.isnan(mean)}
-    smoothest = min(finite, key=finite.get) if finite else None
+    lowest = min(finite, key=finite.get) if finite else None
+    highest = max(finite, key=finite.get) if finite else None
     return {
-        "conditions": shuffled,
-        "smoothest": smoothest,
+        "conditions": controls,
         "means": means,
-        "shuffled_is_smoothest": smoothest in shuffled,
+        "lowest": lowest,
+        "highest": highest,
+        "control_is_lowest": lowest in controls,
+        "control_is_highest": highest in controls,
     }
 
 
 def _manifest(manifest: dict) -> dict:
     """The manifest fields the report shows (a missing one is None), and per stage its time and cache use."""
-    keys = ("harness_version", "spec_file", "spec_hash", "run_id", "started", "git_commit", "models", "device", "packages")
+    keys = ("harness_version", "spec_file", "spec_hash", "run_id", "started", "git_commit", "models", "packages")
     timings, cache = manifest.get("timings") or {}, manifest.get("cache") or {}
     stages = [{"stage": stage, "seconds": timings.get(stage), "cache": cache.get(stage)} for stage in {**timings, **cache}]
     return {**{key: manifest.get(key) for key in keys}, "stages": stages}

@@ -31,15 +31,19 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
 
+from harness.artifacts import content_hash
 from harness.errors import RunFailure
+from harness.executor import Stage
 from harness.statnames import (
     COLUMNS,
     CORRELATION_STATS,
@@ -56,7 +60,7 @@ STAGE_VERSION = 1
 _BOOTSTRAP_BATCH = 250
 """Resamples evaluated per vectorised call: bounds memory, does not change the result."""
 
-def load_table(path: Path) -> pd.DataFrame:
+def load_table(path: Path | io.StringIO) -> pd.DataFrame:
     """Read per_sample.csv; ``layer`` is a nullable integer (missing for per-text metrics)."""
     try:
         table = pd.read_csv(
@@ -286,3 +290,26 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
         return failed
     values = (fit.params["x"], fit.pvalues["x"], fit.params["condition"], fit.pvalues["condition"], fit.converged)
     return {f"mixedlm.{stat}": value for stat, value in zip(MIXEDLM_STATS, values)}
+
+
+@dataclass
+class StatsStage(Stage):
+    """Every statistic of a run's per-sample table (the table's text is the input)."""
+
+    table_csv: str
+    spec: Spec
+    name = kind = "stats"
+    version = STAGE_VERSION
+
+    def inputs(self) -> dict:
+        return {
+            "table": content_hash(self.table_csv),
+            "comparisons": {name: c.model_dump(mode="json") for name, c in self.spec.comparisons.items()},
+            "stats": self.spec.stats.model_dump(mode="json"),
+        }
+
+    def compute(self, unit: None, folder: Path) -> dict[str, float]:
+        return compute_stats(load_table(io.StringIO(self.table_csv)), self.spec)
+
+    def describe(self, output: dict) -> str:
+        return f"{len(output)} statistics"

@@ -1,0 +1,186 @@
+"""The stage protocol and the one executor that runs every stage.
+
+A stage declares what it is and how to compute it; the executor does the rest: the cache
+key, cache get/put, per-unit resume, sharding across processes, progress, timing and the
+run-log line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from harness.artifacts import content_hash
+from harness.cache import StageCache
+from harness.errors import ExitCode, Interrupted
+
+
+class Stage:
+    """One cached step of the pipeline: subclasses set the three names and define `inputs`
+    and `compute`; the other methods have defaults for a stage computed in one piece."""
+
+    name: str
+    """Its label in the run log, timings and manifest, e.g. `capture[human]`."""
+    kind: str
+    """Cache folder of the stage, e.g. `capture`."""
+    version: int
+    """Part of the cache key: bumped when a code change alters the stage's output."""
+
+    def inputs(self) -> dict:
+        """Everything that determines the output (JSON-able); hashed into the cache key."""
+        raise NotImplementedError
+
+    def units(self) -> list[list[int]] | None:
+        """Work units (lists of item indices), or None for a stage computed in one piece.
+
+        Called only when the output is not cached, so it may load a model."""
+        return None
+
+    def compute(self, unit: list[int] | None, folder: Path) -> Any:
+        """One unit's items (one per index, in order), or the whole output when `unit` is None.
+
+        `folder` is the stage's cache folder, for side files such as saved activations."""
+        raise NotImplementedError
+
+    def finish(self, items: list) -> Any:
+        """The stored output, from every unit's items in index order."""
+        return items
+
+    def check(self, output: Any) -> str | None:
+        """What is wrong with a cached or computed output (a count that does not match the
+        inputs, say), or None."""
+        return None
+
+    def describe(self, output: Any) -> str:
+        """The detail at the end of the stage's log line."""
+        return ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker stop, a cluster scheduler): handled like Ctrl-C, exit 143."""
+
+
+@dataclass
+class Shard:
+    """This process's share of the work under `accelerate launch` (rank 0 of 1 otherwise)."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+    device: str | None = None
+
+    @classmethod
+    def detect(cls) -> "Shard":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+
+
+@dataclass
+class Executor:
+    cache: StageCache
+    log: Callable[[str], None]
+    shard: Shard = field(default_factory=Shard)
+    timings: dict[str, float] = field(default_factory=dict)
+    reuse: dict[str, str] = field(default_factory=dict)
+    """Per stage: "reused" or "computed"."""
+    keys: dict[str, str] = field(default_factory=dict)
+    """Per stage: its cache key."""
+    header: str = ""
+    """Logged with the first stage line, so a bad input found by the first stage prints only its error."""
+
+    def run(self, stage: Stage) -> Any:
+        key = content_hash({"v": stage.version, **stage.inputs()})
+        self.keys[stage.name] = key
+        resumed = 0
+        with self.timed(stage.name):
+            output = self.cache.get(stage.kind, key)
+            if output is not None and (problem := stage.check(output)):
+                self.cache.discard(self.cache.folder(stage.kind, key) / "result.json", problem)
+                output = None
+            reused = output is not None
+            if output is None:
+                output, resumed = self._compute(stage, key)
+                if problem := stage.check(output):
+                    raise RuntimeError(f"{stage.name}: {problem}")
+                if self.shard.rank == 0:
+                    self.cache.put(stage.kind, key, output)
+        detail = stage.describe(output)
+        if resumed:
+            detail += f" ({resumed} batches resumed from an earlier, interrupted run)"
+        self.note(stage.name, reused, detail)
+        return output
+
+    def _compute(self, stage: Stage, key: str) -> tuple[Any, int]:
+        folder = self.cache.folder(stage.kind, key)
+        units = stage.units()
+        if units is None:
+            return stage.compute(None, folder), 0
+        # A resumed run keeps the batches it started with (an `auto` budget may come out
+        # differently now), so its numbers match an uninterrupted run.
+        plan = self.cache.read(folder / "plan.json", key)
+        if plan is not None:
+            units = plan
+        elif self.shard.rank == 0:
+            self.cache.write(folder / "plan.json", key, units)
+        resumed = 0
+        with self._progress(stage.name, len(units)) as tick:
+            for index, unit in enumerate(units):
+                if index % self.shard.world == self.shard.rank:  # the plan never depends on the process count
+                    path = self.cache.unit_path(stage.kind, key, index)
+                    items = self.cache.read(path, key)
+                    if items is not None and len(items) == len(unit):
+                        resumed += 1
+                    else:
+                        self.cache.write(path, key, stage.compute(unit, folder))
+                tick()
+        self.shard.barrier()
+        items: list[Any] = [None] * sum(len(unit) for unit in units)
+        for index, unit in enumerate(units):
+            unit_items = self.cache.read(self.cache.unit_path(stage.kind, key, index), key, written_by_this_run=True)
+            if unit_items is None or len(unit_items) != len(unit):
+                raise RuntimeError(f"{stage.name}: work unit {index} is missing from {folder}")
+            for position, item in zip(unit, unit_items):
+                items[position] = item
+        return stage.finish(items), resumed
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time a step under `name`; Ctrl-C or SIGTERM inside it says how to resume."""
+        start = time.perf_counter()
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+            raise Interrupted(
+                f"{'terminated' if code == ExitCode.TERMINATED else 'interrupted'} during {name}; finished "
+                f"batches are kept in {self.cache.root} — run the same command again to resume from there",
+                code,
+            ) from None
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def note(self, name: str, reused: bool, detail: str = "") -> None:
+        if self.header:
+            self.log(self.header)
+            self.header = ""
+        self.reuse[name] = "reused" if reused else "computed"
+        self.log(f"  {name:<28} {self.reuse[name]:<9} {self.timings.get(name, 0.0):7.1f}s  {detail}".rstrip())
+
+    @contextmanager
+    def _progress(self, label: str, total: int) -> Iterator[Callable[[], None]]:
+        """A progress bar on a terminal (tqdm), nothing in a log file."""
+        if total < 2 or not sys.stderr.isatty():
+            yield lambda: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=f"  {label}", unit="batch", leave=False) as bar:
+            yield lambda: bar.update()

@@ -1,0 +1,89 @@
+"""The models a run uses, each loaded on first use (a fully cached run loads none)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.executor import Executor, Shard
+from harness.schema import ModelSpec, Spec
+
+
+def model_cache_dir() -> Path:
+    """Converted model weights are per machine, not per run folder."""
+    return Path(os.environ.get("HARNESS_MODEL_CACHE", Path.home() / ".cache" / "harness"))
+
+
+@dataclass
+class ModelPool:
+    spec: Spec
+    spec_path: Path
+    executor: Executor
+    shard: Shard
+    _models: dict[str, Any] = field(default_factory=dict)
+    _tokenizers: dict[str, Any] = field(default_factory=dict)
+    _identities: dict[str, str] = field(default_factory=dict)
+
+    def where(self, alias: str) -> str:
+        return f"{self.spec_path}: models.{alias}"
+
+    def _model_spec(self, alias: str) -> ModelSpec:
+        model_spec = self.spec.models[alias]
+        if self.shard.world > 1 and model_spec.device_map == "auto":  # one model copy per process
+            return model_spec.model_copy(update={"device_map": self.shard.device})
+        return model_spec
+
+    def check(self, alias: str) -> None:
+        """Fail fast, before any stage runs: a missing package, file, path or device."""
+        from harness.models import check_device
+
+        self.identity(alias)
+        check_device(self.spec.models[alias], self.where(alias))
+
+    def identity(self, alias: str) -> str:
+        from harness.models import model_identity
+
+        if alias not in self._identities:
+            self._identities[alias] = model_identity(self.spec.models[alias], model_cache_dir(), self.where(alias))
+        return self._identities[alias]
+
+    def key(self, alias: str) -> dict:
+        """What about a model changes its numbers: weights and dtype."""
+        return {"identity": self.identity(alias), "dtype": self.spec.models[alias].dtype}
+
+    def model(self, alias: str):
+        """The loaded model (`harness.models.LoadedModel`)."""
+        from harness.models import load_model
+
+        if alias not in self._models:
+            with self.executor.timed(f"load[{alias}]"):
+                self._models[alias] = load_model(self._model_spec(alias), model_cache_dir(), self.where(alias))
+        return self._models[alias]
+
+    def tokenizer(self, alias: str):
+        from harness.models import load_tokenizer
+
+        if alias in self._models:
+            return self._models[alias].tokenizer
+        if alias not in self._tokenizers:
+            self._tokenizers[alias] = load_tokenizer(self.spec.models[alias], model_cache_dir(), self.where(alias))
+        return self._tokenizers[alias]
+
+    def provenance(self) -> dict[str, dict]:
+        """Per model the run used: identity, where the weights came from, where it ran.
+
+        A fully cached run loads no model; its record still names the weights (and the device
+        stays None: nothing ran)."""
+        from harness.models import model_source
+
+        records = {}
+        for alias, identity in self._identities.items():
+            loaded = self._models.get(alias)
+            records[alias] = {
+                "identity": identity,
+                "source": loaded.source if loaded else model_source(self.spec.models[alias], model_cache_dir(), self.where(alias)),
+                "device": str(loaded.input_device) if loaded else None,
+            }
+        return records

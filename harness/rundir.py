@@ -1,0 +1,265 @@
+"""The run folder, ``runs/<spec name>/<run id>/``: every file a run writes and how to read it back.
+
+A run is assembled in a hidden staging folder, ``.<run id>.partial``, created with an
+exclusive ``mkdir`` (so its name also reserves the run id, even for two runs started in the
+same second) and renamed into place when the run finished: a run folder that exists is
+complete. A staging folder whose process is gone (SIGKILL, power cut) is removed by the next
+run of a spec with that name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from harness.artifacts import number, read_json, read_jsonl, write_json, write_jsonl, write_text
+from harness.base import StrictModel
+from harness.errors import InputError
+from harness.schema import Spec
+from harness.spec import dump_spec
+
+FORMAT_VERSION = 1
+"""Version of the run-folder format (the manifest's `format_version`)."""
+
+STALE_STAGING_SECONDS = 60
+"""A staging folder without an owner file is only removed once it is this old (its owner may
+be between `mkdir` and writing the file)."""
+
+OWNER_FILE = ".owner-pid"
+
+
+class ModelRecord(StrictModel):
+    """One model the run used."""
+
+    identity: str
+    """Names the weights in cache keys: file hashes or the hub commit."""
+    source: dict[str, Any]
+    """Where the weights came from (hub id and commit, local path and hash, or GGUF package and file)."""
+    device: str | None
+    """Where its inputs went, or None when the run reused every stage of this model."""
+
+
+class Manifest(StrictModel):
+    """manifest.json: what ran, on what, and how long each stage took."""
+
+    format_version: int = FORMAT_VERSION
+    harness_version: str
+    spec_name: str
+    spec_file: str
+    """The spec's absolute path."""
+    spec_file_in_repo: str | None
+    """The spec's path relative to the working directory, when it lies below it."""
+    spec_hash: str
+    """Hash of the resolved spec."""
+    run_id: str
+    started: str
+    """UTC, ISO 8601."""
+    git_commit: str | None
+    packages: dict[str, str | None]
+    models: dict[str, ModelRecord]
+    processes: int
+    """Processes that shared the work (`accelerate launch`)."""
+    seeds: dict[str, Any]
+    cache_keys: dict[str, str]
+    """Per stage, the key of its entry in the stage cache."""
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds per stage."""
+    cache: dict[str, str] = Field(default_factory=dict)
+    """Per stage: computed or reused."""
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def check_runs_dir(runs_dir: Path, where: str = "--runs-dir") -> None:
+    """Fail before any stage runs when run folders cannot be written under `runs_dir` (which
+    is not created here: a run that fails its checks writes nothing)."""
+    existing = Path(runs_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{existing}: {where}: not a folder, so run folders cannot be written under {runs_dir}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: {where}: not writable, so run folders cannot be written under {runs_dir}")
+
+
+class RunFolder:
+    """A run folder being assembled: `path` to write into, then `commit` or `discard`."""
+
+    def __init__(self, runs_dir: Path, spec_name: str):
+        self.parent = Path(runs_dir) / spec_name
+        self.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.parent)
+        stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S"), 1
+        while True:
+            self.run_id = stamp if suffix == 1 else f"{stamp}-{suffix}"
+            self.path = self.parent / f".{self.run_id}.partial"
+            try:
+                self.path.mkdir()
+            except FileExistsError:
+                suffix += 1
+                continue
+            if not (self.parent / self.run_id).exists():  # checked after mkdir: see the module doc
+                break
+            self.path.rmdir()
+            suffix += 1
+        (self.path / OWNER_FILE).write_text(str(os.getpid()))
+
+    def commit(self) -> Path:
+        (self.path / OWNER_FILE).unlink()
+        final = self.parent / self.run_id
+        os.rename(self.path, final)
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove staging folders whose process no longer runs."""
+    for folder in parent.glob(".*.partial"):
+        owner = folder / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+            alive = _process_alive(pid)
+        except (OSError, ValueError):
+            alive = time.time() - folder.stat().st_mtime < STALE_STAGING_SECONDS
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def per_sample_csv(metrics: list[str], measured: dict[str, dict]) -> str:
+    """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
+
+    Metrics undefined for a text (fewer than two response tokens) are left out.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["sample_id", "condition", "layer", "metric", "value"])
+    for condition, result in measured.items():
+        for sample_id, record in enumerate(result["records"]):
+            for metric, value in record["text_metrics"].items():
+                writer.writerow([sample_id, condition, "", metric, repr(value)])
+            if record["n_response_tokens"] < 2:
+                continue
+            for metric in metrics:
+                for layer, value in zip(result["layers"], record["layer_metrics"][metric]):
+                    writer.writerow([sample_id, condition, layer, metric, repr(value)])
+    return out.getvalue()
+
+
+def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
+    """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
+    write_jsonl(folder / "texts.jsonl", [
+        {"sample_id": sample_id, "condition": condition, **text,
+         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"]}
+        for condition, rows in texts.items()
+        for sample_id, text in enumerate(rows)
+    ])
+    write_jsonl(folder / "token_deltas.jsonl", [
+        {"sample_id": sample_id, "condition": condition, "layer": int(layer), "tokens": record["tokens"], "norms": norms}
+        for condition, result in measured.items()
+        for sample_id, record in enumerate(result["records"])
+        for layer, norms in record["deltas"].items()
+    ])
+
+
+def write_spec(folder: Path, spec: Spec) -> None:
+    write_text(folder / "spec.yaml", dump_spec(spec))
+
+
+def collect_activations(activation_folders: dict[str, Path], folder: Path) -> None:
+    """activations/<condition>.safetensors: key = sample id, value = [layers, response tokens, d]."""
+    from safetensors.torch import load_file, save_file
+
+    for condition, source in activation_folders.items():
+        tensors = {}
+        for unit_file in sorted(source.glob("unit-*.safetensors")):
+            tensors.update(load_file(str(unit_file)))
+        (folder / "activations").mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "activations" / f"{condition}.safetensors"))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_stats(run_dir: Path) -> dict[str, float | None]:
+    """stats.json: name → value (NaN and ±inf read back as floats)."""
+    return {name: number(value) for name, value in read_json(Path(run_dir) / "stats.json").items()}
+
+
+def read_criteria(run_dir: Path) -> list[dict]:
+    """criteria.json rows: name, expr, passed, values (floats or None), error."""
+    rows = read_json(Path(run_dir) / "criteria.json")
+    return [{**row, "values": {stat: number(value) for stat, value in row["values"].items()}} for row in rows]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "stats.json").is_file() and (Path(path) / "criteria.json").is_file()
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The contents of a finished run folder."""
+
+    spec: Spec
+    manifest: dict
+    texts: list[dict]
+    table: Any
+    """per_sample.csv as a pandas DataFrame (see `harness.stages.stats.load_table`)."""
+    token_deltas: list[dict]
+    stats: dict[str, float | None]
+    criteria: list[dict]
+
+    def stat(self, name: str) -> float:
+        """A statistic, NaN when absent or null (so templates and comparisons need no special case)."""
+        value = self.stats.get(name)
+        return float("nan") if value is None else value
+
+    @property
+    def layers(self) -> list[int]:
+        """Captured layers of the studied trajectory metric, in order."""
+        rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]
+        return sorted(int(layer) for layer in rows["layer"].dropna().unique())
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    from harness.stages.stats import load_table
+
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise InputError(f"{run_dir}: not a finished run folder (no stats.json / criteria.json)")
+    deltas_file = run_dir / "token_deltas.jsonl"
+    return RunRecord(
+        spec=Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))),
+        manifest=read_json(run_dir / "manifest.json"),
+        texts=read_jsonl(run_dir / "texts.jsonl"),
+        table=load_table(run_dir / "per_sample.csv"),
+        token_deltas=read_jsonl(deltas_file) if deltas_file.is_file() else [],
+        stats=read_stats(run_dir),
+        criteria=read_criteria(run_dir),
+    )

@@ -1,0 +1,85 @@
+"""The layout's promises: no import cycles, small classes and runner, validation without torch,
+no experiment wording in the engine."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "harness"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_time_imports(path: Path) -> set[str]:
+    """harness modules imported when `path` is imported: module level, outside `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for child in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+            if isinstance(child, ast.Import):
+                found |= {alias.name for alias in child.names}
+            elif isinstance(child, ast.ImportFrom) and child.module:
+                found.add(child.module)
+                found |= {f"{child.module}.{alias.name}" for alias in child.names}
+    return found
+
+
+def test_no_import_cycle_among_harness_modules():
+    modules = {module_name(path): path for path in HARNESS.rglob("*.py")}
+    graph = {name: {m for m in import_time_imports(path) if m in modules and m != name} for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join(chain + [name, target])
+            if target not in state:
+                visit(target, chain + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_no_class_longer_than_150_lines_and_a_short_runner():
+    for path in HARNESS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 150, f"{path.name}: class {node.name} has {length} lines"
+    assert len((HARNESS / "runner.py").read_text(encoding="utf-8").splitlines()) < 200
+
+
+def test_validating_every_shipped_spec_imports_no_torch():
+    code = (
+        "import sys, pathlib\n"
+        "from harness.spec import load_spec\n"
+        "specs = sorted(pathlib.Path('specs').glob('*.yaml'))\n"
+        "assert specs\n"
+        "for path in specs: load_spec(path)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_engine_holds_no_experiment_wording():
+    wording = re.compile(r"smoother|surprise|surprising", re.IGNORECASE)
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in HARNESS.rglob("*.py")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if wording.search(line)
+    ]
+    assert offenders == []
