@@ -168,6 +168,10 @@ def per_sample_csv(metrics: list[str], measured: dict[str, dict]) -> str:
     return out.getvalue()
 
 
+def write_per_sample(folder: Path, table_csv: str) -> None:
+    write_text(folder / "per_sample.csv", table_csv)
+
+
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
     """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
@@ -202,6 +206,22 @@ def collect_activations(activation_folders: dict[str, Path], folder: Path) -> No
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
+
+
+def write_stats(folder: Path, statistics: dict[str, float]) -> None:
+    write_json(folder / "stats.json", statistics)
+
+
+def write_criteria(folder: Path, rows: list[dict]) -> None:
+    """criteria.json: per criterion name, expr, passed, values (None: not computed), error."""
+    write_json(folder / "criteria.json", rows)
+
+
+def write_report(folder: Path, diagnostics: dict, markdown: str) -> Path:
+    """diagnostics.json and RESULTS.md (the figures are written beside them by the report stage)."""
+    write_json(folder / "diagnostics.json", diagnostics)
+    write_text(folder / "RESULTS.md", markdown)
+    return folder / "RESULTS.md"
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 
 import harness
 from harness import rundir
-from harness.artifacts import content_hash, number, write_json, write_text
+from harness.artifacts import content_hash, number
 from harness.cache import StageCache
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
@@ -102,14 +102,14 @@ def execute(plan: Plan, started: float) -> RunOutcome:
             rundir.write_spec(folder.path, spec)
             rundir.write_texts(folder.path, texts, measured)
             table = rundir.per_sample_csv(spec.metrics, measured)
-            write_text(folder.path / "per_sample.csv", table)
+            rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])
                                             / "activations" for name in measured}, folder.path)
         statistics = {name: number(value) for name, value in executor.run(stats.StatsStage(table, spec)).items()}
-        write_json(folder.path / "stats.json", statistics)
+        rundir.write_stats(folder.path, statistics)
         results = criteria.evaluate_criteria(spec.criteria, statistics)
-        write_json(folder.path / "criteria.json", criteria.to_json(results))
+        rundir.write_criteria(folder.path, criteria.to_json(results))
         manifest = build_manifest(plan, folder.run_id)
         rundir.write_manifest(folder.path, manifest)
         with executor.timed("report"):

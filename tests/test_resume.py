@@ -18,19 +18,25 @@ def harness_run(spec: Path, runs: Path, cache: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+def stopped_mid_capture(tmp_path: Path, tiny_model_dir: Path, signal_number: int) -> tuple[Path, subprocess.Popen]:
+    """A run of the tiny spec sent `signal_number` once its first capture unit is stored."""
     spec = tiny_spec(tmp_path, tiny_model_dir)
-    # one text per forward batch, so capture is many small units and a kill lands between them
+    # one text per forward batch, so capture is many small units and the signal lands between them
     spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
-    cache = tmp_path / "cache"
-    victim = harness_run(spec, tmp_path / "runs", cache)
+    victim = harness_run(spec, tmp_path / "runs", tmp_path / "cache")
     deadline = time.monotonic() + 300
-    while not list(cache.glob("capture/*/unit-*.json")):
-        assert victim.poll() is None, f"run ended before it could be killed: {victim.communicate()}"
+    while not list((tmp_path / "cache").glob("capture/*/unit-*.json")):
+        assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(signal_number)
+    return spec, victim
+
+
+def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    spec, victim = stopped_mid_capture(tmp_path, tiny_model_dir, signal.SIGKILL)
     victim.wait()
+    cache = tmp_path / "cache"
     finished = list(cache.glob("capture/*/unit-*.json"))
     assert finished and not list(cache.glob("capture/*/result.json")), "the kill should land mid-capture"
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
@@ -50,23 +56,14 @@ def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, t
 
 
 def test_sigterm_mid_capture_exits_143_leaves_no_staging_and_the_rerun_matches(tmp_path, tiny_model_dir):
-    spec = tiny_spec(tmp_path, tiny_model_dir)
-    spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
-    cache = tmp_path / "cache"
-    victim = harness_run(spec, tmp_path / "runs", cache)
-    deadline = time.monotonic() + 300
-    while not list(cache.glob("capture/*/unit-*.json")):
-        assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    victim.send_signal(signal.SIGTERM)
+    spec, victim = stopped_mid_capture(tmp_path, tiny_model_dir, signal.SIGTERM)
     _, log = victim.communicate(timeout=120)
     assert victim.returncode == 143, log
     assert "terminated during capture[" in log and "run the same command again to resume" in log
     assert "Traceback" not in log and len(log.strip().splitlines()) <= 8
     assert not list((tmp_path / "runs").glob("**/.*.partial"))
 
-    resumed = harness_run(spec, tmp_path / "runs", cache)
+    resumed = harness_run(spec, tmp_path / "runs", tmp_path / "cache")
     _, log = resumed.communicate(timeout=600)
     assert resumed.returncode in (0, 1), log
     reference = harness_run(spec, tmp_path / "runs-ref", tmp_path / "cache-ref")

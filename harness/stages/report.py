@@ -18,11 +18,10 @@ import pandas as pd
 
 import harness
 from harness import plots
-from harness.artifacts import write_json, write_text
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.errors import InputError
 from harness.numbers import format_number, format_percent
-from harness.rundir import RunRecord, load_run
+from harness.rundir import RunRecord, load_run, write_report
 from harness.schema import Comparison, Spec
 from harness.stages.criteria import CriterionResult, outcome, summary_line
 from harness.statnames import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, TEXT_METRIC_NAMES
@@ -51,12 +50,8 @@ def render_report(run_dir: Path, template: Path | None = None) -> Path:
     run = load_run(run_dir)
     template_path = _explicit_template(Path(template)) if template else find_template(run.spec, run.manifest["spec_file"])
     diagnostics = text_diagnostics(run.texts, run.table, run.spec)
-    write_json(run_dir / "diagnostics.json", diagnostics)
     figures = draw_plots(run, run_dir) if run.spec.report.plots else []
-    text = render_template(template_path, build_context(run, diagnostics, figures))
-    results = run_dir / "RESULTS.md"
-    write_text(results, text)
-    return results
+    return write_report(run_dir, diagnostics, render_template(template_path, build_context(run, diagnostics, figures)))
 
 
 # --- templates ----------------------------------------------------------------------------
