@@ -177,6 +177,11 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "criterion_dunder": "criteria.dunder: name segment '__class__'",
     "criterion_bare_value": "criteria.bare: 'smoothness.overall.d' is a value, not a condition",
     "criterion_not_a_string": "criteria.number: Input should be a valid string",
+    # report templates: a spec is data, never code
+    "template_missing": "report.template: template 'no_such_template.md.j2' not found",
+    "template_is_spec": "report.template: 'tests/bad_inputs/template_is_spec.yaml' is a spec file, not a template",
+    "template_extended_spec": "report.template: 'tests/bad_inputs/_base.yaml' is a spec file, not a template",
+    "template_outside": "report.template: '/etc/passwd' resolves to '/etc/passwd', outside",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):
@@ -210,7 +215,6 @@ CASES = [
         offline_only(corpus_file_with_tiny_model),
     ),
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
-    input_case("template_missing", "report.template: template 'no_such_template.md.j2' not found", corpus_file_with_tiny_model),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
 ]
 
