@@ -27,3 +27,12 @@ class Interrupted(HarnessError):
     """Ctrl-C: says where the run stopped and how to resume (exit 130)."""
 
     exit_code = 130
+
+
+QUOTE_LIMIT = 200
+"""Most characters of user input an error line repeats: a 20 KB expression must not flood it."""
+
+
+def quoted(text: str) -> str:
+    """User input quoted for an error line: repr (a newline stays `\\n`), cut after QUOTE_LIMIT characters."""
+    return repr(text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "…")

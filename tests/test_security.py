@@ -1,9 +1,12 @@
 """A spec is data, never code: its report template renders in a sandbox and comes only from
 reports/templates/ or the spec's own folder, and nothing a spec file contains (invalid YAML,
-100,000 nested brackets) crashes validation or stops pytest from collecting its siblings."""
+100,000 nested brackets) crashes validation or stops pytest from collecting its siblings.
+Limits a valid-looking spec or machine could break otherwise: the model's context, where a
+run writes, a full disk. (The bad-input corpus runs each malformed spec through the CLI.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +17,10 @@ import pytest
 import yaml
 
 from harness.errors import InputError
+from harness.models import check_fits_context, context_length
 from harness.spec import load_spec
 from harness.templates import TEMPLATES_DIR, find_template, render_template
+from harness.writing import check_writable_folder, disk_errors_named
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_SPEC = REPO / "tests" / "bad_inputs" / "_base.yaml"
@@ -196,3 +201,52 @@ def test_pytest_reports_each_broken_spec_and_collects_the_rest(spec_folder):
         assert line.startswith(f"error: {name}.yaml: ")
         assert f"ERROR collecting {name}.yaml" in done.stdout and f"\n{line}\n" in done.stdout, done.stdout
     assert f"{len(BROKEN)} errors" in done.stdout
+
+
+# --- the model's context -------------------------------------------------------------------
+
+WHERE = "spec.yaml: conditions.model.generation.max_new_tokens"
+
+
+def test_generation_must_fit_the_model_context(tiny_model_dir):
+    limit = json.loads((tiny_model_dir / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
+    check_fits_context(tiny_model_dir, limit - 100, 100, WHERE)
+    with pytest.raises(InputError) as error:
+        check_fits_context(tiny_model_dir, limit - 99, 100, WHERE)
+    assert str(error.value).startswith(f"{WHERE}: {limit - 99} new tokens") and f"context of {limit} tokens" in str(error.value)
+
+
+def test_context_length_of_nested_and_silent_configs(tmp_path):
+    for name, config, expected in (
+        ("multimodal", {"text_config": {"max_position_embeddings": 64}}, 64),
+        ("silent", {"model_type": "custom"}, None),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        assert context_length(tmp_path / name) == expected
+    check_fits_context(tmp_path / "silent", 10**9, 100, WHERE)  # nothing to check against
+
+
+# --- where a run writes ----------------------------------------------------------------------
+
+
+def test_writable_folder_checks_create_nothing(tmp_path):
+    check_writable_folder(tmp_path / "new" / "runs", "--runs-dir")
+    assert list(tmp_path.iterdir()) == []
+    file = tmp_path / "file"
+    file.write_text("x", encoding="utf-8")
+    with pytest.raises(InputError, match=f"^{file}: --runs-dir: it is a file, not a folder$"):
+        check_writable_folder(file, "--runs-dir")
+    with pytest.raises(InputError, match=f"^{file}/runs: --runs-dir: its ancestor '{file}' is a file"):
+        check_writable_folder(file / "runs", "--runs-dir")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_full_disk_is_one_line_naming_the_path(tmp_path):
+    """/dev/full fails every write with ENOSPC, and `write()` names no file."""
+    with pytest.raises(InputError, match=f"^{tmp_path}: No space left on device while writing; free space"):
+        with disk_errors_named(tmp_path):
+            Path("/dev/full").write_text("x", encoding="utf-8")
+    with pytest.raises(FileNotFoundError):  # not the disk's fault: unchanged
+        with disk_errors_named(tmp_path):
+            (tmp_path / "no" / "such").write_text("x", encoding="utf-8")
