@@ -20,6 +20,7 @@ from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
 
+
 class GGUFSource(StrictModel):
     """A GGUF file shipped inside an installed Python package."""
 
@@ -166,7 +167,7 @@ class Spec(StrictModel):
     def _identifiers(cls, value: dict) -> dict:
         for key in value:
             if not re.fullmatch(IDENTIFIER, key):
-                raise ValueError(f"name {key!r} must be an identifier (letters, digits, _)")
+                raise ValueError(f"name {quoted(key)} must be an identifier (letters, digits, _)")
         if not value:
             raise ValueError("must not be empty")
         return value
@@ -200,7 +201,7 @@ class Spec(StrictModel):
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
-                raise FieldError(where, f"unknown {kind} {name!r} (known: {', '.join(sorted(known))})")
+                raise FieldError(where, f"unknown {kind} {quoted(name)} (known: {', '.join(sorted(known))})")
 
         reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(TEXT_METRIC_NAMES)
         for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
