@@ -64,9 +64,12 @@ class SpecFile(pytest.File):
     def run_once(self):
         if self.outcome is None:
             from harness.runner import run_spec
+            from harness.writing import check_writable_folder
 
+            runs_dir = Path(self.config.getoption("harness_runs_dir"))
             try:
-                self.outcome = run_spec(self.path, Path(self.config.getoption("harness_runs_dir")))
+                check_writable_folder(runs_dir, "--harness-runs-dir")
+                self.outcome = run_spec(self.path, runs_dir)
             except HarnessError as exc:
                 self.outcome = exc
         if isinstance(self.outcome, Exception):

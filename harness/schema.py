@@ -131,7 +131,8 @@ class StatsSpec(StrictModel):
 
 class ReportSpec(StrictModel):
     template: str = "results.md.j2"
-    """A file in reports/templates/, or a path relative to the spec file."""
+    """A file in reports/templates/, or one in the spec file's folder (after symlinks; never a
+    spec file); rendered in jinja2's sandbox (harness.templates)."""
     plots: bool = True
 
 

@@ -188,11 +188,15 @@ def test_validate_reports_unloadable_yaml_on_one_line(spec_folder, name):
     assert done.stderr.startswith(f"error: {name}.yaml: ") and done.stderr.count("\n") == 1, done.stderr
 
 
-def test_pytest_reports_each_broken_spec_and_collects_the_rest(spec_folder):
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "."],
-        cwd=spec_folder, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+def run_pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=folder, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def test_pytest_reports_each_broken_spec_and_collects_the_rest(spec_folder):
+    done = run_pytest(spec_folder, "--collect-only", ".")
     assert "good.yaml::smoother" in done.stdout, done.stdout
     assert "notes.yaml" not in done.stdout
     assert "Traceback" not in done.stdout and "RecursionError" not in done.stdout, done.stdout
@@ -250,3 +254,10 @@ def test_full_disk_is_one_line_naming_the_path(tmp_path):
     with pytest.raises(FileNotFoundError):  # not the disk's fault: unchanged
         with disk_errors_named(tmp_path):
             (tmp_path / "no" / "such").write_text("x", encoding="utf-8")
+
+
+def test_pytest_checks_its_runs_dir_before_running(spec_folder):
+    (spec_folder / "runs").write_text("not a folder\n", encoding="utf-8")
+    done = run_pytest(spec_folder, "good.yaml", "--harness-runs-dir", "runs")
+    assert done.returncode == 1
+    assert "runs: --harness-runs-dir: it is a file, not a folder" in done.stdout, done.stdout
