@@ -12,7 +12,6 @@ reads any of those back. `null` is kept for "not computed".
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -23,33 +22,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from harness.errors import RunFailure
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _write_failure(path, exc) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_failure(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _write_failure(path: Path, exc: OSError) -> RunFailure:
-    """A full disk or a permission problem, named by the path it hit."""
-    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
-    return RunFailure(f"{path}: cannot write ({reason})")
 
 
 def write_text(path: Path, text: str) -> None:

@@ -128,12 +128,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.stages.criteria import format_result, summary_line
     from harness.spec import load_spec
+    from harness.writing import check_writable_folder, disk_errors_named
 
     files = spec_files(args.paths, args.select)
     if not files:
         raise InputError(f"{' '.join(args.paths)}: no spec files selected")
     for path in files:  # every spec must be valid before anything runs or is written
         load_spec(path)
+    runs_dir = Path(args.runs_dir)
+    check_writable_folder(runs_dir, "--runs-dir")
+    if os.environ.get("HARNESS_CACHE_DIR"):
+        check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
 
     from harness.runner import run_spec
 
@@ -141,7 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcomes, totals, worst = [], [], ExitCode.PASSED
     for path in files:
         try:
-            outcome = run_spec(path, Path(args.runs_dir), use_cache=not args.no_cache)
+            with disk_errors_named(runs_dir):
+                outcome = run_spec(path, runs_dir, use_cache=not args.no_cache)
         except InputError:
             raise
         except HarnessError as exc:

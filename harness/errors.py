@@ -48,3 +48,12 @@ class Interrupted(HarnessError):
     def __init__(self, message: str, exit_code: ExitCode = ExitCode.INTERRUPTED):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+QUOTE_LIMIT = 200
+"""Most characters of user input an error line repeats: a 20 KB expression must not flood it."""
+
+
+def quoted(text: str) -> str:
+    """User input quoted for an error line: repr (a newline stays `\\n`), cut after QUOTE_LIMIT characters."""
+    return repr(text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "…")

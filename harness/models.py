@@ -140,6 +140,31 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     )
 
 
+# --- context length --------------------------------------------------------------------
+
+
+def context_length(model_dir: Path) -> int | None:
+    """`max_position_embeddings` from a local or converted model folder's config.json (a
+    multimodal config keeps it under `text_config`); None when the config does not say."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    length = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    return length if isinstance(length, int) else None
+
+
+def check_fits_context(model_dir: Path, new_tokens: int, prompt_tokens: int, where: str) -> None:
+    """Raise InputError when a prompt of up to `prompt_tokens` tokens plus `new_tokens`
+    generated ones exceed the model's context (reads only config.json: no torch, no weights).
+
+    `where` names the field, e.g. `specs/x.yaml: conditions.model.generation.max_new_tokens`.
+    """
+    limit = context_length(model_dir)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise InputError(
+            f"{where}: {new_tokens} new tokens after a prompt of up to {prompt_tokens} tokens exceed the "
+            f"model's context of {limit} tokens (max_position_embeddings in {Path(model_dir) / 'config.json'})"
+        )
+
+
 # --- where the weights are -------------------------------------------------------------
 
 
@@ -154,6 +179,9 @@ def _locate(spec: ModelSpec, cache_dir: Path, where: str) -> _Weights:
             raise InputError(f"{where}: GGUF file {spec.id!r} not found")
         return _Weights("gguf", path=path)
     if path.is_dir():
+        # checked before the folder is hashed: `id: /` would otherwise hash the whole disk
+        if not (path / "config.json").is_file():
+            raise InputError(f"{where}: {spec.id!r} is not a model folder (it has no config.json)")
         return _Weights("local", path=path)
     if path.exists():
         raise InputError(f"{where}: {spec.id!r} is a file, not a model directory or a .gguf file")

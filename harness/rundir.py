@@ -81,18 +81,6 @@ class Manifest(StrictModel):
 # --- writing ---------------------------------------------------------------------------------
 
 
-def check_runs_dir(runs_dir: Path, where: str = "--runs-dir") -> None:
-    """Fail before any stage runs when run folders cannot be written under `runs_dir` (which
-    is not created here: a run that fails its checks writes nothing)."""
-    existing = Path(runs_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{existing}: {where}: not a folder, so run folders cannot be written under {runs_dir}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{existing}: {where}: not writable, so run folders cannot be written under {runs_dir}")
-
-
 class RunFolder:
     """A run folder being assembled: `path` to write into, then `commit` or `discard`."""
 

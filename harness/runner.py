@@ -31,7 +31,9 @@ from harness.pool import ModelPool
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, conditions, criteria, data, stats
-from harness.stages.report import find_template, render_report
+from harness.stages.report import render_report
+from harness.templates import find_template
+from harness.writing import check_writable_folder
 
 MANIFEST_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "scipy", "statsmodels", "pandas", "pydantic")
 
@@ -64,9 +66,11 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     """Every check that can fail on the user's input, before anything runs or is written."""
     spec = load_spec(spec_path)
     template = find_template(spec, spec_path)
-    rundir.check_runs_dir(runs_dir)
+    cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
+    check_writable_folder(runs_dir, "--runs-dir")
+    check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
     shard = Shard.detect()
-    cache = StageCache(Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache")), use_cache, log)
+    cache = StageCache(cache_dir, use_cache, log)
     executor = Executor(cache, log, shard)
     pool = ModelPool(spec, spec_path, executor, shard)
     for alias in sorted(models_used(spec)):

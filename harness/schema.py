@@ -13,8 +13,13 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
+from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
+
+CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+"""A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
+
 
 class GGUFSource(StrictModel):
     """A GGUF file shipped inside an installed Python package."""
@@ -60,8 +65,9 @@ class DatasetSpec(StrictModel):
     """Fallback: `datasets.load_dataset(hub_name, hub_config, split=split)`."""
     hub_config: str = "wikitext-2-raw-v1"
     split: str = "test"
-    n_samples: int = Field(50, ge=3)
-    """How many paragraphs to keep (the first that match, in order); paired statistics need 3."""
+    n_samples: int = Field(50, ge=3, le=10_000)
+    """How many paragraphs to keep (the first that match, in order); paired statistics need 3,
+    and 10,000 (200 times the reference experiment) catches a mistyped count before any work."""
     min_tokens: int = Field(80, ge=1)
     max_tokens: int = Field(120, ge=1)
     tokenizer: str | None = None
@@ -110,7 +116,9 @@ class StatsSpec(StrictModel):
     comparisons: dict[str, Comparison] | None = None
     """Named paired comparisons; the first is the primary one (names without a prefix).
     Default: the first two conditions, named `<a>_vs_<b>`."""
-    bootstrap_resamples: int = Field(2000, ge=0)
+    bootstrap_resamples: int = Field(2000, ge=0, le=100_000)
+    """Resamples per bootstrap interval; each takes memory for a copy of the samples, so a
+    mistyped 10**9 would exhaust the machine."""
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     ddof: Literal[0, 1] = 1
@@ -151,7 +159,8 @@ class ReportSpec(StrictModel):
     """What RESULTS.md says, and with which template."""
 
     template: str = "results.md.j2"
-    """A file in reports/templates/, or a path relative to the spec file."""
+    """A file in reports/templates/, or one in the spec file's folder (after symlinks; never a
+    spec file); rendered in jinja2's sandbox (harness.templates)."""
     plots: bool = True
     hypothesis: str = ""
     """The question the run answers, in words (shown at the top of the report)."""
@@ -172,8 +181,8 @@ class RuntimeSpec(StrictModel):
 class Spec(StrictModel):
     """One experiment."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Run folder name: runs/<name>/<run id>/."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    """Run folder name: runs/<name>/<run id>/ (a file name: at most 100 characters)."""
     description: str = ""
     models: dict[str, ModelSpec]
     """Model aliases used by the capture and generated conditions."""
@@ -184,7 +193,8 @@ class Spec(StrictModel):
     """Trajectory metrics (registered in metrics/), computed per layer."""
     stats: StatsSpec = StatsSpec()
     criteria: dict[str, str] = {}
-    """Name -> expression over statistic names, e.g. `smoothness.overall.d > 0`."""
+    """Name -> expression over statistic names, e.g. `smoothness.overall.d > 0`. Names are
+    1-100 letters, digits, `_`, `-` or `.`: each prints on one result line and in RESULTS.md."""
     report: ReportSpec = ReportSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
@@ -192,10 +202,18 @@ class Spec(StrictModel):
     @classmethod
     def _identifiers(cls, value: dict) -> dict:
         for key in value:
-            if not re.match(IDENTIFIER, key):
-                raise ValueError(f"name {key!r} must be an identifier (letters, digits, _)")
+            if not re.fullmatch(IDENTIFIER, key):
+                raise ValueError(f"name {quoted(key)} must be an identifier (letters, digits, _)")
         if not value:
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("criteria")
+    @classmethod
+    def _criterion_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not CRITERION_NAME.fullmatch(name):
+                raise ValueError(f"name {quoted(name)} must be 1 to 100 letters, digits, '_', '-' or '.'")
         return value
 
     @property
@@ -219,7 +237,7 @@ class Spec(StrictModel):
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
-                raise FieldError(where, f"unknown {kind} {name!r} (known: {', '.join(sorted(known))})")
+                raise FieldError(where, f"unknown {kind} {quoted(name)} (known: {', '.join(sorted(known))})")
 
         reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(TEXT_METRIC_NAMES)
         for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
@@ -242,7 +260,7 @@ class Spec(StrictModel):
         if len(set(self.metrics)) != len(self.metrics):
             raise FieldError("metrics", "lists a metric twice")
         for cmp_name, cmp in self.comparisons.items():
-            if not re.match(IDENTIFIER, cmp_name):
+            if not re.fullmatch(IDENTIFIER, cmp_name):
                 raise FieldError(f"stats.comparisons.{cmp_name}", "name must be an identifier")
             need("condition", f"stats.comparisons.{cmp_name}.a", cmp.a, self.conditions)
             need("condition", f"stats.comparisons.{cmp_name}.b", cmp.b, self.conditions)

@@ -18,6 +18,7 @@ from harness.base import FieldError
 from harness.errors import InputError
 from harness.schema import Spec
 from harness.stages.conditions import SOURCES
+from harness.templates import find_template
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -49,10 +50,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> dict:
     """Parse a spec file (following `extends:`) into one resolved mapping."""
-    return _read_yaml(Path(path), ())
+    return _read_yaml(Path(path), ())[0]
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ...]]:
+    """The resolved mapping, and the files it extends (nearest first)."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     if path.resolve() in seen:
@@ -66,28 +68,34 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         raise InputError(f"{path}: {where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as exc:  # a tagged or implicit value that does not convert (`2020-13-45`, `!!int x`)
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise InputError(f"{path}: nested too deeply to be a spec") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
     if data is None:
         raise InputError(f"{path}: empty spec")
     if not isinstance(data, dict):
         raise InputError(f"{path}: a spec is a mapping of keys, not a {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is None:
-        return data
+        return data, ()
     if not isinstance(parent, str):
         raise InputError(f"{path}: extends: must be a file name")
     parent_path = path.parent / parent
     if not parent_path.is_file():
         raise InputError(f"{path}: extends: {str(parent_path)!r} not found")
-    base = _read_yaml(parent_path, seen + (path.resolve(),))
-    return _merge(base, data)
+    base, extended = _read_yaml(parent_path, seen + (path.resolve(),))
+    return _merge(base, data), (parent_path, *extended)
 
 
 def load_spec(path: str | Path) -> Spec:
     """Load and validate a spec; raise InputError with one line naming file and field."""
     path = Path(path)
-    data = read_yaml(path)
+    data, extended = _read_yaml(path, ())
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()  # of a union's failed branches, the deepest error says most
         err = max((e for e in errors if e["loc"][:2] == errors[0]["loc"][:2]), key=lambda e: len(e["loc"]))
@@ -105,6 +113,8 @@ def load_spec(path: str | Path) -> Spec:
                 f"must be one of {known}, not {err['input'].get('source')!r}"
             )
         raise InputError(f"{path}: {field}: {message}") from None
+    find_template(spec, path, extended)  # a spec is data: its template must not be code from elsewhere
+    return spec
 
 
 def _without_union_tags(loc: tuple) -> tuple:

@@ -31,6 +31,9 @@ CORPUS = REPO / "tests" / "bad_inputs"
 FAIL_FAST_SECONDS = 60
 """A bad input must not wait on the network: hub retries alone take ~25 s, a cold start ~15 s."""
 
+MAX_LINE = 1000
+"""An error line a person can read: user input is quoted only in part (harness.errors.quoted)."""
+
 USER_ENV_OVERRIDES = ("HARNESS_CACHE_DIR", "HARNESS_DEBUG", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Dropped from the CLI's environment: the test checks what a user gets by default."""
 
@@ -110,6 +113,46 @@ def missing_spec(name: str, folder: Path, tiny_model: Path) -> Path:
     return folder / "no_such_spec.yaml"
 
 
+def deeply_nested(name: str, folder: Path, tiny_model: Path) -> Path:
+    """100,000 nested `[`: PyYAML composes nested collections recursively."""
+    path = folder / "nested.yaml"
+    path.write_text("conditions: " + "[" * 100_000 + "\n", encoding="utf-8")
+    return path
+
+
+def huge_criterion(name: str, folder: Path, tiny_model: Path) -> Path:
+    """A 20 KB criterion that does not parse: the error line must not echo all of it."""
+    return child_spec(folder, CORPUS / "_base.yaml", {"criteria": {"huge": "smoothness.overall.d > 0 and " * 700}})
+
+
+def valid_spec(name: str, folder: Path, tiny_model: Path) -> Path:
+    return corpus_path("_base")
+
+
+# --- unusable runs dirs (the error names the runs dir, not the spec) --------------------------
+
+
+def runs_dir_is_a_file(folder: Path) -> Path:
+    path = folder / "runs"
+    path.write_text("not a folder\n", encoding="utf-8")
+    return path
+
+
+def runs_dir_read_only(folder: Path) -> Path:
+    """A folder without write permission; as root (which may write anyway) a read-only mount."""
+    read_only = folder / "read_only"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):
+        read_only = next((path for path in map(Path, READ_ONLY_MOUNTS) if path.is_dir() and not os.access(path, os.W_OK)), None)
+        if read_only is None:
+            pytest.skip("this process may write in read-only folders, and no read-only mount was found")
+    return read_only / "runs"
+
+
+READ_ONLY_MOUNTS = ("/proc/sys", "/sys")
+"""Read-only for root too in most containers."""
+
+
 # --- the cases ------------------------------------------------------------------------------
 
 
@@ -122,6 +165,8 @@ class Case:
     build: Builder = corpus_file
     spec_only: bool = True
     """The spec itself is bad, so `harness validate` must catch it too (no model, no data)."""
+    runs_dir: Callable[[Path], Path] | None = None
+    """Builds an unusable runs dir in the scratch folder: the error must name it, not the spec."""
 
 
 SPEC_CASES = {  # corpus file -> expected substring; every one fails while the spec loads
@@ -177,6 +222,20 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "criterion_dunder": "criteria.dunder: name segment '__class__'",
     "criterion_bare_value": "criteria.bare: 'smoothness.overall.d' is a value, not a condition",
     "criterion_not_a_string": "criteria.number: Input should be a valid string",
+    # report templates: a spec is data, never code
+    "template_missing": "report.template: template 'no_such_template.md.j2' not found",
+    "template_is_spec": "report.template: 'tests/bad_inputs/template_is_spec.yaml' is a spec file, not a template",
+    "template_extended_spec": "report.template: 'tests/bad_inputs/_base.yaml' is a spec file, not a template",
+    "template_outside": "report.template: '/etc/passwd' resolves to '/etc/passwd', outside",
+    # limits: a valid-looking spec must not exhaust the machine or the file system
+    "name_too_long": "name: String should have at most 100 characters",
+    "bootstrap_too_many": "stats.bootstrap_resamples: Input should be less than or equal to 100000",
+    "n_samples_too_many": "dataset.n_samples: Input should be less than or equal to 10000",
+    # criterion names print on one result line and in RESULTS.md
+    "criterion_name_empty": "criteria: name '' must be 1 to 100 letters, digits",
+    "criterion_name_newline": "criteria: name 'smoother\\nPASSED all' must be 1 to 100 letters",
+    "criterion_name_html": "criteria: name '<script>alert(1)</script>' must be 1 to 100 letters",
+    "criterion_name_too_long": "criteria: name 'nnnnnnnn",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):
@@ -185,6 +244,10 @@ def spec_case(name: str, expected: str | tuple[str, ...]):
 
 def input_case(name: str, expected: str | tuple[str, ...], build: Builder = corpus_file, marks=()):
     return pytest.param(Case(name, expected, build, spec_only=False), id=name, marks=marks)
+
+
+def runs_dir_case(name: str, expected: str, runs_dir: Callable[[Path], Path]):
+    return pytest.param(Case(name, expected, valid_spec, spec_only=False, runs_dir=runs_dir), id=name)
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here")
@@ -202,6 +265,13 @@ CASES = [
     input_case("hub_model_offline", "models.base: 'google/gemma-2-2b' is not available offline", offline_only(corpus_file)),
     input_case("truncated_gguf", ("models.base: ", "truncated.gguf' is not a readable GGUF file"), truncated_gguf),
     input_case("model_dir_without_files", ("models.base: ", "empty_model'"), model_dir_without_files),
+    input_case("model_id_proc", "models.base: '/proc' is not a model folder (it has no config.json)"),
+    input_case("model_id_root", "models.base: '/' is not a model folder (it has no config.json)"),
+    input_case("model_id_usr_lib", "models.base: '/usr/lib' is not a model folder (it has no config.json)"),
+    input_case("nested_brackets", "nested.yaml: nested too deeply to be a spec", deeply_nested),
+    input_case("huge_criterion", ("criteria.huge: 'smoothness.overall.d > 0 and", "…' does not parse"), huge_criterion),
+    runs_dir_case("runs_dir_is_a_file", "--runs-dir: it is a file, not a folder", runs_dir_is_a_file),
+    runs_dir_case("runs_dir_read_only", "--runs-dir: its ancestor ", runs_dir_read_only),
     # these reach the data stage or later, on the tiny local model
     input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model),
     input_case(
@@ -210,7 +280,6 @@ CASES = [
         offline_only(corpus_file_with_tiny_model),
     ),
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
-    input_case("template_missing", "report.template: template 'no_such_template.md.j2' not found", corpus_file_with_tiny_model),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
 ]
 
@@ -220,8 +289,8 @@ CASES = [
 
 @dataclass(frozen=True)
 class Outcome:
-    given: Path
-    """The path the CLI was given (the file an error must name)."""
+    named: Path
+    """The path the error must name: the spec the CLI was given, or the unusable runs dir."""
     returncode: int | None
     """None: killed after the timeout."""
     stderr: str
@@ -239,7 +308,7 @@ def harness_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 
 def run_case(case: Case, folder: Path, tiny_model: Path) -> Outcome:
     """`harness run INPUT --runs-dir folder/runs`, the way a user would, in a clean environment."""
     given = case.build(case.name, folder, tiny_model)
-    runs = folder / "runs"
+    runs = case.runs_dir(folder) if case.runs_dir else folder / "runs"
     env = {key: value for key, value in os.environ.items() if key not in USER_ENV_OVERRIDES}
     env["HARNESS_MODEL_CACHE"] = str(folder / "model-cache")  # converted models live outside the runs dir
     start = time.perf_counter()
@@ -249,8 +318,8 @@ def run_case(case: Case, folder: Path, tiny_model: Path) -> Outcome:
     except subprocess.TimeoutExpired as exc:
         returncode, stderr = None, exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
     seconds = time.perf_counter() - start
-    written = sorted(str(path.relative_to(runs)) for path in runs.rglob("*")) if runs.exists() else []
-    return Outcome(given, returncode, stderr, seconds, written)
+    written = sorted(str(path.relative_to(runs)) for path in runs.rglob("*")) if runs.is_dir() else []
+    return Outcome(runs if case.runs_dir else given, returncode, stderr, seconds, written)
 
 
 def _selected_cases(session: pytest.Session) -> list[Case]:
@@ -287,8 +356,9 @@ def test_bad_input(case: Case, outcomes):
     assert "Traceback" not in outcome.stderr, outcome.stderr
     errors = outcome.stderr.splitlines()
     assert len(errors) == 1, f"expected one line on stderr:\n{outcome.stderr}"
-    assert errors[0].startswith(f"error: {outcome.given}: "), errors[0]
+    assert errors[0].startswith(f"error: {outcome.named}: "), errors[0]
     assert mentions(errors[0], case.expected), errors[0]
+    assert len(errors[0]) <= MAX_LINE, errors[0]
     assert outcome.returncode == 2, errors[0]
     assert outcome.written == [], f"written under the runs dir: {outcome.written}"
     assert outcome.seconds < FAIL_FAST_SECONDS, f"took {outcome.seconds:.0f} s: {errors[0]}"

@@ -152,10 +152,14 @@ def test_missing_local_path_is_an_input_error(path: str, tmp_path: Path) -> None
     assert "not found" in input_error(load_model, ModelSpec(id=path), tmp_path, WHERE)
 
 
-def test_directory_without_a_model_is_an_input_error(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "cannot load from" in input_error(load_model, ModelSpec(id=str(empty)), tmp_path, WHERE)
+@pytest.mark.parametrize("folder", ["empty", "/usr/lib", "/"])
+def test_folder_without_config_is_an_input_error_before_anything_is_hashed(folder: str, tmp_path: Path) -> None:
+    path = tmp_path / folder  # an absolute `folder` replaces tmp_path
+    path.mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    message = input_error(model_identity, ModelSpec(id=str(path)), cache, WHERE)
+    assert f"'{path}' is not a model folder (it has no config.json)" in message
+    assert not cache.exists()  # no file hash memoised: nothing was hashed
 
 
 def test_truncated_gguf_is_an_input_error_and_leaves_no_partial_cache(tmp_path: Path) -> None:

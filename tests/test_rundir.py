@@ -50,12 +50,6 @@ def test_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):
     assert not dead.exists() and live.exists()
 
 
-def test_runs_dir_that_is_a_file_is_an_input_error(tmp_path):
-    (tmp_path / "runs").write_text("not a folder")
-    with pytest.raises(rundir.InputError, match="not a folder"):
-        rundir.check_runs_dir(tmp_path / "runs" / "deeper")
-
-
 class Squares(Stage):
     """A stage computed in units: item i is i², three per unit."""
 

@@ -42,6 +42,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 
+from harness.errors import quoted
 from harness.numbers import format_number
 from harness.statnames import LAYER_SCOPE
 
@@ -114,7 +115,7 @@ def _parse(expr: str) -> tuple[ast.expr, list[str]]:
         _check_condition(tree.body, source, names)
     except SyntaxError as exc:
         where = f"column {exc.offset}" if exc.offset else "end of input"  # offset 0: ran out of input
-        raise ValueError(f"{source!r} does not parse ({exc.msg} at {where})") from None
+        raise ValueError(f"{quoted(source)} does not parse ({exc.msg} at {where})") from None
     except (RecursionError, MemoryError):  # thousands of nested `not`s
         raise ValueError(f"{source[:40]!r}... is nested too deeply") from None
     return tree.body, names
@@ -136,7 +137,7 @@ def _check_condition(node: ast.expr, source: str, names: list[str]) -> None:
     else:
         _check_value(node, source, names)  # rejects what is no value either
         text = _segment(source, node)
-        raise ValueError(f"{text!r} is a value, not a condition: compare it, e.g. {text + ' > 0'!r}")
+        raise ValueError(f"{quoted(text)} is a value, not a condition: compare it, e.g. {quoted(text + ' > 0')}")
 
 
 def _check_value(node: ast.expr, source: str, names: list[str]) -> None:
@@ -147,19 +148,19 @@ def _check_value(node: ast.expr, source: str, names: list[str]) -> None:
         _check_number(node, source)
     elif isinstance(node, ast.UnaryOp) and type(node.op) in _SIGNS:
         if not isinstance(node.operand, ast.Constant):
-            raise ValueError(f"unary sign in {_segment(source, node)!r} applies only to numbers ({ALLOWED})")
+            raise ValueError(f"unary sign in {quoted(_segment(source, node))} applies only to numbers ({ALLOWED})")
         _check_number(node.operand, source)
     elif isinstance(node, (ast.Compare, ast.BoolOp)) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        raise ValueError(f"condition {_segment(source, node)!r} cannot be used as a value in a comparison")
+        raise ValueError(f"condition {quoted(_segment(source, node))} cannot be used as a value in a comparison")
     else:
         construct = _CONSTRUCT_NAMES.get(type(node), type(node).__name__)
-        raise ValueError(f"{construct} {_segment(source, node)!r} is not allowed ({ALLOWED})")
+        raise ValueError(f"{construct} {quoted(_segment(source, node))} is not allowed ({ALLOWED})")
 
 
 def _check_number(node: ast.Constant, source: str) -> None:
     kind = _CONSTANT_KINDS.get(type(node.value))
     if kind is not None:
-        raise ValueError(f"{kind} {_segment(source, node)!r} is not allowed ({ALLOWED})")
+        raise ValueError(f"{kind} {quoted(_segment(source, node))} is not allowed ({ALLOWED})")
     try:
         float(node.value)  # evaluation works in floats
     except OverflowError:
@@ -175,13 +176,13 @@ def _dotted_name(node: ast.Name | ast.Attribute, source: str) -> str:
         current = current.value
     if not isinstance(current, ast.Name):
         raise ValueError(
-            f"attribute access on a non-name expression {_segment(source, current)!r} is not allowed ({ALLOWED})"
+            f"attribute access on a non-name expression {quoted(_segment(source, current))} is not allowed ({ALLOWED})"
         )
     segments.append(current.id)
     name = ".".join(reversed(segments))
     for segment in segments:
         if segment.startswith("_"):
-            raise ValueError(f"name segment '{segment}' in '{name}' starts with '_', which is not allowed")
+            raise ValueError(f"name segment {quoted(segment)} in {quoted(name)} starts with '_', which is not allowed")
     return name
 
 
@@ -211,7 +212,7 @@ def check_criterion(expr: str, vocabulary: Collection[str]) -> None:
     for name in statistic_names(expr):
         for segment in name.split("."):
             if segment not in vocabulary and not LAYER_SCOPE.fullmatch(segment):
-                raise ValueError(f"unknown name '{segment}' in '{name}' ({_hint(segment, vocabulary)})")
+                raise ValueError(f"unknown name {quoted(segment)} in {quoted(name)} ({_hint(segment, vocabulary)})")
 
 
 def _hint(segment: str, vocabulary: Collection[str]) -> str:

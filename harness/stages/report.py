@@ -13,21 +13,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import jinja2
 import pandas as pd
 
-import harness
 from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
-from harness.errors import InputError
-from harness.numbers import format_number, format_percent
 from harness.rundir import RunRecord, load_run, write_report
-from harness.schema import Comparison, Spec
+from harness.schema import Comparison
 from harness.stages.criteria import CriterionResult, outcome, summary_line
 from harness.statnames import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, TEXT_METRIC_NAMES
-
-TEMPLATES_DIR = Path(harness.__file__).parent.parent / "reports" / "templates"
-"""Templates shipped with the harness; `report.template` names one of these, or a path."""
+from harness.templates import explicit_template, find_template, render_template
 
 TOP_TOKENS = 5
 CONTEXT_TOKENS = 3
@@ -48,52 +42,10 @@ def render_report(run_dir: Path, template: Path | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    template_path = _explicit_template(Path(template)) if template else find_template(run.spec, run.manifest["spec_file"])
+    template_path = explicit_template(Path(template)) if template else find_template(run.spec, run.manifest["spec_file"])
     diagnostics = text_diagnostics(run.texts, run.table, run.spec)
     figures = draw_plots(run, run_dir) if run.spec.report.plots else []
     return write_report(run_dir, diagnostics, render_template(template_path, build_context(run, diagnostics, figures)))
-
-
-# --- templates ----------------------------------------------------------------------------
-
-
-def find_template(spec: Spec, spec_file: str) -> Path:
-    """`report.template`: a file in reports/templates/, else a path (absolute or relative to the spec file)."""
-    name = spec.report.template
-    for candidate in (TEMPLATES_DIR / name, Path(spec_file).parent / name):
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"{spec_file}: report.template: template '{name}' not found")
-
-
-def _explicit_template(path: Path) -> Path:
-    if not path.is_file():
-        raise InputError(f"{path}: template not found")
-    return path
-
-
-def render_template(path: Path, context: dict) -> str:
-    """Render a jinja2 template; a template error is the user's input error, named by file (and line)."""
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(path.parent),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    environment.filters.update(num=format_number, percent=format_percent, md=escape_markdown)
-    try:
-        return environment.get_template(path.name).render(context)
-    except jinja2.TemplateSyntaxError as exc:
-        raise InputError(f"{path}: line {exc.lineno}: {exc.message}") from None
-    except jinja2.TemplateError as exc:
-        raise InputError(f"{path}: {exc}") from None
-
-
-def escape_markdown(text: str) -> str:
-    """Text that renders literally inside a markdown table cell."""
-    special = "\\`*_[]<>|#"
-    return "".join("\\" + char if char in special else char for char in text)
 
 
 # --- plots --------------------------------------------------------------------------------
