@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import gguf
 import torch
 import transformers  # a lazy module: model classes load on first use, so a fully cached run skips them
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -149,6 +149,19 @@ def context_length(model_dir: Path) -> int | None:
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     length = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
     return length if isinstance(length, int) else None
+
+
+def config_folder(spec: ModelSpec, cache_dir: Path, where: str) -> Path | None:
+    """The folder holding the model's config.json, without loading weights (a GGUF model is
+    converted first); None for a hub model whose files are not in the local cache yet."""
+    cache_dir = Path(cache_dir)
+    pretrained = _pretrained(_locate(spec, cache_dir, where), spec, cache_dir, where)
+    if pretrained.commit is None:
+        return Path(pretrained.location)
+    try:
+        return Path(hf_hub_download(pretrained.location, "config.json", revision=pretrained.commit, local_files_only=True)).parent
+    except (OSError, HfHubHTTPError):
+        return None
 
 
 def check_fits_context(model_dir: Path, new_tokens: int, prompt_tokens: int, where: str) -> None:

@@ -75,6 +75,8 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     pool = ModelPool(spec, spec_path, executor, shard)
     for alias in sorted(models_used(spec)):
         pool.check(alias)  # a missing package, file, path or device
+    for name, condition in spec.conditions.items():
+        condition.check(name, spec, pool)
     if spec.capture.layers != "all":
         try:
             capture.resolve_layers(pool.model(spec.capture_model).model, spec.capture.layers)

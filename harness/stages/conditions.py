@@ -59,6 +59,9 @@ class ConditionSpec(StrictModel):
         """The seed of its randomness, for the run manifest (None: deterministic)."""
         return getattr(self, "seed", None)
 
+    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
+        """Checks that need the models (run before any stage): raise InputError naming the field."""
+
 
 @dataclass
 class SourceContext:
@@ -98,6 +101,9 @@ def condition_source(spec_model: type[ConditionSpec]):
 
 # --- the built-in sources ---------------------------------------------------------------
 
+PROMPT_SPECIAL_TOKENS = 8
+"""Allowance for the BOS and other special tokens a tokenizer adds to a prompt."""
+
 
 class GenerationSpec(StrictModel):
     """How a model continues the prompt."""
@@ -131,6 +137,13 @@ class GeneratedCondition(ConditionSpec):
 
     def random_seed(self) -> int | None:
         return self.generation.seed
+
+    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
+        # a prompt is at most the whole paragraph, plus special tokens
+        pool.check_fits_context(
+            self.models(spec)[0], self.generation.max_new_tokens, spec.dataset.max_tokens + PROMPT_SPECIAL_TOKENS,
+            f"conditions.{name}.generation.max_new_tokens",
+        )
 
 
 class ShuffledCondition(ConditionSpec):
