@@ -366,7 +366,7 @@ class Run:
 def per_sample_csv(spec: Spec, measured: dict[str, dict]) -> str:
     """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
 
-    Metrics undefined for a text (fewer than two response tokens) are left out.
+    Metrics undefined for a text (fewer than two response tokens; NaN, or null once cached) are left out.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -374,12 +374,14 @@ def per_sample_csv(spec: Spec, measured: dict[str, dict]) -> str:
     for condition, result in measured.items():
         for sample_id, record in enumerate(result["records"]):
             for metric, value in record["text_metrics"].items():
-                writer.writerow([sample_id, condition, "", metric, repr(value)])
+                if value is not None and not math.isnan(value):
+                    writer.writerow([sample_id, condition, "", metric, repr(value)])
             if record["n_response_tokens"] < 2:
                 continue
             for metric in spec.metrics:
                 for layer, value in zip(result["layers"], record["layer_metrics"][metric]):
-                    writer.writerow([sample_id, condition, layer, metric, repr(value)])
+                    if value is not None and not math.isnan(value):
+                        writer.writerow([sample_id, condition, layer, metric, repr(value)])
     return out.getvalue()
 
 

@@ -526,3 +526,86 @@ def test_a_comparison_needs_two_paired_samples(tmp_path, raw):
     few_models.to_csv(path, index=False)
     with pytest.raises(RunFailure, match="human_vs_model.*found 1"):
         compute_stats(load_table(path), make_spec(bootstrap_resamples=0))
+
+
+# --- undefined metrics: NaN, dropped pairwise, reported ----------------------------------------
+
+
+def test_metrics_undefined_for_a_short_response_are_nan_and_the_others_match_their_definition():
+    import torch
+    from torch.nn.functional import cosine_similarity
+
+    from metrics import LAYER_METRICS, TEXT_METRICS
+
+    hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    for tokens in range(4):  # row i: i response tokens, from position 2
+        mask[tokens, 2 : 2 + tokens] = True
+    values = {name: metric(hidden, mask) for name, metric in LAYER_METRICS.items()}
+    assert all(torch.isnan(value[0]) for value in values.values())  # no response token
+    assert all(torch.isnan(values[name][1]) for name in ("smoothness", "normalized_smoothness", "directional_consistency"))
+    assert torch.isnan(values["directional_consistency"][2])  # one delta: no pair of successive deltas
+    first, second = hidden[3, 3] - hidden[3, 2], hidden[3, 4] - hidden[3, 3]
+    assert values["magnitude"][1].item() == pytest.approx(hidden[1, 2].norm().item(), rel=1e-6)
+    assert values["smoothness"][2].item() == pytest.approx((hidden[2, 3] - hidden[2, 2]).norm().item(), rel=1e-6)
+    assert values["directional_consistency"][3].item() == pytest.approx(
+        cosine_similarity(second, first, dim=0).item(), rel=1e-6
+    )
+    nll, targets = torch.rand(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    targets[:, 0] = False
+    assert torch.isnan(TEXT_METRICS["ce_loss_response"](nll, targets, mask)[0])
+    assert TEXT_METRICS["ce_loss"](nll, targets, mask)[0].item() == pytest.approx(nll[0, 1:].mean().item(), rel=1e-6)
+
+
+def test_dropped_texts_name_each_text_lacking_a_metric_and_its_response_length(gapped_csv_path, gapped_raw):
+    from harness.diagnostics import dropped_texts
+
+    short = set(ABSENT) | set(UNDEFINED)
+    texts = [
+        {"sample_id": sample_id, "condition": condition, "n_response_tokens": 1 if (sample_id, condition) in short else 9}
+        for (sample_id, condition), _ in gapped_raw.groupby(["sample_id", "condition"])
+    ]
+    metrics = ["ce_loss", "ce_loss_response", "smoothness", "magnitude"]
+    lacking = {key: [metric for metric in metrics if metric in ABSENT.get(key, ()) + UNDEFINED.get(key, ())] for key in short}
+    expected = [
+        {"sample_id": sample_id, "condition": condition, "metrics": lacking[sample_id, condition], "reason": "1 response token"}
+        for sample_id, condition in sorted(short)
+    ]
+    dropped = dropped_texts(texts, load_table(gapped_csv_path), metrics)
+    assert sorted(dropped, key=lambda row: (row["sample_id"], row["condition"])) == expected
+
+
+def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_model_dir):
+    """WikiText-2 test row 40's rest after its first sentence is a single '"': one response token."""
+    from test_run import REPO, Log, tiny_spec
+
+    from harness.runner import run_spec
+
+    rows = (REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8").splitlines()
+    data = tmp_path / "rows.raw"
+    data.write_text("\n".join(rows[row] for row in (39, 40, 41, 45, 46, 48)) + "\n", encoding="utf-8")
+    tiny_spec(tmp_path, tiny_model_dir)
+    spec = tmp_path / "one-token.yaml"
+    # `dataset.local_path` (issue 11 renames it `dataset.path`)
+    spec.write_text(f"extends: tiny.yaml\nname: one-token\ndataset: {{local_path: '{data}'}}\n")
+    run_dir = run_spec(spec, tmp_path / "runs", log=Log()).run_dir
+
+    texts = [json.loads(line) for line in (run_dir / "texts.jsonl").read_text().splitlines()]
+    [short] = [text for text in texts if text["n_response_tokens"] < 2]
+    assert (short["condition"], short["response"], short["n_response_tokens"]) == ("human", '"', 1)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert all(isinstance(value, float) and math.isfinite(value) for value in stats.values())  # NaN would be null
+    n_samples = len(texts) // 2
+    for metric in ("smoothness", "magnitude"):
+        assert stats[f"{metric}.overall.n"] == stats[f"{metric}.layer1.n"] == n_samples - 1
+    assert stats["ce_loss.overall.n"] == stats["ce_loss_response.overall.n"] == n_samples
+    assert stats["correlation.pooled.n"] == 2 * n_samples - 1
+    criteria = json.loads((run_dir / "criteria.json").read_text())
+    assert criteria and all(row["error"] is None for row in criteria)
+
+    dropped = {"sample_id": short["sample_id"], "condition": "human", "metrics": ["smoothness", "magnitude"],
+               "reason": "1 response token"}
+    assert json.loads((run_dir / "diagnostics.json").read_text())["dropped"] == [dropped]
+    report = (run_dir / "RESULTS.md").read_text()
+    assert "## Dropped samples" in report
+    assert f"| {short['sample_id']} | human | smoothness, magnitude | 1 response token |" in report

@@ -257,6 +257,7 @@ def build_context(run: RunFiles, diagnostics: dict, figures: list[dict]) -> dict
         "plots_enabled": spec.report.plots,
         "figures": figures,
         "threats": threats_to_validity(run, diagnostics),
+        "dropped": diagnostics["dropped"],
         "manifest": _manifest(run.manifest),
     }
 
