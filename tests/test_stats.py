@@ -609,3 +609,18 @@ def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_mo
     report = (run_dir / "RESULTS.md").read_text()
     assert "## Dropped samples" in report
     assert f"| {short['sample_id']} | human | smoothness, magnitude | 1 response token |" in report
+
+
+def test_the_stats_benchmark_runs_and_compares_a_version_with_itself():
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_stats.py"
+    stats_py = Path(stats_stage.__file__)
+    result = subprocess.run(
+        [sys.executable, str(bench), "--n-samples", "12", "--layers", "3", "--baseline", str(stats_py)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "12 samples x 2 conditions x 3 layers" in result.stdout
+    assert "point statistics that differ: 0 []; largest relative change of an interval bound: 0" in result.stdout
