@@ -437,6 +437,19 @@ def test_n_counts_the_pairs_that_have_the_metric_in_both_conditions(gapped_stats
     assert {name: gapped_stats[name] for name in expected_n} == expected_n
 
 
+def test_a_column_with_one_pair_gets_nan_tests_and_the_other_columns_are_computed(tmp_path, raw):
+    rare = raw[(raw["condition"] != "model") | (raw["metric"] != "magnitude") | (raw["sample_id"] == "s00")]
+    path = tmp_path / "per_sample.csv"
+    rare.to_csv(path, index=False)
+    stats = compute_stats(load_table(path), make_spec())
+    layer0 = {condition: per_sample(raw, condition, "magnitude", "layer0")["s00"] for condition in ("human", "model")}
+    assert stats["human_vs_model.magnitude.layer0.n"] == 1
+    assert stats["human_vs_model.magnitude.layer0.mean_diff"] == layer0["human"] - layer0["model"]
+    for stat in ("d", "t", "p", "wilcoxon_p", "p_holm", "mean_diff_ci_low", "d_ci_high"):
+        assert math.isnan(stats[f"human_vs_model.magnitude.layer0.{stat}"]), stat
+    assert math.isfinite(stats["human_vs_model.smoothness.overall.d"]) and math.isfinite(stats["correlation.pooled.r"])
+
+
 def test_resampling_in_smaller_chunks_gives_the_same_intervals(csv_path, stats, monkeypatch):
     monkeypatch.setattr(stats_stage, "_RESAMPLE_CHUNK_DRAWS", 100)  # 2 resamples of 39 samples at a time
     chunked = compute_stats(load_table(csv_path), make_spec())

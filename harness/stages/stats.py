@@ -320,9 +320,8 @@ def _paired_columns(
 ) -> dict[str, np.ndarray | int]:
     """Paired statistics of columns sharing their samples; ``ci_*`` hold the mean_diff then the d bounds."""
     (n, width), diff = a.shape, a - b
-    untested = np.full(width, np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # no pairs at all: NaN means
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pairs: NaN means; one: NaN d
         columns = {
             "mean_a": a.mean(axis=0),
             "mean_b": b.mean(axis=0),
@@ -333,15 +332,13 @@ def _paired_columns(
             "d_ci_low": ci_low[width:],
             "d_ci_high": ci_high[width:],
         }
-    student = ttest_rel(a, b, axis=0) if n >= 2 else None
-    signed_rank = wilcoxon(a, b, axis=0) if n >= 2 else None
-    return columns | {
-        "t": student.statistic if student else untested,
-        "p": student.pvalue if student else untested,
-        "wilcoxon_w": signed_rank.statistic if signed_rank else untested,
-        "wilcoxon_p": signed_rank.pvalue if signed_rank else untested,
-        "n": n,
-    }
+    if n < 2:  # no test on fewer than 2 pairs
+        tests = dict.fromkeys(("t", "p", "wilcoxon_w", "wilcoxon_p"), np.full(width, np.nan))
+    else:
+        student, signed_rank = ttest_rel(a, b, axis=0), wilcoxon(a, b, axis=0)
+        tests = {"t": student.statistic, "p": student.pvalue,
+                 "wilcoxon_w": signed_rank.statistic, "wilcoxon_p": signed_rank.pvalue}
+    return columns | tests | {"n": n}
 
 
 def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
