@@ -22,7 +22,7 @@ Choices worth knowing:
   conditions whose column has a value in both, and ``n`` counts them; the other columns keep
   the sample. A correlation uses the (x, y) pairs of its scope that have both values (pooled
   and per condition: texts; difference: samples with all four values); the mixed model, the
-  texts that have both. Fewer than 2 pairs give NaN statistics.
+  texts that have both. Fewer than 2 pairs give NaN tests, d, r and intervals.
 - Cohen's d_z = mean(diff) / sd(diff, ddof=``stats.ddof``); the seed analysis used ddof=0.
 - Confidence intervals are BCa bootstrap intervals that resample sample ids, exactly as
   ``scipy.stats.bootstrap(..., paired=True, method="BCa", rng=default_rng(stats.seed))`` does
