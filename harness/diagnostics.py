@@ -16,6 +16,7 @@ import pandas as pd
 from scipy.stats import pearsonr
 
 from harness.schema import Spec
+from harness.statnames import TEXT_METRIC_NAMES
 
 NGRAM_SIZE = 4
 """Repetition is measured on word n-grams of this size."""
@@ -78,7 +79,33 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
             "artifact_share": {name: _share(rows[name]) for name in ARTIFACT_PATTERNS},
             "repetition_vs_metric": _pearson(paired["repeated_ngram_fraction"], paired[metric]),
         }
-    return {"ngram_size": NGRAM_SIZE, "metric": metric, "conditions": conditions}
+    return {
+        "ngram_size": NGRAM_SIZE,
+        "metric": metric,
+        "conditions": conditions,
+        "dropped": dropped_texts(texts, table, [*TEXT_METRIC_NAMES, *spec.metrics]),
+    }
+
+
+def dropped_texts(texts: list[dict], table: pd.DataFrame, metrics: list[str]) -> list[dict]:
+    """Texts lacking some of ``metrics`` (undefined for them), which the paired statistics leave out.
+
+    A text lacks a metric when per_sample.csv has no value for it, or a NaN in any layer; its
+    sample then leaves that metric's comparisons with the text's condition. One entry per text:
+    ``sample_id``, ``condition``, ``metrics`` (those it lacks), ``reason`` (its response length:
+    metrics are undefined for responses too short for them).
+    """
+    complete = table["value"].notna().groupby([table["condition"], table["sample_id"], table["metric"]]).all()
+    defined = set(complete.index[complete.to_numpy()])
+    dropped = []
+    for text in texts:
+        condition, sample_id = text["condition"], str(text["sample_id"])
+        lacking = [metric for metric in metrics if (condition, sample_id, metric) not in defined]
+        if lacking:
+            n_tokens = text["n_response_tokens"]
+            reason = f"{n_tokens} response token{'' if n_tokens == 1 else 's'}"
+            dropped.append({"sample_id": text["sample_id"], "condition": text["condition"], "metrics": lacking, "reason": reason})
+    return dropped
 
 
 def _text_frame(texts: list[dict]) -> pd.DataFrame:

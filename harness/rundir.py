@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import shutil
 import time
@@ -139,20 +140,26 @@ def _process_alive(pid: int) -> bool:
 def per_sample_csv(metrics: list[str], measured: dict[str, dict]) -> str:
     """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
 
-    Metrics undefined for a text (fewer than two response tokens) are left out.
+    Metrics undefined for a text (NaN: fewer than two response tokens, say) are left out.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["sample_id", "condition", "layer", "metric", "value"])
+
+    def row(sample_id: int, condition: str, layer: int | str, metric: str, value: Any) -> None:
+        value = number(value)
+        if value is not None and not math.isnan(value):
+            writer.writerow([sample_id, condition, layer, metric, repr(value)])
+
     for condition, result in measured.items():
         for sample_id, record in enumerate(result["records"]):
             for metric, value in record["text_metrics"].items():
-                writer.writerow([sample_id, condition, "", metric, repr(value)])
+                row(sample_id, condition, "", metric, value)
             if record["n_response_tokens"] < 2:
                 continue
             for metric in metrics:
                 for layer, value in zip(result["layers"], record["layer_metrics"][metric]):
-                    writer.writerow([sample_id, condition, layer, metric, repr(value)])
+                    row(sample_id, condition, layer, metric, value)
     return out.getvalue()
 
 

@@ -10,6 +10,9 @@ Two kinds:
   ``target_mask`` marks every predicted token of the text, ``response_mask`` the predicted
   response tokens.
 
+A metric undefined for a text (a response too short for it, e.g. no token-to-token delta)
+is NaN, never a number: the statistics then leave that text out of that metric's comparisons.
+
 Adding a metric is one decorated function here plus its name in a spec's ``metrics:``.
 """
 
@@ -37,8 +40,9 @@ def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Ten
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the masked positions of each row; NaN (0 / 0) for a row with none: undefined."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return (values * mask).sum(-1) / mask.sum(-1)
 
 
 def _step_deltas(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,7 +81,7 @@ def variance(hidden: Tensor, mask: Tensor) -> Tensor:
 
 @layer_metric
 def directional_consistency(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean cosine similarity between successive deltas (1 = straight line)."""
+    """Mean cosine similarity between successive deltas (1 = straight line); NaN below 3 response tokens."""
     from torch.nn.functional import cosine_similarity
 
     deltas, pair_mask = _step_deltas(hidden, mask)

@@ -17,6 +17,7 @@ from statsmodels.stats.multitest import multipletests
 
 from harness.errors import RunFailure
 from harness.schema import Spec
+from harness.stages import stats as stats_stage
 from harness.stages.stats import compute_stats, load_table
 from harness.statnames import STAT_KEYWORDS
 
@@ -50,8 +51,17 @@ def make_spec(**stats_overrides) -> Spec:
     return Spec.model_validate(data)
 
 
-def write_per_sample(path: Path, rng: np.random.Generator) -> Path:
-    """Smoothness grows with depth by condition; CE follows smoothness; one model sample is missing."""
+ABSENT = {("s03", "model"): ("smoothness", "magnitude"), ("s11", "shuffled"): ("ce_loss_response",)}
+"""Gaps of the gapped table, as the runner leaves them: metrics undefined for a short response have no rows."""
+UNDEFINED = {("s07", "human"): ("magnitude",)}
+"""Gaps written as NaN values (every layer)."""
+
+
+def write_per_sample(path: Path, rng: np.random.Generator, gaps: bool = False) -> Path:
+    """Smoothness grows with depth by condition; CE follows smoothness; one model sample is missing.
+
+    With ``gaps``, some texts lack some metrics (``ABSENT``, ``UNDEFINED``); the values are the same.
+    """
     shift = {"human": 1.0, "model": 0.0, "shuffled": 1.5}
     rows = []
     for sample in range(N_SAMPLES):
@@ -63,11 +73,15 @@ def write_per_sample(path: Path, rng: np.random.Generator) -> Path:
             smoothness = 10 + base + effect * np.arange(1, N_LAYERS + 1) / N_LAYERS + rng.normal(0, 0.5, N_LAYERS)
             magnitude = 50 + 2 * base + rng.normal(0, 1, N_LAYERS)
             ce_loss = 0.4 * smoothness.mean() + rng.normal(0, 0.3)
-            for layer in range(N_LAYERS):
-                rows.append((sample_id, condition, layer, "smoothness", smoothness[layer]))
-                rows.append((sample_id, condition, layer, "magnitude", magnitude[layer]))
-            rows.append((sample_id, condition, None, "ce_loss", ce_loss))
-            rows.append((sample_id, condition, None, "ce_loss_response", ce_loss + rng.normal(0, 0.2)))
+            values = {"smoothness": smoothness, "magnitude": magnitude, "ce_loss": [ce_loss],
+                      "ce_loss_response": [ce_loss + rng.normal(0, 0.2)]}
+            for metric, metric_values in values.items():
+                if gaps and metric in ABSENT.get((sample_id, condition), ()):
+                    continue
+                undefined = gaps and metric in UNDEFINED.get((sample_id, condition), ())
+                layers = range(N_LAYERS) if metric in TRAJECTORY_METRICS else [None]
+                for layer, value in zip(layers, metric_values):
+                    rows.append((sample_id, condition, layer, metric, np.nan if undefined else value))
     frame = pd.DataFrame(rows, columns=["sample_id", "condition", "layer", "metric", "value"])
     frame["layer"] = frame["layer"].astype("Int64")
     frame.to_csv(path, index=False)
@@ -77,6 +91,11 @@ def write_per_sample(path: Path, rng: np.random.Generator) -> Path:
 @pytest.fixture(scope="module")
 def csv_path(tmp_path_factory) -> Path:
     return write_per_sample(tmp_path_factory.mktemp("stats") / "per_sample.csv", np.random.default_rng(2024))
+
+
+@pytest.fixture(scope="module")
+def gapped_csv_path(tmp_path_factory) -> Path:
+    return write_per_sample(tmp_path_factory.mktemp("gapped") / "per_sample.csv", np.random.default_rng(2024), gaps=True)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +114,16 @@ def stats(csv_path, spec) -> dict[str, float]:
     return compute_stats(load_table(csv_path), spec)
 
 
+@pytest.fixture(scope="module")
+def gapped_raw(gapped_csv_path) -> pd.DataFrame:
+    return pd.read_csv(gapped_csv_path)
+
+
+@pytest.fixture(scope="module")
+def gapped_stats(gapped_csv_path, spec) -> dict[str, float]:
+    return compute_stats(load_table(gapped_csv_path), spec)
+
+
 # --- independent recomputation ----------------------------------------------------------------
 
 
@@ -103,9 +132,10 @@ def scopes_of(metric: str) -> list[str]:
 
 
 def per_sample(raw: pd.DataFrame, condition: str, metric: str, scope: str) -> pd.Series:
+    """A metric's values by sample id; NaN where undefined (a trajectory metric overall: in any layer)."""
     rows = raw[(raw["condition"] == condition) & (raw["metric"] == metric)]
     if scope == "overall":  # text metric: its only value; trajectory metric: mean over layers
-        return rows.groupby("sample_id")["value"].mean()
+        return rows.groupby("sample_id")["value"].agg(lambda values: values.mean() if values.notna().all() else np.nan)
     return rows[rows["layer"] == int(scope.removeprefix("layer"))].set_index("sample_id")["value"]
 
 
@@ -113,9 +143,15 @@ def paired_ids(raw: pd.DataFrame, a: str, b: str) -> list[str]:
     return sorted(set(raw.loc[raw["condition"] == a, "sample_id"]) & set(raw.loc[raw["condition"] == b, "sample_id"]))
 
 
+def both_present(first: pd.Series, second: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    keep = first.notna() & second.notna()
+    return first[keep].to_numpy(), second[keep].to_numpy()
+
+
 def paired(raw: pd.DataFrame, a: str, b: str, metric: str, scope: str) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of a comparison that have the metric in both conditions."""
     ids = paired_ids(raw, a, b)
-    return per_sample(raw, a, metric, scope)[ids].to_numpy(), per_sample(raw, b, metric, scope)[ids].to_numpy()
+    return both_present(per_sample(raw, a, metric, scope).reindex(ids), per_sample(raw, b, metric, scope).reindex(ids))
 
 
 def expected_descriptives(raw: pd.DataFrame) -> dict[str, float]:
@@ -123,7 +159,7 @@ def expected_descriptives(raw: pd.DataFrame) -> dict[str, float]:
     for condition in raw["condition"].unique():
         for metric in TRAJECTORY_METRICS + TEXT_METRICS:
             for scope in scopes_of(metric):
-                values = per_sample(raw, condition, metric, scope)
+                values = per_sample(raw, condition, metric, scope).dropna()
                 if scope == "overall":
                     expected[f"{metric}.{condition}.mean"] = values.mean()
                     expected[f"{metric}.{condition}.sd"] = np.std(values.to_numpy(), ddof=1)
@@ -162,14 +198,25 @@ def expected_paired(raw: pd.DataFrame, a: str, b: str, ddof: int) -> dict[str, f
     return expected
 
 
+def correlation_inputs(raw: pd.DataFrame, a: str, b: str) -> tuple[pd.Series, ...]:
+    """x_a, x_b, y_a, y_b over the samples of both conditions (NaN where a text lacks the metric)."""
+    ids = paired_ids(raw, a, b)
+    return tuple(
+        per_sample(raw, condition, metric, "overall").reindex(ids)
+        for metric in ("ce_loss", "smoothness")
+        for condition in (a, b)
+    )
+
+
 def correlation_samples(raw: pd.DataFrame, a: str, b: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    x_a, x_b = paired(raw, a, b, "ce_loss", "overall")
-    y_a, y_b = paired(raw, a, b, "smoothness", "overall")
+    """Per scope, the (x, y) pairs that have both values."""
+    x_a, x_b, y_a, y_b = correlation_inputs(raw, a, b)
+    (xa, ya), (xb, yb) = both_present(x_a, y_a), both_present(x_b, y_b)
     return {
-        "pooled": (np.concatenate([x_a, x_b]), np.concatenate([y_a, y_b])),
-        a: (x_a, y_a),
-        b: (x_b, y_b),
-        "difference": (x_a - x_b, y_a - y_b),
+        "pooled": (np.concatenate([xa, xb]), np.concatenate([ya, yb])),
+        a: (xa, ya),
+        b: (xb, yb),
+        "difference": both_present(x_a - x_b, y_a - y_b),
     }
 
 
@@ -186,8 +233,7 @@ def expected_correlations(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]
 
 
 def expected_mixed_model(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
-    x_a, x_b = paired(raw, a, b, "ce_loss", "overall")
-    y_a, y_b = paired(raw, a, b, "smoothness", "overall")
+    x_a, x_b, y_a, y_b = correlation_inputs(raw, a, b)
     frame = pd.DataFrame(
         {
             "sample_id": paired_ids(raw, a, b) * 2,
@@ -195,7 +241,7 @@ def expected_mixed_model(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
             "y": np.concatenate([y_a, y_b]),
             "condition": [1] * len(x_a) + [0] * len(x_b),
         }
-    )
+    ).dropna()  # texts lacking x or y
     fit = smf.mixedlm("y ~ x + condition", frame, groups=frame["sample_id"]).fit()
     return {
         "mixedlm.x_coef": fit.params["x"],
@@ -228,7 +274,10 @@ def is_interval_bound(name: str) -> bool:
 # --- tests --------------------------------------------------------------------------------------
 
 
-def test_every_statistic_equals_independent_recomputation(stats, raw, spec):
+@pytest.mark.parametrize("table", ["complete", "gapped"])
+def test_every_statistic_equals_independent_recomputation(table, request, spec):
+    prefix = "" if table == "complete" else "gapped_"
+    stats, raw = request.getfixturevalue(f"{prefix}stats"), request.getfixturevalue(f"{prefix}raw")
     expected = expected_stats(raw, spec)
     assert {name for name in stats if not is_interval_bound(name)} == set(expected)
     for name, value in expected.items():
@@ -236,7 +285,9 @@ def test_every_statistic_equals_independent_recomputation(stats, raw, spec):
         assert stats[name] == pytest.approx(value, rel=tolerance, abs=1e-12), name
 
 
-def test_output_is_flat_finite_floats_and_json_serialisable(stats):
+@pytest.mark.parametrize("table", ["stats", "gapped_stats"])
+def test_output_is_flat_finite_floats_and_json_serialisable(table, request):
+    stats = request.getfixturevalue(table)
     assert all(type(value) is float and math.isfinite(value) for value in stats.values())
     assert json.loads(json.dumps(stats)) == stats
 
@@ -291,29 +342,34 @@ def test_confidence_intervals_bracket_their_estimates(stats):
         assert stats[f"{bound}_low"] <= stats[estimate] <= stats[f"{bound}_high"], bound
 
 
+def scipy_bca(spec: Spec, data, statistic, paired_samples=True) -> tuple[float, float]:
+    """``scipy.stats.bootstrap``'s BCa interval with the spec's settings and seed."""
+    result = bootstrap(
+        data,
+        statistic,
+        n_resamples=spec.stats.bootstrap_resamples,
+        confidence_level=spec.stats.confidence,
+        method="BCa",
+        paired=paired_samples,
+        rng=np.random.default_rng(spec.stats.seed),
+    )
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
+def interval(stats: dict[str, float], name: str) -> tuple[float, float]:
+    return stats[f"{name}_low"], stats[f"{name}_high"]
+
+
+def d_z(ddof: int):
+    return lambda x, axis: x.mean(axis) / x.std(axis, ddof=ddof)
+
+
+def r(x, y, axis):
+    return pearsonr(x, y, axis=axis).statistic
+
+
 def test_intervals_are_scipy_bca_bootstraps_of_each_statistic_alone(stats, raw, spec):
     """The documented contract: every statistic of a comparison uses the same seeded resampled ids."""
-
-    def bca(data, statistic, paired_samples=True) -> tuple[float, float]:
-        result = bootstrap(
-            data,
-            statistic,
-            n_resamples=spec.stats.bootstrap_resamples,
-            confidence_level=spec.stats.confidence,
-            method="BCa",
-            paired=paired_samples,
-            rng=np.random.default_rng(spec.stats.seed),
-        )
-        return result.confidence_interval.low, result.confidence_interval.high
-
-    def interval(name: str) -> tuple[float, float]:
-        return stats[f"{name}_low"], stats[f"{name}_high"]
-
-    def d_z(x, axis):
-        return x.mean(axis) / x.std(axis, ddof=spec.stats.ddof)
-
-    def r(x, y, axis):
-        return pearsonr(x, y, axis=axis).statistic
 
     def pooled_r(x_a, x_b, y_a, y_b, axis):
         return r(np.concatenate([x_a, x_b], axis), np.concatenate([y_a, y_b], axis), axis)
@@ -323,13 +379,83 @@ def test_intervals_are_scipy_bca_bootstraps_of_each_statistic_alone(stats, raw, 
     x_a, x_b = paired(raw, "human", "model", "ce_loss", "overall")
     y_a, y_b = paired(raw, "human", "model", "smoothness", "overall")
     expected = {
-        "smoothness.overall.mean_diff_ci": bca((smoothness_diff,), np.mean, paired_samples=False),
-        "magnitude.layer2.d_ci": bca((magnitude_diff,), d_z, paired_samples=False),
-        "correlation.pooled.ci": bca((x_a, x_b, y_a, y_b), pooled_r),
-        "correlation.model.ci": bca((x_b, y_b), r),
+        "smoothness.overall.mean_diff_ci": scipy_bca(spec, (smoothness_diff,), np.mean, paired_samples=False),
+        "magnitude.layer2.d_ci": scipy_bca(spec, (magnitude_diff,), d_z(spec.stats.ddof), paired_samples=False),
+        "correlation.pooled.ci": scipy_bca(spec, (x_a, x_b, y_a, y_b), pooled_r),
+        "correlation.model.ci": scipy_bca(spec, (x_b, y_b), r),
     }
     for name, bounds in expected.items():
-        assert interval(name) == pytest.approx(bounds, rel=1e-9), name
+        assert interval(stats, name) == pytest.approx(bounds, rel=1e-9), name
+
+
+def test_intervals_with_gaps_are_scipy_bca_bootstraps_on_the_pairs_kept(gapped_stats, gapped_raw, spec):
+    def pooled_r_of_pairs_present(x_a, x_b, y_a, y_b):  # one resample at a time: NaN marks a missing value
+        x, y = np.concatenate([x_a, x_b]), np.concatenate([y_a, y_b])
+        keep = ~(np.isnan(x) | np.isnan(y))
+        return pearsonr(x[keep], y[keep]).statistic
+
+    scopes = correlation_samples(gapped_raw, "human", "model")
+    inputs = tuple(values.to_numpy() for values in correlation_inputs(gapped_raw, "human", "model"))
+    smoothness_diff = np.subtract(*paired(gapped_raw, "human", "model", "smoothness", "overall"))
+    magnitude_diff = np.subtract(*paired(gapped_raw, "human", "model", "magnitude", "layer2"))
+    expected = {
+        "smoothness.overall.mean_diff_ci": scipy_bca(spec, (smoothness_diff,), np.mean, paired_samples=False),
+        "magnitude.layer2.d_ci": scipy_bca(spec, (magnitude_diff,), d_z(spec.stats.ddof), paired_samples=False),
+        "correlation.model.ci": scipy_bca(spec, scopes["model"], r),
+        "correlation.difference.ci": scipy_bca(spec, scopes["difference"], r),
+        "correlation.pooled.ci": scipy_bca(spec, inputs, pooled_r_of_pairs_present),
+    }
+    assert len(smoothness_diff) == N_SAMPLES - 2 and len(magnitude_diff) == N_SAMPLES - 3
+    for name, bounds in expected.items():
+        assert interval(gapped_stats, name) == pytest.approx(bounds, rel=1e-9), name
+
+
+def test_a_gap_leaves_the_comparisons_of_other_metrics_unchanged(stats, gapped_stats):
+    untouched = ("human_vs_model.ce_loss.", "human_vs_model.ce_loss_response.", "shuffled_vs_human.smoothness.",
+                 "shuffled_vs_human.ce_loss.", "shuffled_vs_human.correlation.")
+    same = [name for name in stats if name.startswith(untouched)]
+    assert len(same) > 50 and all(gapped_stats[name] == stats[name] for name in same)
+    assert gapped_stats["human_vs_model.smoothness.overall.d"] != stats["human_vs_model.smoothness.overall.d"]
+
+
+def test_n_counts_the_pairs_that_have_the_metric_in_both_conditions(gapped_stats):
+    both = N_SAMPLES - 1  # the model condition lacks s39 altogether
+    expected_n = {
+        "human_vs_model.ce_loss.overall.n": both,
+        "human_vs_model.smoothness.overall.n": both - 1,  # s03 model lacks smoothness
+        "human_vs_model.smoothness.layer2.n": both - 1,
+        "human_vs_model.magnitude.layer0.n": both - 2,  # ... and magnitude, which s07 human has as NaN
+        "shuffled_vs_human.magnitude.overall.n": N_SAMPLES - 1,
+        "shuffled_vs_human.ce_loss_response.overall.n": N_SAMPLES - 1,  # s11 shuffled
+        "shuffled_vs_human.smoothness.overall.n": N_SAMPLES,
+        "human_vs_model.correlation.pooled.n": 2 * both - 1,  # texts with both CE and smoothness
+        "human_vs_model.correlation.human.n": both,
+        "human_vs_model.correlation.model.n": both - 1,
+        "human_vs_model.correlation.difference.n": both - 1,
+        "magnitude.human.n": N_SAMPLES - 1,
+    }
+    assert {name: gapped_stats[name] for name in expected_n} == expected_n
+
+
+def test_a_column_with_one_pair_gets_nan_tests_and_the_other_columns_are_computed(tmp_path, raw):
+    rare = raw[(raw["condition"] != "model") | (raw["metric"] != "magnitude") | (raw["sample_id"] == "s00")]
+    path = tmp_path / "per_sample.csv"
+    rare.to_csv(path, index=False)
+    stats = compute_stats(load_table(path), make_spec())
+    layer0 = {condition: per_sample(raw, condition, "magnitude", "layer0")["s00"] for condition in ("human", "model")}
+    assert stats["human_vs_model.magnitude.layer0.n"] == 1
+    assert stats["human_vs_model.magnitude.layer0.mean_diff"] == layer0["human"] - layer0["model"]
+    for stat in ("d", "t", "p", "wilcoxon_p", "p_holm", "mean_diff_ci_low", "d_ci_high"):
+        assert math.isnan(stats[f"human_vs_model.magnitude.layer0.{stat}"]), stat
+    assert math.isfinite(stats["human_vs_model.smoothness.overall.d"]) and math.isfinite(stats["correlation.pooled.r"])
+
+
+def test_resampling_in_smaller_chunks_gives_the_same_intervals(csv_path, stats, monkeypatch):
+    monkeypatch.setattr(stats_stage, "_RESAMPLE_CHUNK_DRAWS", 100)  # 2 resamples of 39 samples at a time
+    chunked = compute_stats(load_table(csv_path), make_spec())
+    assert chunked.keys() == stats.keys()
+    for name, value in stats.items():
+        assert chunked[name] == pytest.approx(value, rel=1e-12), name
 
 
 def test_same_input_same_output_and_the_seed_moves_only_intervals(csv_path, stats):
@@ -413,3 +539,101 @@ def test_a_comparison_needs_two_paired_samples(tmp_path, raw):
     few_models.to_csv(path, index=False)
     with pytest.raises(RunFailure, match="human_vs_model.*found 1"):
         compute_stats(load_table(path), make_spec(bootstrap_resamples=0))
+
+
+# --- undefined metrics: NaN, dropped pairwise, reported ----------------------------------------
+
+
+def test_metrics_undefined_for_a_short_response_are_nan_and_the_others_match_their_definition():
+    import torch
+    from torch.nn.functional import cosine_similarity
+
+    from metrics import LAYER_METRICS, TEXT_METRICS
+
+    hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    for tokens in range(4):  # row i: i response tokens, from position 2
+        mask[tokens, 2 : 2 + tokens] = True
+    values = {name: metric(hidden, mask) for name, metric in LAYER_METRICS.items()}
+    assert all(torch.isnan(value[0]) for value in values.values())  # no response token
+    assert all(torch.isnan(values[name][1]) for name in ("smoothness", "normalized_smoothness", "directional_consistency"))
+    assert torch.isnan(values["directional_consistency"][2])  # one delta: no pair of successive deltas
+    first, second = hidden[3, 3] - hidden[3, 2], hidden[3, 4] - hidden[3, 3]
+    assert values["magnitude"][1].item() == pytest.approx(hidden[1, 2].norm().item(), rel=1e-6)
+    assert values["smoothness"][2].item() == pytest.approx((hidden[2, 3] - hidden[2, 2]).norm().item(), rel=1e-6)
+    assert values["directional_consistency"][3].item() == pytest.approx(
+        cosine_similarity(second, first, dim=0).item(), rel=1e-6
+    )
+    nll, targets = torch.rand(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    targets[:, 0] = False
+    assert torch.isnan(TEXT_METRICS["ce_loss_response"](nll, targets, mask)[0])
+    assert TEXT_METRICS["ce_loss"](nll, targets, mask)[0].item() == pytest.approx(nll[0, 1:].mean().item(), rel=1e-6)
+
+
+def test_dropped_texts_name_each_text_lacking_a_metric_and_its_response_length(gapped_csv_path, gapped_raw):
+    from harness.diagnostics import dropped_texts
+
+    short = set(ABSENT) | set(UNDEFINED)
+    texts = [
+        {"sample_id": sample_id, "condition": condition, "n_response_tokens": 1 if (sample_id, condition) in short else 9}
+        for (sample_id, condition), _ in gapped_raw.groupby(["sample_id", "condition"])
+    ]
+    metrics = ["ce_loss", "ce_loss_response", "smoothness", "magnitude"]
+    lacking = {key: [metric for metric in metrics if metric in ABSENT.get(key, ()) + UNDEFINED.get(key, ())] for key in short}
+    expected = [
+        {"sample_id": sample_id, "condition": condition, "metrics": lacking[sample_id, condition], "reason": "1 response token"}
+        for sample_id, condition in sorted(short)
+    ]
+    dropped = dropped_texts(texts, load_table(gapped_csv_path), metrics)
+    assert sorted(dropped, key=lambda row: (row["sample_id"], row["condition"])) == expected
+
+
+def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_model_dir):
+    """WikiText-2 test row 40's rest after its first sentence is a single '"': one response token."""
+    from test_run import REPO, Log, tiny_spec
+
+    from harness.runner import run_spec
+
+    rows = (REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8").splitlines()
+    data = tmp_path / "rows.raw"
+    data.write_text("\n".join(rows[row] for row in (39, 40, 41, 45, 46, 48)) + "\n", encoding="utf-8")
+    tiny_spec(tmp_path, tiny_model_dir)
+    spec = tmp_path / "one-token.yaml"
+    # `dataset.local_path` (issue 11 renames it `dataset.path`)
+    spec.write_text(f"extends: tiny.yaml\nname: one-token\ndataset: {{local_path: '{data}'}}\n")
+    run_dir = run_spec(spec, tmp_path / "runs", log=Log()).run_dir
+
+    texts = [json.loads(line) for line in (run_dir / "texts.jsonl").read_text().splitlines()]
+    [short] = [text for text in texts if text["n_response_tokens"] < 2]
+    assert (short["condition"], short["response"], short["n_response_tokens"]) == ("human", '"', 1)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert all(isinstance(value, float) and math.isfinite(value) for value in stats.values())  # NaN would be null
+    n_samples = len(texts) // 2
+    for metric in ("smoothness", "magnitude"):
+        assert stats[f"{metric}.overall.n"] == stats[f"{metric}.layer1.n"] == n_samples - 1
+    assert stats["ce_loss.overall.n"] == stats["ce_loss_response.overall.n"] == n_samples
+    assert stats["correlation.pooled.n"] == 2 * n_samples - 1
+    criteria = json.loads((run_dir / "criteria.json").read_text())
+    assert criteria and all(row["error"] is None for row in criteria)
+
+    dropped = {"sample_id": short["sample_id"], "condition": "human", "metrics": ["smoothness", "magnitude"],
+               "reason": "1 response token"}
+    assert json.loads((run_dir / "diagnostics.json").read_text())["dropped"] == [dropped]
+    report = (run_dir / "RESULTS.md").read_text()
+    assert "## Dropped samples" in report
+    assert f"| {short['sample_id']} | human | smoothness, magnitude | 1 response token |" in report
+
+
+def test_the_stats_benchmark_runs_and_compares_a_version_with_itself():
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_stats.py"
+    stats_py = Path(stats_stage.__file__)
+    result = subprocess.run(
+        [sys.executable, str(bench), "--n-samples", "12", "--layers", "3", "--baseline", str(stats_py)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "12 samples x 2 conditions x 3 layers" in result.stdout
+    assert "point statistics that differ: 0 []; largest relative change of an interval bound: 0" in result.stdout

@@ -25,8 +25,9 @@ from metrics import LAYER_METRICS, TEXT_METRICS
 if TYPE_CHECKING:
     from harness.pool import ModelPool
 
-STAGE_VERSION = 2
-"""Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed)."""
+STAGE_VERSION = 3
+"""Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed).
+3: a metric undefined for a short response is NaN (was 0.0)."""
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on the fp32 logits materialized at once when computing CE."""
 

@@ -139,6 +139,7 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "plots_enabled": spec.report.plots,
         "figures": figures,
         "threats": threats_to_validity(run, diagnostics),
+        "dropped": diagnostics["dropped"],
         "manifest": _manifest(run.manifest),
     }
 

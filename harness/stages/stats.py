@@ -15,15 +15,24 @@ are words joined by dots, so that criteria can refer to them:
 
 Choices worth knowing:
 
-- Paired statistics and correlations of a comparison use the samples present in both of its
-  conditions. NaN values are not dropped: they make the statistics they enter NaN.
+- Missing values are dropped pairwise. A text lacks a metric when the metric is undefined for
+  it (a trajectory metric of a response shorter than the metric needs: per_sample.csv has no
+  row for it, or a NaN value); a trajectory metric's overall value is missing when any of its
+  layers is. Each column (metric and scope) of a comparison uses the samples present in both
+  conditions whose column has a value in both, and ``n`` counts them; the other columns keep
+  the sample. A correlation uses the (x, y) pairs of its scope that have both values (pooled
+  and per condition: texts; difference: samples with all four values); the mixed model, the
+  texts that have both. Fewer than 2 pairs give NaN tests, d, r and intervals.
 - Cohen's d_z = mean(diff) / sd(diff, ddof=``stats.ddof``); the seed analysis used ddof=0.
-- Confidence intervals are BCa bootstrap intervals (``scipy.stats.bootstrap``) that resample
-  sample ids. All bootstrapped statistics of one comparison are computed in one call, so they
-  share one set of resampled ids drawn from ``numpy.random.default_rng(stats.seed)``; each
-  interval therefore equals what ``scipy.stats.bootstrap(..., method="BCa", rng=default_rng(seed))``
-  gives for that statistic on its own. Degenerate bootstrap distributions give NaN bounds;
-  ``bootstrap_resamples: 0`` gives NaN intervals.
+- Confidence intervals are BCa bootstrap intervals that resample sample ids, exactly as
+  ``scipy.stats.bootstrap(..., paired=True, method="BCa", rng=default_rng(stats.seed))`` does
+  for one statistic on the samples it uses: the same resampled ids, bias correction and
+  acceleration. Only the arithmetic differs (it agrees to rounding): every statistic here is a
+  function of sums over samples, so a resample's statistics are one matrix product of the
+  resample counts with per-sample terms, for every column at once, and the jackknife behind
+  the acceleration is the total minus one sample's terms. Statistics on the same samples share
+  one set of resampled ids. Degenerate bootstrap distributions give NaN bounds; fewer than 2
+  samples or ``bootstrap_resamples: 0`` give NaN intervals.
 - Correlations are Pearson's r between the text metric ``stats.correlate[0]`` and the overall
   trajectory metric ``stats.correlate[1]``, within each condition, pooled over both conditions'
   samples, and between the per-sample differences.
@@ -31,15 +40,17 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap, pearsonr, ttest_rel, wilcoxon
+from scipy.special import ndtr, ndtri
+from scipy.stats import pearsonr, quantile, ttest_rel, wilcoxon
 
 from harness.artifacts import content_hash
 from harness.errors import RunFailure
@@ -54,11 +65,13 @@ from harness.statnames import (
 )
 from harness.schema import Comparison, Spec, StatsSpec
 
-STAGE_VERSION = 1
-"""Bump when a change here changes any statistic: cached stats stages are then recomputed."""
+STAGE_VERSION = 2
+"""Bump when a change here changes any statistic: cached stats stages are then recomputed.
+2: missing values dropped pairwise; intervals from sums (their last bits changed)."""
 
-_BOOTSTRAP_BATCH = 250
-"""Resamples evaluated per vectorised call: bounds memory, does not change the result."""
+_RESAMPLE_CHUNK_DRAWS = 2**20
+"""Resampled ids drawn and counted at a time: bounds memory, does not change the result."""
+
 
 def load_table(path: Path | io.StringIO) -> pd.DataFrame:
     """Read per_sample.csv; ``layer`` is a nullable integer (missing for per-text metrics)."""
@@ -104,7 +117,7 @@ def _per_sample(table: pd.DataFrame, condition: str) -> pd.DataFrame:
         columns[(metric, OVERALL)] = values.set_index("sample_id")["value"]
     for metric, values in rows[rows["layer"].notna()].groupby("metric", sort=False):
         layers = values.pivot(index="sample_id", columns="layer", values="value")
-        columns[(metric, OVERALL)] = layers.mean(axis=1)
+        columns[(metric, OVERALL)] = layers.mean(axis=1, skipna=False)
         columns |= {(metric, f"layer{layer}"): layers[layer] for layer in layers.columns}
     return pd.DataFrame(columns).sort_index()
 
@@ -139,19 +152,8 @@ def _comparison_stats(
     for column in (x_column, y_column):
         if column not in a.columns:
             raise RunFailure(f"stats.correlate: the per-sample table has no metric {column[0]!r}")
-    x, y = a.columns.get_loc(x_column), a.columns.get_loc(y_column)
-
-    def resampled(a_values: np.ndarray, b_values: np.ndarray, axis: int) -> np.ndarray:
-        # Rows of a_values/b_values are the table's columns; `axis` runs over samples.
-        diff = a_values - b_values
-        scopes = _correlation_scopes(a_values[x], b_values[x], a_values[y], b_values[y], comparison, axis)
-        correlations = [pearsonr(*pair, axis=axis).statistic for pair in scopes.values()]
-        return np.concatenate([diff.mean(axis=axis), _cohens_dz(diff, settings.ddof, axis), np.stack(correlations)])
-
-    low, high = _bootstrap_intervals(a.to_numpy().T, b.to_numpy().T, resampled, settings)
-    split = 2 * a.shape[1]  # mean_diff and d for every column, then the correlations
-    stats = _paired_stats(a, b, settings.ddof, low[:split], high[:split])
-    stats |= _correlations(a[x_column], b[x_column], a[y_column], b[y_column], comparison, low[split:], high[split:])
+    stats = _paired_stats(a, b, settings)
+    stats |= _correlations(a[x_column], b[x_column], a[y_column], b[y_column], comparison, settings)
     if settings.mixed_model:
         stats |= _mixed_model(a[x_column], b[x_column], a[y_column], b[y_column])
     return stats
@@ -163,69 +165,143 @@ def _cohens_dz(diff: np.ndarray, ddof: int, axis: int) -> np.ndarray:
         return diff.mean(axis=axis) / diff.std(axis=axis, ddof=ddof)
 
 
-def _correlation_scopes(
-    x_a: np.ndarray, x_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray, comparison: Comparison, axis: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The (x, y) samples each correlation is computed on, by scope name."""
-    return {
-        "pooled": (np.concatenate([x_a, x_b], axis=axis), np.concatenate([y_a, y_b], axis=axis)),
-        comparison.a: (x_a, y_a),
-        comparison.b: (x_b, y_b),
-        "difference": (x_a - x_b, y_a - y_b),
-    }
+# --- BCa bootstrap over weighted sums -------------------------------------------------------
 
 
-def _bootstrap_intervals(
-    a: np.ndarray, b: np.ndarray, statistic: Callable[..., np.ndarray], settings: StatsSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """BCa intervals of every output of ``statistic(a, b, axis)``, resampling samples (last axis) jointly."""
-    if settings.bootstrap_resamples == 0:
-        nan = np.full(statistic(a, b, axis=-1).shape, np.nan)
+@dataclass(frozen=True)
+class _Estimator:
+    """Statistics that are functions of sums over samples, so that a resample is a reweighting.
+
+    A bootstrap resample's sums are ``counts @ terms`` (how often each sample was drawn), a
+    jackknife resample's are the total minus one sample's terms: no resampled data is built.
+    """
+
+    keep: np.ndarray
+    """Which of the comparison's samples the statistics use (bool, one per sample)."""
+    terms: np.ndarray
+    """Additive terms of each kept sample, ``[kept samples, k]``."""
+    statistic: Callable[[np.ndarray], np.ndarray]
+    """Sums over samples ``[..., k]`` -> the statistics ``[..., width]``."""
+    width: int
+    """How many statistics."""
+
+
+def _mean_and_dz(keep: np.ndarray, diff: np.ndarray, ddof: int) -> _Estimator:
+    """The mean difference and d_z of every column of ``diff`` ``[kept samples, columns]``."""
+    centre = diff.mean(axis=0) if len(diff) else np.zeros(diff.shape[1])
+    centred = diff - centre  # centred terms keep the sums of squares free of cancellation
+    width = diff.shape[1]
+
+    def statistic(sums: np.ndarray) -> np.ndarray:
+        count, first, second = sums[..., :1], sums[..., 1 : width + 1], sums[..., width + 1 :]
+        with np.errstate(divide="ignore", invalid="ignore"):  # zero SD: inf or NaN, as for the estimate
+            mean = first / count
+            sd = np.sqrt((second - first * mean) / (count - ddof))
+            return np.concatenate([centre + mean, (centre + mean) / sd], axis=-1)
+
+    return _Estimator(keep, np.hstack([np.ones((len(diff), 1)), centred, centred**2]), statistic, 2 * width)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> _Estimator:
+    """Pearson's r over the (x, y) pairs that have both values; ``x``, ``y`` are ``[samples, texts]``."""
+    valid = ~(np.isnan(x) | np.isnan(y))
+    keep = valid.any(axis=1)
+    x_centred = np.where(valid, x - (x[valid].mean() if keep.any() else 0.0), 0.0)[keep]
+    y_centred = np.where(valid, y - (y[valid].mean() if keep.any() else 0.0), 0.0)[keep]
+    products = (valid[keep], x_centred, y_centred, x_centred**2, y_centred**2, x_centred * y_centred)
+    terms = np.stack([term.sum(axis=1) for term in products], axis=1)
+
+    def statistic(sums: np.ndarray) -> np.ndarray:
+        count, sx, sy, sxx, syy, sxy = np.moveaxis(sums, -1, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a constant variable: NaN, as pearsonr
+            r = (sxy - sx * sy / count) / np.sqrt((sxx - sx * sx / count) * (syy - sy * sy / count))
+        return np.clip(r, -1.0, 1.0)[..., None]
+
+    return _Estimator(keep, terms, statistic, 1)
+
+
+def _bca_intervals(estimators: list[_Estimator], settings: StatsSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per estimator, the BCa bounds of its statistics; estimators on the same samples share the resamples."""
+    groups: dict[bytes, list[int]] = {}
+    for index, estimator in enumerate(estimators):
+        groups.setdefault(estimator.keep.tobytes(), []).append(index)
+    intervals: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0))] * len(estimators)
+    for indices in groups.values():
+        members = [estimators[index] for index in indices]
+        low, high = _bca(_joined(members), settings)
+        edges = np.cumsum([member.width for member in members])[:-1]
+        for index, low_part, high_part in zip(indices, np.split(low, edges), np.split(high, edges)):
+            intervals[index] = (low_part, high_part)
+    return intervals
+
+
+def _joined(members: list[_Estimator]) -> _Estimator:
+    """One estimator giving every member's statistics, in order (the members use the same samples)."""
+    edges = np.cumsum([member.terms.shape[1] for member in members])[:-1]
+
+    def statistic(sums: np.ndarray) -> np.ndarray:
+        parts = np.split(sums, edges, axis=-1)
+        return np.concatenate([member.statistic(part) for member, part in zip(members, parts)], axis=-1)
+
+    terms = np.hstack([member.terms for member in members])
+    return _Estimator(members[0].keep, terms, statistic, sum(member.width for member in members))
+
+
+def _bca(estimator: _Estimator, settings: StatsSpec) -> tuple[np.ndarray, np.ndarray]:
+    """BCa bounds of the estimator's statistics, resampling its samples as ``scipy.stats.bootstrap`` does.
+
+    The resampled ids are the ones ``bootstrap`` draws (``default_rng(seed).integers(0, n, (resamples, n))``),
+    the bias correction and acceleration are its formulas; only the statistics come from sums.
+    """
+    terms, statistic = estimator.terms, estimator.statistic
+    n = len(terms)
+    if settings.bootstrap_resamples == 0 or n < 2:
+        nan = np.full(estimator.width, np.nan)
         return nan, nan
+    totals = terms.sum(axis=0)
+    estimate = statistic(totals)
+    resampled = np.concatenate([statistic(counts @ terms) for counts in _resample_counts(n, settings)])
+    jackknife = statistic(totals - terms)  # leave-one-out sums in closed form
+    with np.errstate(divide="ignore", invalid="ignore"):  # degenerate distributions: NaN bounds
+        below = ((resampled < estimate).sum(axis=0) + (resampled <= estimate).sum(axis=0)) / (2 * len(resampled))
+        bias = ndtri(below)
+        spread = (n - 1) * (jackknife.mean(axis=0) - jackknife)
+        acceleration = 1 / 6 * (np.sum(spread**3, axis=0) / n**3) / (np.sum(spread**2, axis=0) / n**2) ** 1.5
+        z = float(ndtri((1 - settings.confidence) / 2))
+        levels = [ndtr(bias + (bias + side) / (1 - acceleration * (bias + side))) for side in (z, -z)]
     with warnings.catch_warnings():
-        # Degenerate resamples (constant values, tiny n) only make their bounds NaN.
-        warnings.simplefilter("ignore")
-        result = bootstrap(
-            (a, b),
-            statistic,
-            n_resamples=settings.bootstrap_resamples,
-            batch=_BOOTSTRAP_BATCH,
-            vectorized=True,
-            paired=True,
-            axis=-1,
-            confidence_level=settings.confidence,
-            method="BCa",
-            rng=np.random.default_rng(settings.seed),
-        )
-    return result.confidence_interval.low, result.confidence_interval.high
+        warnings.simplefilter("ignore")  # NaN levels or statistics give NaN bounds
+        bounds = quantile(resampled.T, np.stack(levels, axis=-1), axis=-1)
+    return bounds[:, 0], bounds[:, 1]
 
 
-def _paired_stats(
-    a: pd.DataFrame, b: pd.DataFrame, ddof: int, ci_low: np.ndarray, ci_high: np.ndarray
-) -> dict[str, float]:
-    """``<metric>.<scope>.<stat>`` for every column; ``ci_*`` hold the mean_diff then the d bounds."""
-    width = a.shape[1]
+def _resample_counts(n: int, settings: StatsSpec) -> Iterator[np.ndarray]:
+    """How often each of ``n`` samples is drawn, per resample, a chunk of resamples at a time."""
+    rng = np.random.default_rng(settings.seed)
+    chunk = max(1, _RESAMPLE_CHUNK_DRAWS // n)
+    for start in range(0, settings.bootstrap_resamples, chunk):
+        rows = min(chunk, settings.bootstrap_resamples - start)
+        drawn = rng.integers(0, n, (rows, n)) + n * np.arange(rows)[:, None]
+        yield np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(float)
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def _paired_stats(a: pd.DataFrame, b: pd.DataFrame, settings: StatsSpec) -> dict[str, float]:
+    """``<metric>.<scope>.<stat>`` for every column, on the samples that have the column in both conditions."""
     a_values, b_values = a.to_numpy(), b.to_numpy()
-    diff = a_values - b_values
-    student, signed_rank = ttest_rel(a_values, b_values, axis=0), wilcoxon(a_values, b_values, axis=0)
-    per_column = pd.DataFrame(
-        {
-            "mean_a": a_values.mean(axis=0),
-            "mean_b": b_values.mean(axis=0),
-            "mean_diff": diff.mean(axis=0),
-            "mean_diff_ci_low": ci_low[:width],
-            "mean_diff_ci_high": ci_high[:width],
-            "d": _cohens_dz(diff, ddof, axis=0),
-            "d_ci_low": ci_low[width:],
-            "d_ci_high": ci_high[width:],
-            "t": student.statistic,
-            "p": student.pvalue,
-            "wilcoxon_w": signed_rank.statistic,
-            "wilcoxon_p": signed_rank.pvalue,
-            "n": len(a),
-        },
-        index=a.columns,
-    )
+    groups = []
+    for keep, columns in _columns_by_samples(~(np.isnan(a_values) | np.isnan(b_values))):
+        # Column-major, like the table's own array: each column's sums come out bit for bit the same.
+        a_kept, b_kept = (np.asfortranarray(values[np.ix_(keep, columns)]) for values in (a_values, b_values))
+        groups.append((keep, columns, a_kept, b_kept))
+    estimators = [_mean_and_dz(keep, a_kept - b_kept, settings.ddof) for keep, _, a_kept, b_kept in groups]
+    parts = [
+        pd.DataFrame(_paired_columns(a_kept, b_kept, settings.ddof, low, high), index=a.columns[columns])
+        for (_, columns, a_kept, b_kept), (low, high) in zip(groups, _bca_intervals(estimators, settings))
+    ]
+    per_column = pd.concat(parts).loc[a.columns]
     per_column = per_column.join(_layer_adjusted_p(per_column["p"]))
     stats: dict[str, float] = {}
     for (metric, scope), row in per_column.to_dict("index").items():
@@ -234,35 +310,85 @@ def _paired_stats(
     return stats
 
 
+def _columns_by_samples(present: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Columns grouped by the samples that have them: (samples kept, column indices) per group."""
+    groups: dict[bytes, list[int]] = {}
+    for column in range(present.shape[1]):
+        groups.setdefault(present[:, column].tobytes(), []).append(column)
+    return [(present[:, columns[0]], np.array(columns)) for columns in groups.values()]
+
+
+def _paired_columns(
+    a: np.ndarray, b: np.ndarray, ddof: int, ci_low: np.ndarray, ci_high: np.ndarray
+) -> dict[str, np.ndarray | int]:
+    """Paired statistics of columns sharing their samples; ``ci_*`` hold the mean_diff then the d bounds."""
+    (n, width), diff = a.shape, a - b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pairs: NaN means; one: NaN d
+        columns = {
+            "mean_a": a.mean(axis=0),
+            "mean_b": b.mean(axis=0),
+            "mean_diff": diff.mean(axis=0),
+            "mean_diff_ci_low": ci_low[:width],
+            "mean_diff_ci_high": ci_high[:width],
+            "d": _cohens_dz(diff, ddof, axis=0),
+            "d_ci_low": ci_low[width:],
+            "d_ci_high": ci_high[width:],
+        }
+    if n < 2:  # no test on fewer than 2 pairs
+        tests = dict.fromkeys(("t", "p", "wilcoxon_w", "wilcoxon_p"), np.full(width, np.nan))
+    else:
+        student, signed_rank = ttest_rel(a, b, axis=0), wilcoxon(a, b, axis=0)
+        tests = {"t": student.statistic, "p": student.pvalue,
+                 "wilcoxon_w": signed_rank.statistic, "wilcoxon_p": signed_rank.pvalue}
+    return columns | tests | {"n": n}
+
+
 def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
     """Per-layer p-values adjusted across the layers of their metric (NaN for overall and NaN p)."""
     from statsmodels.stats.multitest import multipletests  # statsmodels imports in ~1 s: only when computing
 
     metrics, scopes = p.index.get_level_values(0), p.index.get_level_values(1)
     adjusted = {stat: np.full(len(p), np.nan) for stat in LAYER_ADJUSTED_P}
-    for metric in metrics.unique():
-        rows = np.flatnonzero((metrics == metric) & (scopes != OVERALL) & p.notna().to_numpy())
-        if rows.size:
-            for stat, method in LAYER_ADJUSTED_P.items():
-                adjusted[stat][rows] = multipletests(p.to_numpy()[rows], method=method)[1]
+    # multipletests' Holm runs gc.collect() on every call (0.2 s with torch loaded): frozen, the
+    # objects that exist now are not scanned again.
+    gc.freeze()
+    try:
+        for metric in metrics.unique():
+            rows = np.flatnonzero((metrics == metric) & (scopes != OVERALL) & p.notna().to_numpy())
+            if rows.size:
+                for stat, method in LAYER_ADJUSTED_P.items():
+                    adjusted[stat][rows] = multipletests(p.to_numpy()[rows], method=method)[1]
+    finally:
+        gc.unfreeze()
     return pd.DataFrame(adjusted, index=p.index)
 
 
+def _correlation_scopes(
+    x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series, comparison: Comparison
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (x, y) values each correlation is computed on, by scope name: ``[samples, texts per sample]``."""
+    x_a, x_b, y_a, y_b = (values.to_numpy()[:, None] for values in (x_a, x_b, y_a, y_b))
+    return {
+        "pooled": (np.hstack([x_a, x_b]), np.hstack([y_a, y_b])),
+        comparison.a: (x_a, y_a),
+        comparison.b: (x_b, y_b),
+        "difference": (x_a - x_b, y_a - y_b),
+    }
+
+
 def _correlations(
-    x_a: pd.Series,
-    x_b: pd.Series,
-    y_a: pd.Series,
-    y_b: pd.Series,
-    comparison: Comparison,
-    ci_low: np.ndarray,
-    ci_high: np.ndarray,
+    x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series, comparison: Comparison, settings: StatsSpec
 ) -> dict[str, float]:
-    """``correlation.<scope>.<stat>``; ``ci_*`` are in the order of ``_correlation_scopes``."""
-    scopes = _correlation_scopes(x_a.to_numpy(), x_b.to_numpy(), y_a.to_numpy(), y_b.to_numpy(), comparison, axis=0)
+    """``correlation.<scope>.<stat>``, each on the (x, y) pairs of its scope that have both values."""
+    scopes = _correlation_scopes(x_a, x_b, y_a, y_b, comparison)
+    intervals = _bca_intervals([_pearson(x, y) for x, y in scopes.values()], settings)
     stats: dict[str, float] = {}
-    for (scope, (x, y)), low, high in zip(scopes.items(), ci_low, ci_high):
-        result = pearsonr(x, y)
-        values = (result.statistic, result.pvalue, low, high, len(x))
+    for (scope, (x, y)), (low, high) in zip(scopes.items(), intervals):
+        valid = ~(np.isnan(x) | np.isnan(y)).T  # texts of condition a first, then b (pooled)
+        x_kept, y_kept = x.T[valid], y.T[valid]
+        r, p = pearsonr(x_kept, y_kept) if len(x_kept) >= 2 else (np.nan, np.nan)
+        values = (r, p, low[0], high[0], len(x_kept))
         stats |= {f"correlation.{scope}.{stat}": value for stat, value in zip(CORRELATION_STATS, values)}
     return stats
 
@@ -279,9 +405,8 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
     )
     import statsmodels.formula.api as smf
 
+    frame = frame.dropna()  # texts lacking x or y leave the model; their sample's other text stays
     failed = {f"mixedlm.{stat}": np.nan for stat in MIXEDLM_STATS} | {"mixedlm.converged": 0.0}
-    if frame.isna().any(axis=None):  # NaN values make statistics NaN, here as everywhere
-        return failed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-convergence is reported as mixedlm.converged = 0
