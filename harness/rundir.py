@@ -13,14 +13,19 @@ import csv
 import io
 import math
 import os
+import platform
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+import harness
 from pydantic import Field
 
 from harness.artifacts import number, read_json, read_jsonl, write_json, write_jsonl, write_text
@@ -37,6 +42,8 @@ STALE_STAGING_SECONDS = 60
 be between `mkdir` and writing the file)."""
 
 OWNER_FILE = ".owner-pid"
+
+MANIFEST_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "scipy", "statsmodels", "pandas", "pydantic")
 
 
 class ModelRecord(StrictModel):
@@ -217,6 +224,26 @@ def write_report(folder: Path, diagnostics: dict, markdown: str) -> Path:
     write_json(folder / "diagnostics.json", diagnostics)
     write_text(folder / "RESULTS.md", markdown)
     return folder / "RESULTS.md"
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(harness.__file__).resolve().parent.parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"harness": harness.__version__, "python": platform.python_version()}
+    for name in MANIFEST_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 # --- reading ---------------------------------------------------------------------------------

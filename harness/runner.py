@@ -11,13 +11,10 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -34,9 +31,6 @@ from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
 from harness.templates import find_template
 from harness.writing import check_writable_folder
-
-MANIFEST_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "scipy", "statsmodels", "pandas", "pydantic")
-
 
 @dataclass
 class RunOutcome:
@@ -156,8 +150,8 @@ def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
         spec_hash=content_hash(spec.model_dump(mode="json")),
         run_id=run_id,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        packages=package_versions(),
+        git_commit=rundir.git_commit(),
+        packages=rundir.package_versions(),
         models=plan.pool.provenance(),
         processes=executor.shard.world,
         seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
@@ -165,26 +159,6 @@ def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
         timings=dict(executor.timings),
         cache=dict(executor.reuse),
     )
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(harness.__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def package_versions() -> dict[str, str | None]:
-    versions = {"harness": harness.__version__, "python": platform.python_version()}
-    for name in MANIFEST_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def run_spec(
