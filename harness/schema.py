@@ -153,6 +153,9 @@ class ThreatsSpec(StrictModel):
     """Relative difference of the primary comparison's mean response lengths."""
     scale_free_metric: str | None = None
     """A scale-free variant of the studied metric, reported beside it (it must be in `metrics`)."""
+    control_must_not_be: Literal["lowest", "highest"] | None = None
+    """Warn when a control condition (one derived from another, e.g. shuffled) has the lowest
+    or highest mean of the studied metric: the end the hypothesis reserves for real text."""
 
 
 class ReportSpec(StrictModel):

@@ -249,10 +249,11 @@ def test_threats_and_manifest(tmp_path):
         conditions={"human": {"source": "human"}, "model": {"source": "generate"}, "shuffled": {"source": "shuffle", "of": "human"}},
         stats={"bootstrap_resamples": 200, "mixed_model": False,
                "comparisons": {"human_vs_model": {"a": "human", "b": "model"}, "human_vs_shuffled": {"a": "human", "b": "shuffled"}}},
+        report={"threats": {"control_must_not_be": "lowest"}},
     )
     text = render_report(run_dir).read_text()
     stats = read_json(run_dir / "stats.json")
-    assert "the control condition `shuffled` has the lowest mean" in text.replace("\n> ", " ")
+    assert "the control condition `shuffled` has the lowest mean smoothness of all conditions" in text.replace("\n> ", " ")
     assert "Length matching was **off**" in text
     assert "**Mixed model**: not fitted." in text
     cells = row_cells(section(text, "### Comparison human_vs_shuffled"), "smoothness (overall)")

@@ -351,21 +351,22 @@ def _length_threat(per_condition: dict, comparison: Comparison, limit: float) ->
 
 
 def _control_threat(run: RunRecord) -> dict:
-    """Control conditions (derived from another condition, e.g. shuffled), and whether one of
-    them has the lowest or the highest mean of the studied metric."""
+    """Control conditions (derived from another condition, e.g. shuffled), the conditions with
+    the lowest and highest mean of the studied metric, and whether a control sits at the end
+    the spec reserves for real text (`report.threats.control_must_not_be`)."""
     metric = run.spec.stats.correlate[1]
     controls = [c for c, condition in run.spec.conditions.items() if condition.derived_from()]
     means = {c: run.stat(f"{metric}.{c}.mean") for c in run.spec.conditions}
     finite = {c: mean for c, mean in means.items() if not math.isnan(mean)}
-    lowest = min(finite, key=finite.get) if finite else None
-    highest = max(finite, key=finite.get) if finite else None
+    ends = {"lowest": min(finite, key=finite.get), "highest": max(finite, key=finite.get)} if finite else {}
+    forbidden = run.spec.report.threats.control_must_not_be
     return {
         "conditions": controls,
         "means": means,
-        "lowest": lowest,
-        "highest": highest,
-        "control_is_lowest": lowest in controls,
-        "control_is_highest": highest in controls,
+        "lowest": ends.get("lowest"),
+        "highest": ends.get("highest"),
+        "warning": forbidden if forbidden and ends.get(forbidden) in controls else None,
+        "at_end": ends.get(forbidden) if forbidden else None,
     }
 
 
