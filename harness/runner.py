@@ -195,22 +195,27 @@ class Run:
         stage_name = f"generate[{name}]"
         with self.stage(stage_name):
             result = self.cache.get("generate", key)
-            reused, resumed = result is not None, 0
+            reused, resumed, how = result is not None, 0, ""
             if result is None:
                 loaded = self.model(alias)
                 lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in prompts]
-                units = generate.plan_batches(lengths, self.spec.runtime.generation_batch_size)
+                batch_size = self.spec.runtime.generation_batch_size
+                if batch_size == "auto":
+                    batch_size = generate.auto_batch_size(loaded.model, loaded.input_device, max(lengths), settings.max_new_tokens)
+                units = generate.plan_batches(lengths, batch_size)
+                report = generate.GenerationReport()
 
                 def run_unit(unit: list[int]) -> list[dict]:
                     return generate.generate_batch(
                         loaded.model, loaded.tokenizer, loaded.input_device, [prompts[i] for i in unit],
-                        settings, seed=settings.seed * 1_000_003 + unit[0],
+                        settings, seed=settings.seed * 1_000_003 + unit[0], compile=self.spec.runtime.compile, report=report,
                     )
 
                 result, resumed = self._run_units("generate", key, stage_name, units, run_unit)
                 if self.dist.rank == 0:
                     self.cache.put("generate", key, result)
-        self.note(stage_name, reused, f"{alias}, {len(result)} continuations{self._resumed(resumed)}")
+                how = f", batches of {batch_size}, {report.summary()}"
+        self.note(stage_name, reused, f"{alias}, {len(result)} continuations{self._resumed(resumed)}{how}")
         return [
             {"prompt": sample["prompt"], "response": out["response"], "stopped_early": out["stopped_early"], "generator": alias}
             for sample, out in zip(samples, result)
