@@ -45,16 +45,19 @@ def test_kv_cache_term_is_the_size_of_the_models_own_cache(llama, tiny_tokenizer
 
 
 def test_auto_batch_size_fills_the_memory_fraction(llama, monkeypatch):
+    lengths = [30, 12] * 1000
     per_sequence = generate.bytes_per_sequence(llama, 30, 90)
     monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 1000 * per_sequence)
-    assert generate.auto_batch_size(llama, torch.device("cpu"), 30, 90) == int(1000 * generate.MEMORY_FRACTION)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == int(1000 * generate.MEMORY_FRACTION)
     monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 0)
-    assert generate.auto_batch_size(llama, torch.device("cpu"), 30, 90) == 1  # never zero
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == 1  # never zero
 
 
-def test_cpu_auto_batch_size_keeps_a_spec_in_one_batch(llama):
-    """On a CPU, `auto` holds far more than a spec's 50 prompts: the batches the default 64 made stay."""
-    assert generate.auto_batch_size(llama, torch.device("cpu"), 60, 90) >= 64
+def test_auto_batch_size_on_a_cpu_takes_every_prompt(llama):
+    """On a CPU, `auto` puts a spec's prompts in one batch, as the former default of 64 did."""
+    lengths = [60] * 500
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == len(lengths)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths[:3], 90) == 3
 
 
 def test_out_of_memory_halves_the_batch_once(llama, tiny_tokenizer, prompts, monkeypatch, caplog):

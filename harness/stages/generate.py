@@ -89,14 +89,14 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int) -> int:
     return kv_cache + prefill + logits
 
 
-def auto_batch_size(model, device: torch.device, longest_prompt: int, max_new_tokens: int) -> int:
-    """Sequences per generate call that fit in MEMORY_FRACTION of the device's free memory.
-
-    On a CPU this is far more than a spec's prompts, so all of them go in one batch (as the
-    default of 64 did for 50 prompts).
+def auto_batch_size(model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
+    """Prompts per generate call: all of them, or as many as fit in MEMORY_FRACTION of the
+    device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
+    as the former default of 64 put the 50 prompts of every shipped spec.
     """
-    per_sequence = bytes_per_sequence(model, longest_prompt, max_new_tokens)
-    return max(1, int(MEMORY_FRACTION * free_memory_bytes(device) / per_sequence))
+    per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens)
+    fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
+    return max(1, min(len(prompt_lengths), fit))
 
 
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
