@@ -135,3 +135,23 @@ def test_cross_entropy_memory_measures_a_prefix_when_full_logits_do_not_fit(resu
     memory = bench.cross_entropy_memory(workload, result.tokenized)
     assert memory.batch_shape == result.ce_memory.batch_shape
     assert memory.measured_positions == bench.CE_PREFIX_POSITIONS and memory.full_logits_peak_mib is None
+
+
+def test_compiled_parts_match_eager(workload):
+    """Harness compiled and the compiled floor run (inductor on the CPU) and change no greedy fp32 token."""
+    result = bench.run_benchmark(workload, skip_seed=True, compiled=True)
+    compiled = ("harness compiled generate",) + bench.COMPILED_FLOOR_PARTS
+    assert set(result.parts) == set(bench.HARNESS_PARTS + bench.FLOOR_PARTS + compiled)
+    assert all(result.parts[name].compile_seconds is not None for name in compiled)
+    assert result.compiled_differences == 0
+    report = bench.format_report(result, workload)
+    assert "| harness compiled generate |" in report and "- compiled: harness " in report
+
+
+def test_several_sizes_run_in_one_process_with_the_seed_style_only_up_to_its_limit(capsys):
+    argv = ["--random-weights", "--config", "tiny", "--device", "cpu", "--n-samples", "2", "3", "--seed-max-samples", "2"]
+    assert bench.main(argv) == 0
+    first, second = capsys.readouterr().out.split("N = 3: 6 texts")
+    assert "N = 2: 4 texts" in first
+    assert first.count("| harness capture+CE |") == second.count("| harness capture+CE |") == 1
+    assert "| seed CE |" in first and "| seed CE |" not in second
