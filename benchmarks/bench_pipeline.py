@@ -353,7 +353,7 @@ def final_hidden(
     work: Workload, input_ids: torch.Tensor, attention: torch.Tensor, decoder: Callable | None = None
 ) -> torch.Tensor:
     """The decoder alone (no LM head, no hooks): the final hidden states."""
-    decoder = decoder or work.model.get_decoder()
+    decoder = work.model.get_decoder() if decoder is None else decoder  # a compiled module has no truth value
     return decoder(input_ids=input_ids.to(work.device), attention_mask=attention.to(work.device), use_cache=False).last_hidden_state
 
 
@@ -610,8 +610,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--generation-batch-size", type=batch_setting,
                         help="harness generation batch, or auto; default: the spec's")
     parser.add_argument("--token-budget", type=batch_setting, help="harness capture batch budget, or auto; default: the spec's")
-    parser.add_argument("--compiled", action="store_true",
-                        help="also time harness compiled and the compiled floor (static KV cache, torch.compile)")
+    parser.add_argument("--compiled", type=int, nargs="*", metavar="N",
+                        help="also time harness compiled and the compiled floor (static KV cache, torch.compile), "
+                        "at these sizes (none named: every size)")
     parser.add_argument("--skip-seed", action="store_true", help="time only the harness and the floor")
     parser.add_argument("--seed-max-samples", type=int, default=SEED_MAX_SAMPLES,
                         help="the seed-style pipeline runs only at sizes up to this")
@@ -628,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n_samples in args.n_samples or [len(work.prompts)]:
         sized = work.first(n_samples)
         skip_seed = args.skip_seed or n_samples > args.seed_max_samples
-        print(format_report(run_benchmark(sized, skip_seed, args.compiled), sized) + "\n", flush=True)
+        compiled = args.compiled is not None and (not args.compiled or n_samples in args.compiled)
+        print(format_report(run_benchmark(sized, skip_seed, compiled), sized) + "\n", flush=True)
         work.compiled_decoder = sized.compiled_decoder  # the next size reuses its graphs
     return 0
 

@@ -73,10 +73,11 @@ def free_memory_bytes(device: torch.device) -> int:
 def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int) -> int:
     """Memory one more sequence in a generate batch costs at the peak.
 
-    Its KV cache (layers x kv heads x head dim x 2 x dtype bytes x (prompt + new tokens)), the
-    prefill's activations of one block over the prompt (residual stream, projections, MLP,
-    fp32 attention scores) and one decoding step's logits in fp32 (twice: the logits processors
-    copy them).
+    Its KV cache (layers x kv heads x head dim x 2 x dtype bytes x (prompt + new tokens)), twice:
+    eager generation grows the cache by concatenation, which holds the old and the new copy for
+    a moment. Then the prefill's activations of one block over the prompt (residual stream,
+    projections, MLP, fp32 attention scores) and one decoding step's logits in fp32 (twice: the
+    logits processors copy them).
     """
     config = model.config.get_text_config()
     item = model.dtype.itemsize
@@ -86,7 +87,7 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int) -> int:
     kv_cache = config.num_hidden_layers * kv_heads * head_dim * 2 * item * (longest_prompt + max_new_tokens)
     prefill = longest_prompt * ((6 * config.hidden_size + 3 * config.intermediate_size) * item + heads * longest_prompt * 4)
     logits = 2 * config.vocab_size * 4
-    return kv_cache + prefill + logits
+    return 2 * kv_cache + prefill + logits
 
 
 def auto_batch_size(model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
