@@ -148,6 +148,7 @@ def generate_batch(
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
+    # Retried outside the except block: the failed attempt's tensors, held by its traceback, are freed.
     half = (len(prompts) + 1) // 2
     logger.warning(
         "generation ran out of memory on a batch of %d prompts: retrying it as batches of %d and %d",
