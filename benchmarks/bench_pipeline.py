@@ -237,9 +237,9 @@ def timed(
 
 
 # -- the harness's stages ------------------------------------------------------------------------
-def generation_batch_size(work: Workload, lengths: Sequence[int]) -> int:
+def generation_batch_size(work: Workload, lengths: Sequence[int], compile: bool) -> int:
     if work.generation_batch_size == "auto":
-        return generate.auto_batch_size(work.model, work.device, lengths, work.generation.max_new_tokens)
+        return generate.auto_batch_size(work.model, work.device, lengths, work.generation.max_new_tokens, compile)
     return work.generation_batch_size
 
 
@@ -257,7 +257,7 @@ def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = Fal
     """The generation stage as the runner drives it: length-sorted batches, one seed per batch."""
     lengths = [len(work.tokenizer(prompt)["input_ids"]) for prompt in prompts]
     responses: dict[int, str] = {}
-    for unit in generate.plan_batches(lengths, generation_batch_size(work, lengths)):
+    for unit in generate.plan_batches(lengths, generation_batch_size(work, lengths, compile)):
         outputs = generate.generate_batch(
             work.model, work.tokenizer, work.device, [prompts[i] for i in unit], work.generation,
             seed=work.generation.seed * 1_000_003 + unit[0], compile=compile,
@@ -358,9 +358,13 @@ def final_hidden(
 
 
 def compiled_decoder(work: Workload) -> Callable:
-    """The decoder through torch.compile (one graph per batch shape), made once per workload model."""
+    """The decoder through torch.compile, made once per workload model.
+
+    Dynamic shapes: one graph serves every capture batch (rows and lengths vary), where static
+    shapes would compile each batch anew.
+    """
     if work.compiled_decoder is None:
-        work.compiled_decoder = torch.compile(work.model.get_decoder(), dynamic=False)
+        work.compiled_decoder = torch.compile(work.model.get_decoder(), dynamic=True)
     return work.compiled_decoder
 
 

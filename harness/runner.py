@@ -201,7 +201,9 @@ class Run:
                 lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in prompts]
                 batch_size = self.spec.runtime.generation_batch_size
                 if batch_size == "auto":
-                    batch_size = generate.auto_batch_size(loaded.model, loaded.input_device, lengths, settings.max_new_tokens)
+                    batch_size = generate.auto_batch_size(
+                        loaded.model, loaded.input_device, lengths, settings.max_new_tokens, self.spec.runtime.compile
+                    )
                 units = generate.plan_batches(lengths, batch_size)
                 report = generate.GenerationReport()
 

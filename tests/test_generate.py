@@ -30,7 +30,7 @@ def prompts() -> list[str]:
 
 
 def test_kv_cache_term_is_the_size_of_the_models_own_cache(llama, tiny_tokenizer):
-    """bytes_per_sequence counts the key and value tensors a forward caches per sequence, twice."""
+    """bytes_per_sequence counts the key and value tensors a forward caches per sequence (twice if eager)."""
     ids = torch.randint(3, len(tiny_tokenizer), (2, 11))
     with torch.no_grad():
         cache = llama(input_ids=ids, use_cache=True).past_key_values
@@ -40,6 +40,10 @@ def test_kv_cache_term_is_the_size_of_the_models_own_cache(llama, tiny_tokenizer
     # With no prompt there is no prefill term: what grows with the new tokens is the cache alone.
     cache_per_token = generate.bytes_per_sequence(llama, 0, 12) - generate.bytes_per_sequence(llama, 0, 11)
     assert 11 * cache_per_token == 2 * cached_bytes / len(ids)  # two copies while the cache grows
+    static_per_token = generate.bytes_per_sequence(llama, 0, 12, compile=True) - generate.bytes_per_sequence(
+        llama, 0, 11, compile=True
+    )
+    assert 11 * static_per_token == cached_bytes / len(ids)  # a static cache is allocated once
     prefill = generate.bytes_per_sequence(llama, 11, 0) - generate.bytes_per_sequence(llama, 0, 11)
     assert prefill > 0  # a prompt's activations come on top of its cache
 

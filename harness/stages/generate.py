@@ -70,32 +70,37 @@ def free_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int) -> int:
+def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile: bool = False) -> int:
     """Memory one more sequence in a generate batch costs at the peak.
 
-    Its KV cache (layers x kv heads x head dim x 2 x dtype bytes x (prompt + new tokens)), twice:
-    eager generation grows the cache by concatenation, which holds the old and the new copy for
-    a moment. Then the prefill's activations of one block over the prompt (residual stream,
-    projections, MLP, fp32 attention scores) and one decoding step's logits in fp32 (twice: the
-    logits processors copy them).
+    Its KV cache (layers x kv heads x head dim x 2 x dtype bytes x (prompt + new tokens)), twice
+    in eager generation, which grows the cache by concatenation and so holds the old and the new
+    copy for a moment (compiled generation's static cache is allocated once, its prompt padded
+    to the bucket). Then the prefill's activations of one block over the prompt (residual
+    stream, projections, MLP, fp32 attention scores) and one decoding step's logits in fp32
+    (twice: the logits processors copy them).
     """
     config = model.config.get_text_config()
     item = model.dtype.itemsize
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if compile:
+        longest_prompt = -(-longest_prompt // PROMPT_BUCKET) * PROMPT_BUCKET
     kv_cache = config.num_hidden_layers * kv_heads * head_dim * 2 * item * (longest_prompt + max_new_tokens)
     prefill = longest_prompt * ((6 * config.hidden_size + 3 * config.intermediate_size) * item + heads * longest_prompt * 4)
     logits = 2 * config.vocab_size * 4
-    return 2 * kv_cache + prefill + logits
+    return (1 if compile else 2) * kv_cache + prefill + logits
 
 
-def auto_batch_size(model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
+def auto_batch_size(
+    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False
+) -> int:
     """Prompts per generate call: all of them, or as many as fit in MEMORY_FRACTION of the
     device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
     as the former default of 64 put the 50 prompts of every shipped spec.
     """
-    per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens)
+    per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
     fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
     return max(1, min(len(prompt_lengths), fit))
 
