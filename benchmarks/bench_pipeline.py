@@ -1,26 +1,33 @@
 """Benchmark: the harness's generation and capture stages vs a seed-style pipeline and the floor.
 
-Three ways to do the same work, on the same model, texts and device, in one process:
+Ways to do the same work, on the same model, texts and device, in one process:
 
 - harness: ``generate.generate_batch`` over ``generate.plan_batches`` batches, then
   ``capture.measure_batch`` over ``capture.plan_batches`` batches (one fused forward per batch:
   hooks reduce every layer to metrics on the device, CE through the chunked LM head);
+- harness compiled: the same with ``runtime.compile`` (static KV cache, compiled decoding step);
 - seed-style: generation in batches of 8; capture one text at a time with
   ``output_hidden_states=True``, every layer's response states copied to CPU and saved; metrics
   computed from the saved files; then a second batch-1 forward for CE from full logits;
-- floor: generation in one batch plus one bare batched forward of the decoder (no hooks, no
-  metrics, no LM head): what any pipeline must at least spend.
+- floor: generation in one batch plus a bare batched forward of the decoder (no hooks, no
+  metrics, no LM head) over the harness's capture batches: what any pipeline must at least spend;
+- compiled floor: the floor with a static KV cache and compiled decoding, and a compiled forward.
+
+Compiled parts run once in full to compile (reported apart), then are timed on a second run.
+With several ``--n-samples`` every size runs in the same process on the same model, so graphs
+compiled for one size serve the next where shapes agree.
 
 Run by hand (not in CI; Linux: memory is read from /proc), from the repository root:
 
     python benchmarks/bench_pipeline.py --model gemma3-270m --n-samples 50     # CPU, offline
-    python benchmarks/bench_pipeline.py --random-weights                        # GPU: Gemma-2-2B shape, bf16
+    python benchmarks/bench_pipeline.py --random-weights --n-samples 100 2000   # GPU: Gemma-2-2B shape, bf16
     python benchmarks/bench_pipeline.py --random-weights --config tiny --device cpu --n-samples 4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import resource
@@ -29,16 +36,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import AutoModelForCausalLM, Gemma2Config, PreTrainedTokenizerFast
+from transformers import Gemma2Config, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import make_random_gemma2  # noqa: E402
 
 from harness.stages import capture, data, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
@@ -49,35 +59,20 @@ from metrics import LAYER_METRICS  # noqa: E402
 SPEC_FILES = {"gemma3-270m": "gemma3-270m.yaml", "smollm2": "quickstart.yaml", "random": "baseline.yaml"}
 """Which spec each --model takes its model, metrics, generation and runtime settings from."""
 SEED_GENERATION_BATCH = 8
+SEED_MAX_SAMPLES = 100
+"""The seed-style pipeline runs only at sizes up to this (at 2,000 it would take ~20 GPU minutes)."""
 SYNTHETIC_PROMPT_TOKENS = 20
 """Random-weights mode: the seed's workload of 20-token prompts (responses: max_new_tokens)."""
 RANDOM_MODE_SAMPLES = 100
 WARMUP_ITEMS = 2
-"""Each part runs once on this many items before it is timed."""
+"""Each eager part runs once on this many items before it is timed."""
 MIB = 2**20
 
 
-def gemma_2_2b_config() -> Gemma2Config:
-    """google/gemma-2-2b's config.json values, written out so no hub access is needed."""
-    return Gemma2Config(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-        sliding_window=4096, max_position_embeddings=8192, rms_norm_eps=1e-6,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )
-
-
-def tiny_config() -> Gemma2Config:
-    """Gemma 2's architecture (softcapping, sliding window) at a size that runs in seconds on CPU."""
-    return Gemma2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0, sliding_window=16,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )
-
-
-CONFIGS: dict[str, Callable[[], Gemma2Config]] = {"gemma-2-2b": gemma_2_2b_config, "tiny": tiny_config}
+CONFIGS: dict[str, Callable[[], Gemma2Config]] = {
+    "gemma-2-2b": make_random_gemma2.gemma_2_2b_config,
+    "tiny": make_random_gemma2.tiny_config,
+}
 
 
 # -- workload ----------------------------------------------------------------------------------
@@ -92,13 +87,19 @@ class Workload:
     human_responses: list[str]
     generation: GenerationSpec
     metrics: list[str]
-    generation_batch_size: int
-    token_budget: int
+    generation_batch_size: int | Literal["auto"]
+    token_budget: int | Literal["auto"]
     label: str
+    compiled_decoder: Callable | None = None
+    """The decoder through torch.compile, made on first use (compiled floor)."""
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def first(self, n_samples: int) -> Workload:
+        """The same model and settings on the first `n_samples` samples."""
+        return dataclasses.replace(self, prompts=self.prompts[:n_samples], human_responses=self.human_responses[:n_samples])
 
 
 def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -115,15 +116,16 @@ def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def random_model(config: Gemma2Config, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A causal LM with random weights, initialized directly on the device."""
-    torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    """A causal LM with random weights, initialized directly on the device, that never stops early.
+
+    Its weights do not require grad, as harness.models.load_model leaves them; that decides which
+    kernels run (without grad-requiring weights, torch.matmul stops folding a non-contiguous 3-D
+    input into one GEMM).
+    """
+    model = make_random_gemma2.random_model(config, dtype, device)
     # Random weights rarely pick EOS, but never stopping keeps every response at max_new_tokens.
     model.generation_config.eos_token_id = None
-    # As harness.models.load_model leaves it: without grad-requiring weights, torch.matmul stops
-    # folding a non-contiguous 3-D input into one GEMM, so this changes which kernels run.
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def synthetic_texts(vocab_size: int, n_samples: int, response_tokens: int) -> tuple[list[str], list[str]]:
@@ -155,17 +157,17 @@ def load_workload(args: argparse.Namespace) -> Workload:
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         config = CONFIGS[args.config]()
         model, tokenizer, input_device = random_model(config, dtype, device), id_tokenizer(config.vocab_size), device
-        prompts, human = synthetic_texts(config.vocab_size, args.n_samples or RANDOM_MODE_SAMPLES, generation.max_new_tokens)
+        prompts, human = synthetic_texts(config.vocab_size, max(args.n_samples or [RANDOM_MODE_SAMPLES]), generation.max_new_tokens)
         label = f"random weights, {args.config} config"
     else:
         from harness.models import load_model
-        from harness.runner import model_cache_dir
+        from harness.pool import model_cache_dir
 
         model_spec = spec.models[spec.capture_model]
         model_spec = model_spec.model_copy(update={"device_map": args.device, "dtype": args.dtype or model_spec.dtype})
         loaded = load_model(model_spec, model_cache_dir(), f"{spec_path}: models.{spec.capture_model}")
         model, tokenizer, input_device = loaded.model, loaded.tokenizer, loaded.input_device
-        prompts, human = wikitext_texts(spec, tokenizer, args.n_samples or spec.dataset.n_samples, str(spec_path))
+        prompts, human = wikitext_texts(spec, tokenizer, max(args.n_samples or [spec.dataset.n_samples]), str(spec_path))
         label = model_spec.id or args.model
     return Workload(
         model, tokenizer, input_device, prompts, human, generation, spec.metrics,
@@ -183,6 +185,8 @@ class Part:
     """Peak resident memory of the process during the part (peak reset before it)."""
     peak_device_mib: float | None
     """torch.cuda.max_memory_allocated during the part, on CUDA."""
+    compile_seconds: float | None = None
+    """Compiled parts: the first, compiling run's time less the timed run's."""
 
 
 def reset_peak_rss() -> None:
@@ -211,27 +215,52 @@ def peak_device_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
 
 
-def timed(name: str, run: Callable[[Sequence], Any], items: Sequence, device: torch.device) -> tuple[Part, Any]:
-    """Warm up on a few items, then time `run(items)` and record its peak memory."""
-    run(items[:WARMUP_ITEMS])
+def timed(
+    name: str, run: Callable[[Sequence], Any], items: Sequence, device: torch.device, compiled: bool = False
+) -> tuple[Part, Any]:
+    """Warm up, then time `run(items)` and record its peak memory.
+
+    An eager part warms up on a few items; a compiled one runs once on every item, which
+    compiles each shape it meets, and that run's extra time is its compile time.
+    """
+    start = time.perf_counter()
+    run(items if compiled else items[:WARMUP_ITEMS])
     synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     reset_peaks(device)
     start = time.perf_counter()
     result = run(items)
     synchronize(device)
     seconds = time.perf_counter() - start
-    return Part(name, seconds, peak_rss_mib(), peak_device_mib(device)), result
+    compile_seconds = max(0.0, warmup_seconds - seconds) if compiled else None
+    return Part(name, seconds, peak_rss_mib(), peak_device_mib(device), compile_seconds), result
 
 
 # -- the harness's stages ------------------------------------------------------------------------
-def harness_generate(work: Workload, prompts: Sequence[str]) -> list[str]:
+def generation_batch_size(work: Workload, lengths: Sequence[int], compile: bool) -> int:
+    if work.generation_batch_size == "auto":
+        return generate.auto_batch_size(work.model, work.device, lengths, work.generation.max_new_tokens, compile)
+    return work.generation_batch_size
+
+
+def token_budget(work: Workload, tokenized: Sequence[capture.Tokenized]) -> int:
+    if work.token_budget == "auto":
+        return capture.auto_token_budget(work.model, work.device, max(len(item.input_ids) for item in tokenized))
+    return work.token_budget
+
+
+def capture_batches(work: Workload, tokenized: Sequence[capture.Tokenized]) -> list[list[int]]:
+    return capture.plan_batches([len(item.input_ids) for item in tokenized], token_budget(work, tokenized))
+
+
+def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = False) -> list[str]:
     """The generation stage as the runner drives it: length-sorted batches, one seed per batch."""
     lengths = [len(work.tokenizer(prompt)["input_ids"]) for prompt in prompts]
     responses: dict[int, str] = {}
-    for unit in generate.plan_batches(lengths, work.generation_batch_size):
+    for unit in generate.plan_batches(lengths, generation_batch_size(work, lengths, compile)):
         outputs = generate.generate_batch(
             work.model, work.tokenizer, work.device, [prompts[i] for i in unit], work.generation,
-            seed=work.generation.seed * 1_000_003 + unit[0],
+            seed=work.generation.seed * 1_000_003 + unit[0], compile=compile,
         )
         responses.update((i, output["response"]) for i, output in zip(unit, outputs))
     return [responses[i] for i in range(len(prompts))]
@@ -241,7 +270,7 @@ def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized]) -> l
     """The capture stage: one fused forward (metrics + CE) per token-budget batch."""
     layers = capture.resolve_layers(work.model, "all")
     records: dict[int, dict] = {}
-    for unit in capture.plan_batches([len(item.input_ids) for item in tokenized], work.token_budget):
+    for unit in capture_batches(work, tokenized):
         batch = capture.measure_batch(
             work.model, work.device, work.tokenizer.pad_token_id, [tokenized[i] for i in unit], layers,
             work.metrics, capture.report_layers(layers),
@@ -301,9 +330,11 @@ def seed_cross_entropy(work: Workload, tokenized: Sequence[capture.Tokenized]) -
 
 
 # -- the floor -----------------------------------------------------------------------------------
-def floor_generate(work: Workload, prompts: Sequence[str]) -> list[str]:
+def floor_generate(work: Workload, prompts: Sequence[str], compile: bool = False) -> list[str]:
     """Generation of every prompt in one batch."""
-    outputs = generate.generate_batch(work.model, work.tokenizer, work.device, list(prompts), work.generation, work.generation.seed)
+    outputs = generate.generate_batch(
+        work.model, work.tokenizer, work.device, list(prompts), work.generation, work.generation.seed, compile=compile
+    )
     return [output["response"] for output in outputs]
 
 
@@ -318,16 +349,30 @@ def right_padded(tokenized: Sequence[capture.Tokenized], pad_token_id: int) -> t
 
 
 @torch.inference_mode()
-def final_hidden(work: Workload, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+def final_hidden(
+    work: Workload, input_ids: torch.Tensor, attention: torch.Tensor, decoder: Callable | None = None
+) -> torch.Tensor:
     """The decoder alone (no LM head, no hooks): the final hidden states."""
-    return work.model.get_decoder()(
-        input_ids=input_ids.to(work.device), attention_mask=attention.to(work.device), use_cache=False
-    ).last_hidden_state
+    decoder = work.model.get_decoder() if decoder is None else decoder  # a compiled module has no truth value
+    return decoder(input_ids=input_ids.to(work.device), attention_mask=attention.to(work.device), use_cache=False).last_hidden_state
 
 
-def floor_forward(work: Workload, tokenized: Sequence[capture.Tokenized]) -> None:
-    """One bare batched forward of every text."""
-    final_hidden(work, *right_padded(tokenized, work.tokenizer.pad_token_id))
+def compiled_decoder(work: Workload) -> Callable:
+    """The decoder through torch.compile, made once per workload model.
+
+    Dynamic shapes: one graph serves every capture batch (rows and lengths vary), where static
+    shapes would compile each batch anew.
+    """
+    if work.compiled_decoder is None:
+        work.compiled_decoder = torch.compile(work.model.get_decoder(), dynamic=True)
+    return work.compiled_decoder
+
+
+def floor_forward(work: Workload, tokenized: Sequence[capture.Tokenized], compile: bool = False) -> None:
+    """A bare forward of every text, over the capture stage's batches (the same padding)."""
+    decoder = compiled_decoder(work) if compile else None
+    for unit in capture_batches(work, tokenized):
+        final_hidden(work, *right_padded([tokenized[i] for i in unit], work.tokenizer.pad_token_id), decoder)
 
 
 # -- CE memory -----------------------------------------------------------------------------------
@@ -389,7 +434,7 @@ def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized])
     CE_PREFIX_POSITIONS positions only: its peak is one chunk of positions whatever the length,
     and a CPU run is spared a second pass of the LM head over the whole batch.
     """
-    units = capture.plan_batches([len(item.input_ids) for item in tokenized], work.token_budget)
+    units = capture_batches(work, tokenized)
     largest = max(units, key=lambda unit: len(unit) * max(len(tokenized[i].input_ids) for i in unit))
     input_ids, attention = right_padded([tokenized[i] for i in largest], work.tokenizer.pad_token_id)
     batch_shape = tuple(input_ids.shape)
@@ -409,8 +454,12 @@ def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized])
 
 # -- the benchmark ---------------------------------------------------------------------------------
 HARNESS_PARTS = ("harness generate", "harness capture+CE")
+HARNESS_COMPILED_PARTS = ("harness compiled generate", "harness capture+CE")
+"""The capture stage has no compiled path here: its forward is the same part."""
 SEED_PARTS = ("seed generate", "seed capture", "seed metrics", "seed CE")
 FLOOR_PARTS = ("floor generate", "floor forward")
+COMPILED_FLOOR_PARTS = ("compiled floor generate", "compiled floor forward")
+PART_ORDER = ("harness generate", "harness compiled generate", "harness capture+CE") + FLOOR_PARTS + COMPILED_FLOOR_PARTS + SEED_PARTS
 
 
 @dataclass
@@ -424,6 +473,12 @@ class BenchmarkResult:
     harness_records: list[dict] = field(default_factory=list)
     seed_metric_records: list[dict] = field(default_factory=list)
     seed_ce_records: list[dict] = field(default_factory=list)
+    compiled_differences: int | None = None
+    """How many harness continuations compiled generation changed (bf16 may; fp32 should not)."""
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.tokenized) // 2
 
     @property
     def n_tokens(self) -> int:
@@ -435,13 +490,14 @@ class BenchmarkResult:
         return sum(self.parts[name].seconds for name in names)
 
 
-def run_benchmark(work: Workload, skip_seed: bool = False) -> BenchmarkResult:
+def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = False) -> BenchmarkResult:
     """Time every part on the same model and texts; the capture texts are human + harness-generated."""
     parts: dict[str, Part] = {}
 
-    def time_part(name: str, run: Callable[[Sequence], Any], items: Sequence) -> Any:
-        parts[name], result = timed(name, run, items, work.device)
-        print(f"  {name}: {parts[name].seconds:.2f} s", file=sys.stderr, flush=True)  # progress of a long run
+    def time_part(name: str, run: Callable[[Sequence], Any], items: Sequence, compiled: bool = False) -> Any:
+        parts[name], result = timed(name, run, items, work.device, compiled)
+        compile_note = f" (compile {parts[name].compile_seconds:.2f} s)" if compiled else ""
+        print(f"  {name}: {parts[name].seconds:.2f} s{compile_note}", file=sys.stderr, flush=True)  # a long run's progress
         return result
 
     generated = time_part("harness generate", lambda prompts: harness_generate(work, prompts), work.prompts)
@@ -456,6 +512,14 @@ def run_benchmark(work: Workload, skip_seed: bool = False) -> BenchmarkResult:
     time_part("floor forward", lambda items: floor_forward(work, items), tokenized)
     result = BenchmarkResult(work.label, tokenized, parts)
     result.harness_records = harness_records
+    if compiled:
+        # The compiled floor first: harness batches of the same shapes then reuse its graphs.
+        time_part("compiled floor generate", lambda prompts: floor_generate(work, prompts, compile=True), work.prompts, True)
+        time_part("compiled floor forward", lambda items: floor_forward(work, items, compile=True), tokenized, True)
+        compiled_generated = time_part(
+            "harness compiled generate", lambda prompts: harness_generate(work, prompts, compile=True), work.prompts, True
+        )
+        result.compiled_differences = sum(a != b for a, b in zip(generated, compiled_generated))
     result.ce_memory = cross_entropy_memory(work, tokenized)
     if not skip_seed:
         time_part("seed generate", lambda prompts: seed_generate(work, prompts), work.prompts)
@@ -467,22 +531,29 @@ def run_benchmark(work: Workload, skip_seed: bool = False) -> BenchmarkResult:
     return result
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def format_report(result: BenchmarkResult, work: Workload) -> str:
     """A markdown table of the parts, then the ratios the issue's acceptance is stated in."""
     device_column = work.device.type == "cuda"
-    header = "| part | seconds | peak RSS MiB |" + (" peak GPU MiB |" if device_column else "")
+    header = "| part | seconds | compile s | peak RSS MiB |" + (" peak GPU MiB |" if device_column else "")
     lines = [
-        f"{result.label} · {work.dtype} · {work.model.config._attn_implementation} attention · {work.device} · "
-        f"{len(result.tokenized)} texts, {result.n_tokens} tokens · "
+        f"{device_name(work.device)} · {result.label} · {work.dtype} · {work.model.config._attn_implementation} attention · "
+        f"N = {result.n_samples}: {len(result.tokenized)} texts, {result.n_tokens} tokens · "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load average {os.getloadavg()[0]:.1f}",
         "",
         header,
-        "|---|---:|---:|" + ("---:|" if device_column else ""),
+        "|---|---:|---:|---:|" + ("---:|" if device_column else ""),
     ]
-    for name in HARNESS_PARTS + FLOOR_PARTS + SEED_PARTS:
+    for name in PART_ORDER:
         if name in result.parts:
             part = result.parts[name]
-            row = f"| {name} | {part.seconds:.2f} | {part.peak_rss_mib:.0f} |"
+            compile_s = f"{part.compile_seconds:.2f}" if part.compile_seconds is not None else ""
+            row = f"| {name} | {part.seconds:.2f} | {compile_s} | {part.peak_rss_mib:.0f} |"
             lines.append(row + (f" {part.peak_device_mib:.0f} |" if device_column else ""))
     harness, floor, seed = (result.total(names) for names in (HARNESS_PARTS, FLOOR_PARTS, SEED_PARTS))
     stage_ratios = (
@@ -494,6 +565,14 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
         f"- harness generate + capture: {harness:.2f} s; floor: {floor:.2f} s; harness/floor = {harness / floor:.2f} "
         f"(generation {stage_ratios[0]:.2f}, capture+CE vs bare forward {stage_ratios[1]:.2f})",
     ]
+    harness_compiled, compiled_floor = result.total(HARNESS_COMPILED_PARTS), result.total(COMPILED_FLOOR_PARTS)
+    if harness_compiled is not None:
+        compile_s = sum(result.parts[name].compile_seconds for name in COMPILED_FLOOR_PARTS + ("harness compiled generate",))
+        lines.append(
+            f"- compiled: harness {harness_compiled:.2f} s, floor {compiled_floor:.2f} s: harness throughput "
+            f"{compiled_floor / harness_compiled:.0%} of the compiled floor's (one-time compilation {compile_s:.1f} s); "
+            f"{result.compiled_differences} of {result.n_samples} continuations differ from eager"
+        )
     if seed is not None:
         seed_capture_s = result.total(SEED_PARTS[1:])
         capture_s = result.parts["harness capture+CE"].seconds
@@ -516,19 +595,31 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
     return "\n".join(lines)
 
 
+def batch_setting(value: str) -> int | str:
+    """An argparse type: a positive integer or "auto"."""
+    return value if value == "auto" else int(value)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SPEC_FILES), default="gemma3-270m")
     parser.add_argument("--random-weights", dest="model", action="store_const", const="random",
                         help="same as --model random: a config's shape with random weights, no files needed")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="gemma-2-2b", help="random-weights shape")
-    parser.add_argument("--n-samples", type=int, help=f"default: the spec's (random: {RANDOM_MODE_SAMPLES})")
+    parser.add_argument("--n-samples", type=int, nargs="+",
+                        help=f"one or more sizes, each timed in turn; default: the spec's (random: {RANDOM_MODE_SAMPLES})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: the spec's (random: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--generation-batch-size", type=int, help="harness generation batch; default: the spec's")
-    parser.add_argument("--token-budget", type=int, help="harness capture batch budget; default: the spec's")
+    parser.add_argument("--generation-batch-size", type=batch_setting,
+                        help="harness generation batch, or auto; default: the spec's")
+    parser.add_argument("--token-budget", type=batch_setting, help="harness capture batch budget, or auto; default: the spec's")
+    parser.add_argument("--compiled", type=int, nargs="*", metavar="N",
+                        help="also time harness compiled and the compiled floor (static KV cache, torch.compile), "
+                        "at these sizes (none named: every size)")
     parser.add_argument("--skip-seed", action="store_true", help="time only the harness and the floor")
+    parser.add_argument("--seed-max-samples", type=int, default=SEED_MAX_SAMPLES,
+                        help="the seed-style pipeline runs only at sizes up to this")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (torch.set_num_threads); 1 resists other processes' load best")
     return parser.parse_args(argv)
@@ -539,7 +630,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = load_workload(args)
-    print(format_report(run_benchmark(work, args.skip_seed), work))
+    for n_samples in args.n_samples or [len(work.prompts)]:
+        sized = work.first(n_samples)
+        skip_seed = args.skip_seed or n_samples > args.seed_max_samples
+        compiled = args.compiled is not None and (not args.compiled or n_samples in args.compiled)
+        print(format_report(run_benchmark(sized, skip_seed, compiled), sized) + "\n", flush=True)
+        work.compiled_decoder = sized.compiled_decoder  # the next size reuses its graphs
     return 0
 
 

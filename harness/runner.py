@@ -10,6 +10,7 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -169,4 +170,18 @@ def run_spec(
 ) -> RunOutcome:
     """Run one spec end to end; returns the criteria results and the run folder."""
     started = time.perf_counter()
-    return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log), started)
+    handler = _LogHandler(log)  # a stage's warnings (an out-of-memory retry, say) go to the run log
+    logging.getLogger("harness").addHandler(handler)
+    try:
+        return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log), started)
+    finally:
+        logging.getLogger("harness").removeHandler(handler)
+
+
+class _LogHandler(logging.Handler):
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log(f"  {record.getMessage()}")

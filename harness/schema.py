@@ -177,7 +177,10 @@ class ReportSpec(StrictModel):
 class RuntimeSpec(StrictModel):
     """How the work is batched; never changes what is computed, only how fast."""
 
-    generation_batch_size: int = Field(64, gt=0)
+    generation_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    """Prompts per generate call, or `auto`: sized from the device's free memory and the KV cache."""
+    compile: bool = False
+    """Generation with a static KV cache and a compiled decoding step (`torch.compile`)."""
     token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = 16384
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory."""
 

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import WIKITEXT
 from safetensors.torch import load_file
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pipeline.py"
+from harness.runner import run_spec
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARK = BENCHMARKS / "bench_pipeline.py"
+RANDOM_GEMMA2_SPEC = BENCHMARKS / "random-gemma2-2b.yaml"
 N_SAMPLES = 3
 NEW_TOKENS = 6
 """Short generations keep the test to seconds; the benchmark itself uses the spec's 90."""
@@ -29,6 +36,7 @@ def import_benchmark():
 
 
 bench = import_benchmark()
+make_random_gemma2 = sys.modules["make_random_gemma2"]  # imported by the benchmark
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,3 +143,58 @@ def test_cross_entropy_memory_measures_a_prefix_when_full_logits_do_not_fit(resu
     memory = bench.cross_entropy_memory(workload, result.tokenized)
     assert memory.batch_shape == result.ce_memory.batch_shape
     assert memory.measured_positions == bench.CE_PREFIX_POSITIONS and memory.full_logits_peak_mib is None
+
+
+def test_compiled_parts_match_eager(workload):
+    """Harness compiled and the compiled floor run (inductor on the CPU) and change no greedy fp32 token."""
+    result = bench.run_benchmark(workload, skip_seed=True, compiled=True)
+    compiled = ("harness compiled generate",) + bench.COMPILED_FLOOR_PARTS
+    assert set(result.parts) == set(bench.HARNESS_PARTS + bench.FLOOR_PARTS + compiled)
+    assert all(result.parts[name].compile_seconds is not None for name in compiled)
+    assert result.compiled_differences == 0
+    report = bench.format_report(result, workload)
+    assert "| harness compiled generate |" in report and "- compiled: harness " in report
+
+
+def test_several_sizes_run_in_one_process_with_the_seed_style_only_up_to_its_limit(capsys):
+    argv = ["--random-weights", "--config", "tiny", "--device", "cpu", "--n-samples", "2", "3", "--seed-max-samples", "2"]
+    assert bench.main(argv) == 0
+    first, second = capsys.readouterr().out.split("N = 3: 6 texts")
+    assert "N = 2: 4 texts" in first
+    assert first.count("| harness capture+CE |") == second.count("| harness capture+CE |") == 1
+    assert "| seed CE |" in first and "| seed CE |" not in second
+
+
+@pytest.mark.skipif(not WIKITEXT.exists(), reason="WikiText-2 raw file not present")
+def test_random_gemma2_kit_runs_through_the_harness(tmp_path):
+    """make_random_gemma2 --tiny writes a folder that the benchmark spec, pointed at it, runs end to end."""
+    folder = tmp_path / "random-gemma2"
+    argv = ["--tiny", str(folder), "--dtype", "float32", "--device", "cpu", "--words-from", str(WIKITEXT)]
+    assert make_random_gemma2.main(argv) == 0
+    spec = tmp_path / "tiny-random.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        extends: "{RANDOM_GEMMA2_SPEC}"
+        name: tiny-random
+        models:
+          base: {{id: "{folder}", dtype: float32}}
+        dataset: {{n_samples: 6, local_path: "{WIKITEXT}"}}
+        conditions:
+          model: {{generation: {{max_new_tokens: 12}}}}
+        stats: {{bootstrap_resamples: 50}}
+        report: {{plots: false}}
+    """))
+    log = []
+    outcome = run_spec(spec, tmp_path / "runs", log=log.append)
+    assert outcome.exit_code in (0, 1)
+    generate_line = next(line for line in log if "generate[model]" in line)
+    assert "6 continuations, batches of 6," in generate_line  # auto: every prompt in one batch on a CPU
+    manifest = json.loads((outcome.run_dir / "manifest.json").read_text())
+    assert manifest["models"]["base"]["kind"] == "local"
+
+
+def test_word_tokenizer_has_the_vocabulary_size_and_round_trips_generated_ids():
+    tokenizer = make_random_gemma2.word_tokenizer(600, WIKITEXT if WIKITEXT.exists() else None)
+    assert len(tokenizer) == 600
+    ids = list(range(4, 600, 7))
+    assert tokenizer(tokenizer.decode(ids))["input_ids"] == [tokenizer.bos_token_id] + ids
+    assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id] == [0, 1, 2]  # Gemma's

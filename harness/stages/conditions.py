@@ -174,8 +174,9 @@ def generate(name: str, condition: GeneratedCondition, context: SourceContext) -
 
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
+    runtime = context.spec.runtime
     stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, context.spec.runtime.generation_batch_size, context.pool
+        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool
     )
     output = context.executor.run(stage)
     return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]

@@ -1,12 +1,27 @@
-"""Generation stage: the model continues each prompt (batched, left-padded, seeded)."""
+"""Generation stage: the model continues each prompt (batched, left-padded, seeded).
+
+Batch size: `runtime.generation_batch_size`, or `auto` (`auto_batch_size`): as many sequences
+as fit in half the free memory of the device, counting each sequence's KV cache, its prefill
+activations and a decoding step's logits. An out-of-memory error on a batch splits it in two
+and retries once (`generate_batch`).
+
+Compiled generation (`runtime.compile`): transformers' `generate` with a static KV cache
+compiles the decoding step with `torch.compile`, one graph per (rows, cache length). Prompts
+are left-padded to a multiple of PROMPT_BUCKET tokens, so the number of graphs stays bounded
+(prompt buckets x distinct batch sizes); `GenerationReport` counts them and keeps their
+compilation time apart from the run time.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
 from harness.executor import Stage
@@ -17,12 +32,83 @@ if TYPE_CHECKING:
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""
+PROMPT_BUCKET = 32
+"""Compiled generation pads prompts to a multiple of this many tokens (bounds the graphs)."""
+MEMORY_FRACTION = 0.5
+"""Share of the device's free memory `auto_batch_size` plans to use."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationReport:
+    """What a stage's generate calls spent, apart from their continuations (the runner logs it)."""
+
+    compile_seconds: float = 0.0
+    """Calls that compiled a new graph, their generation included (compiled generation only)."""
+    run_seconds: float = 0.0
+    """Every other call."""
+    graphs: set[tuple[int, int]] = field(default_factory=set)
+    """(rows, padded prompt length) of each compiled decoding graph."""
+    halved_batches: int = 0
+    """Batches split in two after an out-of-memory error."""
+
+    def summary(self) -> str:
+        parts = [f"generation {self.run_seconds:.1f}s"]
+        if self.graphs:
+            parts.insert(0, f"compiled {len(self.graphs)} graphs in {self.compile_seconds:.1f}s")
+        if self.halved_batches:
+            parts.append(f"{self.halved_batches} batches halved after out-of-memory")
+        return ", ".join(parts)
 
 
 def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Length-sorted batches of prompt indices, so little compute goes to padding."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: (prompt_lengths[i], i))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile: bool = False) -> int:
+    """Memory one more sequence in a generate batch costs at the peak.
+
+    Its KV cache (layers x kv heads x head dim x 2 x dtype bytes x (prompt + new tokens)), twice
+    in eager generation, which grows the cache by concatenation and so holds the old and the new
+    copy for a moment (compiled generation's static cache is allocated once, its prompt padded
+    to the bucket). Then the prefill's activations of one block over the prompt (residual
+    stream, projections, MLP, fp32 attention scores) and one decoding step's logits in fp32
+    (twice: the logits processors copy them).
+    """
+    config = model.config.get_text_config()
+    item = model.dtype.itemsize
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if compile:
+        longest_prompt = -(-longest_prompt // PROMPT_BUCKET) * PROMPT_BUCKET
+    kv_cache = config.num_hidden_layers * kv_heads * head_dim * 2 * item * (longest_prompt + max_new_tokens)
+    prefill = longest_prompt * ((6 * config.hidden_size + 3 * config.intermediate_size) * item + heads * longest_prompt * 4)
+    logits = 2 * config.vocab_size * 4
+    return (1 if compile else 2) * kv_cache + prefill + logits
+
+
+def auto_batch_size(
+    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False
+) -> int:
+    """Prompts per generate call: all of them, or as many as fit in MEMORY_FRACTION of the
+    device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
+    as the former default of 64 put the 50 prompts of every shipped spec.
+    """
+    per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
+    fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
+    return max(1, min(len(prompt_lengths), fit))
 
 
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
@@ -40,28 +126,82 @@ def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
     return kwargs
 
 
-@torch.inference_mode()
-def generate_batch(model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int) -> list[dict]:
+def compile_kwargs(device: torch.device) -> dict:
+    """`generate` arguments for a static KV cache and a compiled decoding step."""
+    # CUDA graphs ("reduce-overhead") remove the per-step launch cost; elsewhere there are none.
+    config = CompileConfig(dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    # transformers compiles on its accelerators only, unless this flag says every device.
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    device,
+    prompts: list[str],
+    spec: GenerationSpec,
+    seed: int,
+    compile: bool = False,
+    report: GenerationReport | None = None,
+) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
 
     The response is the new tokens only, decoded without special tokens and stripped (decodes
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
-    not depend on what ran before it.
+    not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
+    Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
+    half's size); an out-of-memory error in a half is raised.
     """
+    report = report if report is not None else GenerationReport()
+    try:
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report)
+    except torch.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise
+    # Retried outside the except block: the failed attempt's tensors, held by its traceback, are freed.
+    half = (len(prompts) + 1) // 2
+    logger.warning(
+        "generation ran out of memory on a batch of %d prompts: retrying it as batches of %d and %d",
+        len(prompts), half, len(prompts) - half,
+    )
+    report.halved_batches += 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report
+    )
+
+
+@torch.inference_mode()
+def _generate(
+    model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool, report: GenerationReport
+) -> list[dict]:
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
+    batch = batch.to(device)
+    kwargs = generation_kwargs(spec, tokenizer) | (compile_kwargs(torch.device(device)) if compile else {})
+    shape = tuple(batch["input_ids"].shape)
+    compiles = compile and shape not in report.graphs
+    start = time.perf_counter()
     torch.manual_seed(seed)
-    output = model.generate(**batch, **generation_kwargs(spec, tokenizer))
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    results = []
-    for row in new_tokens:
-        ids = row.tolist()
-        stopped = tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids
-        if stopped:
-            ids = ids[: ids.index(tokenizer.eos_token_id)]
-        response = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append({"response": response, "n_new_tokens": len(ids), "stopped_early": stopped})
-    return results
+    output = model.generate(**batch, **kwargs)
+    new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
+    seconds = time.perf_counter() - start
+    if compiles:
+        report.graphs.add(shape)
+        report.compile_seconds += seconds
+    else:
+        report.run_seconds += seconds
+    return [_decoded(tokenizer, ids) for ids in new_tokens]
+
+
+def _decoded(tokenizer, ids: list[int]) -> dict:
+    stopped = tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids
+    if stopped:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    response = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return {"response": response, "n_new_tokens": len(ids), "stopped_early": stopped}
 
 
 @dataclass
@@ -73,8 +213,11 @@ class GenerateStage(Stage):
     alias: str
     """The generator model."""
     settings: GenerationSpec
-    batch_size: int
+    batch_size: int | str
+    """Prompts per batch, or `auto` (from free memory, resolved when the stage computes)."""
+    compile: bool
     pool: ModelPool
+    report: GenerationReport = field(default_factory=GenerationReport)
     kind = "generate"
     version = STAGE_VERSION
 
@@ -87,18 +230,24 @@ class GenerateStage(Stage):
         }
 
     def units(self) -> list[list[int]]:
-        tokenizer = self.pool.model(self.alias).tokenizer
-        return plan_batches([len(tokenizer(prompt)["input_ids"]) for prompt in self.prompts], self.batch_size)
+        loaded = self.pool.model(self.alias)
+        lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
+        if self.batch_size == "auto":
+            self.batch_size = auto_batch_size(
+                loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile
+            )
+        return plan_batches(lengths, self.batch_size)
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.alias)
         return generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
-            self.settings, seed=self.settings.seed * 1_000_003 + unit[0],
+            self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
         )
 
     def check(self, output: list[dict]) -> str | None:
         return None if len(output) == len(self.prompts) else f"{len(output)} continuations for {len(self.prompts)} prompts"
 
     def describe(self, output: list[dict]) -> str:
-        return f"{self.alias}, {len(output)} continuations"
+        computed = f", batches of {self.batch_size}, {self.report.summary()}" if self.report.run_seconds or self.report.graphs else ""
+        return f"{self.alias}, {len(output)} continuations{computed}"

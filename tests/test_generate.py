@@ -1,0 +1,107 @@
+"""Generation stage: batch size from memory, out-of-memory retry, compiled generation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import WIKITEXT, build_tiny_model, wikitext_rows
+
+from harness.stages import generate
+from harness.stages.conditions import GenerationSpec
+
+NEW_TOKENS = 6
+GREEDY = GenerationSpec(max_new_tokens=NEW_TOKENS, temperature=0)
+
+pytestmark = pytest.mark.skipif(not WIKITEXT.exists(), reason="WikiText-2 raw file not present")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tokenizer):
+    return build_tiny_model("llama", len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    """Four WikiText sentence starts of different lengths (left padding differs per row)."""
+    rows = [row.strip() for row in wikitext_rows(200) if len(row.split()) > 20 and not row.startswith(" =")]
+    return [" ".join(row.split()[:words]) for row, words in zip(rows, (5, 9, 14, 7))]
+
+
+def test_kv_cache_term_is_the_size_of_the_models_own_cache(llama, tiny_tokenizer):
+    """bytes_per_sequence counts the key and value tensors a forward caches per sequence (twice if eager)."""
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 11))
+    with torch.no_grad():
+        cache = llama(input_ids=ids, use_cache=True).past_key_values
+    cached_bytes = sum(
+        tensor.numel() * tensor.element_size() for layer in cache.layers for tensor in (layer.keys, layer.values)
+    )
+    # With no prompt there is no prefill term: what grows with the new tokens is the cache alone.
+    cache_per_token = generate.bytes_per_sequence(llama, 0, 12) - generate.bytes_per_sequence(llama, 0, 11)
+    assert 11 * cache_per_token == 2 * cached_bytes / len(ids)  # two copies while the cache grows
+    static_per_token = generate.bytes_per_sequence(llama, 0, 12, compile=True) - generate.bytes_per_sequence(
+        llama, 0, 11, compile=True
+    )
+    assert 11 * static_per_token == cached_bytes / len(ids)  # a static cache is allocated once
+    prefill = generate.bytes_per_sequence(llama, 11, 0) - generate.bytes_per_sequence(llama, 0, 11)
+    assert prefill > 0  # a prompt's activations come on top of its cache
+
+
+def test_auto_batch_size_fills_the_memory_fraction(llama, monkeypatch):
+    lengths = [30, 12] * 1000
+    per_sequence = generate.bytes_per_sequence(llama, 30, 90)
+    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 1000 * per_sequence)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == int(1000 * generate.MEMORY_FRACTION)
+    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 0)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == 1  # never zero
+
+
+def test_auto_batch_size_on_a_cpu_takes_every_prompt(llama):
+    """On a CPU, `auto` puts a spec's prompts in one batch, as the former default of 64 did."""
+    lengths = [60] * 500
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == len(lengths)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths[:3], 90) == 3
+
+
+def test_out_of_memory_halves_the_batch_once(llama, tiny_tokenizer, prompts, monkeypatch, caplog):
+    expected = generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0)
+    real_generate = llama.generate
+    rows_tried = []
+
+    def generate_within(limit):
+        def fake(**kwargs):
+            rows_tried.append(len(kwargs["input_ids"]))
+            if len(kwargs["input_ids"]) > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_generate(**kwargs)
+
+        return fake
+
+    monkeypatch.setattr(llama, "generate", generate_within(2))
+    report = generate.GenerationReport()
+    with caplog.at_level(logging.WARNING, logger=generate.__name__):
+        outputs = generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0, report=report)
+    assert outputs == expected
+    assert rows_tried == [4, 2, 2] and report.halved_batches == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "generation ran out of memory on a batch of 4 prompts: retrying it as batches of 2 and 2"
+    ]
+
+    monkeypatch.setattr(llama, "generate", generate_within(1))
+    with pytest.raises(torch.OutOfMemoryError):  # a half that does not fit either is not split again
+        generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0)
+
+
+def test_compiled_generation_equals_eager(llama, tiny_tokenizer, prompts):
+    """Static cache + inductor-compiled decoding: the same greedy tokens in fp32, one graph per shape."""
+    eager = generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0)
+    report = generate.GenerationReport()
+    first = generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0, compile=True, report=report)
+    again = generate.generate_batch(llama, tiny_tokenizer, "cpu", prompts[::-1], GREEDY, seed=0, compile=True, report=report)
+    assert first == eager and again == eager[::-1]
+    longest = max(len(tiny_tokenizer(prompt)["input_ids"]) for prompt in prompts)
+    bucket = -(-longest // generate.PROMPT_BUCKET) * generate.PROMPT_BUCKET
+    assert report.graphs == {(len(prompts), bucket)}  # one shape: the prompts padded to a bucket
+    assert report.compile_seconds > 0 and report.run_seconds > 0
+    assert report.summary().startswith("compiled 1 graphs in ")
