@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from harness.artifacts import content_hash
 from harness.cache import StageCache
-from harness.errors import ExitCode, Interrupted
+from harness.errors import ExitCode, Interrupted, RunFailure
 
 
 class Stage:
@@ -110,7 +110,7 @@ class Executor:
             if output is None:
                 output, resumed = self._compute(stage, key)
                 if problem := stage.check(output):
-                    raise RuntimeError(f"{stage.name}: {problem}")
+                    raise RunFailure(f"{stage.name}: {problem}")
                 if self.shard.rank == 0:
                     self.cache.put(stage.kind, key, output)
         detail = stage.describe(output)
@@ -147,7 +147,7 @@ class Executor:
         for index, unit in enumerate(units):
             unit_items = self.cache.read(self.cache.unit_path(stage.kind, key, index), key, written_by_this_run=True)
             if unit_items is None or len(unit_items) != len(unit):
-                raise RuntimeError(f"{stage.name}: work unit {index} is missing from {folder}")
+                raise RunFailure(f"{stage.name}: work unit {index} is missing from {folder}")
             for position, item in zip(unit, unit_items):
                 items[position] = item
         return stage.finish(items), resumed
