@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.stages.conditions import SOURCES
+from harness.stages.sites import DEFAULT_SITE, SITES, metric_column
 from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
 
 class GGUFSource(StrictModel):
@@ -89,12 +90,29 @@ class CaptureSpec(StrictModel):
     """Model alias whose residual stream and CE are measured; default: the only/first model."""
     layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
     """Decoder blocks whose outputs are captured (layer l = output of block l)."""
+    sites: list[str] = [DEFAULT_SITE]
+    """Where in each block the stream is read (registered in harness/stages/sites.py):
+    `resid_post` (the block's output), `attn_out`, `mlp_out` (what the attention / MLP sublayer
+    adds to the residual stream). Metrics of a site other than `resid_post` are named
+    `<metric>_<site>`; token deltas and saved activations are the first site's."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""
     length_matching: bool = False
     """Truncate both responses of a pair to the shorter one's token count."""
     save_activations: bool = False
     """Also write the captured activations (safetensors); large."""
+
+    @field_validator("sites")
+    @classmethod
+    def _known_sites(cls, value: list[str]) -> list[str]:
+        unknown = [site for site in value if site not in SITES]
+        if unknown:
+            raise ValueError(f"unknown capture site {unknown[0]!r} (known: {', '.join(sorted(SITES))})")
+        if not value:
+            raise ValueError("must name at least one site")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a site twice")
+        return value
 
 
 class Comparison(StrictModel):
@@ -164,6 +182,11 @@ class Spec(StrictModel):
         return value
 
     @property
+    def layer_metric_names(self) -> list[str]:
+        """Every trajectory metric column: each metric at each capture site, site by site."""
+        return [metric_column(metric, site) for site in self.capture.sites for metric in self.metrics]
+
+    @property
     def capture_model(self) -> str:
         return self.capture.model or next(iter(self.models))
 
@@ -186,7 +209,7 @@ class Spec(StrictModel):
             if name not in known:
                 raise FieldError(where, f"unknown {kind} {name!r} (known: {', '.join(sorted(known))})")
 
-        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(TEXT_METRIC_NAMES)
+        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(self.layer_metric_names) | set(TEXT_METRIC_NAMES)
         for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
             for name in names:
                 if name in reserved or LAYER_SCOPE.fullmatch(name):
@@ -215,7 +238,7 @@ class Spec(StrictModel):
                 raise FieldError(f"stats.comparisons.{cmp_name}", "compares a condition with itself")
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
-        need("metric", "stats.correlate", y, self.metrics)
+        need("metric", "stats.correlate", y, self.layer_metric_names)
         from harness.stages.criteria import check_criterion
 
         for crit_name, expr in self.criteria.items():
@@ -228,7 +251,7 @@ class Spec(StrictModel):
     def statistic_vocabulary(self) -> set[str]:
         """Every word that may appear between the dots of a statistic name."""
         return (
-            set(self.metrics)
+            set(self.layer_metric_names)
             | set(TEXT_METRIC_NAMES)
             | set(self.conditions)
             | set(self.comparisons)
