@@ -149,8 +149,9 @@ class RuntimeSpec(StrictModel):
     """How the work is batched; never changes what is computed, only how fast."""
 
     generation_batch_size: int = Field(64, gt=0)
-    token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = 16384
-    """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory."""
+    token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
+    on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
 
 class Spec(StrictModel):
     """One experiment."""

@@ -109,11 +109,21 @@ def test_auto_token_budget_fits_free_memory(tiny_model, monkeypatch):
 
     longest = 50
     roomy = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
-    assert roomy >= longest
+    assert roomy == capture.CPU_TOKEN_BUDGET  # a CPU gains nothing from bigger batches
     free = psutil.virtual_memory()._replace(available=capture.LOGITS_CHUNK_BYTES + 2**20)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     tight = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
     assert longest <= tight < roomy  # less memory, smaller batches, never below one row
+
+
+def test_auto_token_budget_on_cuda_grows_with_free_memory(tiny_model, monkeypatch):
+    budgets = []
+    for free_bytes in (2 * 2**30, 4 * 2**30):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free_bytes: (free, 8 * 2**30))
+        budgets.append(capture.auto_token_budget(tiny_model, torch.device("cuda"), 50))
+    assert capture.CPU_TOKEN_BUDGET < budgets[0] < budgets[1]
+    usable = [free_bytes - capture.LOGITS_CHUNK_BYTES for free_bytes in (2 * 2**30, 4 * 2**30)]
+    assert budgets[1] / budgets[0] == pytest.approx(usable[1] / usable[0], rel=1e-3)  # proportional, no cap
 
 
 def reference_metrics(states: np.ndarray) -> dict[str, float]:

@@ -22,10 +22,14 @@ from torch import nn
 from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
 from metrics import LAYER_METRICS, TEXT_METRICS
 
-STAGE_VERSION = 2
-"""Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed)."""
+STAGE_VERSION = 3
+"""Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed).
+3: `token_budget: auto` on a CPU is CPU_TOKEN_BUDGET (other batches: the last bits of every value changed)."""
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on the fp32 logits materialized at once when computing CE."""
+CPU_TOKEN_BUDGET = 2048
+"""`token_budget: auto` on a CPU: a text of ~100 tokens already fills the GEMMs there, so larger
+batches buy nothing and only add padding (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 
 def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
-    """Padded tokens per forward that fit in half the free memory of `device`.
+    """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
+    at most CPU_TOKEN_BUDGET (never less than one row of `longest`).
 
     A rough per-token cost of one inference forward: the residual stream, attention
     projections and MLP activations in the model's dtype, the hook's float32 copies, and the
@@ -97,7 +102,8 @@ def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> i
         import psutil
 
         free = psutil.virtual_memory().available
-    return max(longest, int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token))
+    fits = int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token)
+    return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
 
 
 def architecture(model: nn.Module) -> str:
