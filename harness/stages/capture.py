@@ -157,19 +157,22 @@ def token_nll(
 ) -> torch.Tensor:
     """Next-token cross-entropy [B, T] (position t scores token t given < t; 0 at t = 0 and on padding).
 
-    Logits come from the LM head in chunks of positions, only for real (unpadded) targets
-    (`attention`; default: every position), with the model's final-logit softcapping (Gemma 2)
-    applied as its own forward does.
+    Logits come from the LM head in chunks of positions, only for real (unpadded) tokens
+    (`attention`, [B, T] on the host; default: every position), with the model's final-logit
+    softcapping (Gemma 2) applied as its own forward does.
     """
     head = model.get_output_embeddings()
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     batch, length = input_ids.shape
-    real = (torch.ones_like(input_ids) if attention is None else attention)[:, 1:].bool().to(hidden.device)
-    # Boolean indexing gathers contiguous 2-D rows: a strided 3-D slice makes matmul re-read the
-    # head's weight per text.
-    rows = hidden[:, :-1][real]
-    targets = input_ids[:, 1:].to(hidden.device)[real]
+    scored = torch.zeros(batch, length, dtype=torch.bool)
+    scored[:, 1:] = True if attention is None else attention[:, 1:].bool()
+    # Flat index of every scored token, found on the host so that gathering never waits on the
+    # device; its logits come from the position before it. Gathered rows are contiguous: a
+    # strided 3-D slice makes matmul re-read the head's weight per text.
+    at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
+    rows = hidden.reshape(batch * length, -1).index_select(0, at - 1)
+    targets = input_ids.to(hidden.device).flatten().index_select(0, at)
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
     flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], chunk):
@@ -177,14 +180,14 @@ def token_nll(
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-    nll = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
-    nll[:, 1:][real] = flat
-    return nll
+    nll = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
+    nll[at] = flat
+    return nll.view(batch, length)
 
 
 @dataclass
 class PaddedBatch:
-    """A batch of texts right-padded to its longest, with the masks every metric needs."""
+    """A batch of texts right-padded to its longest, with the masks every metric needs (on the host)."""
 
     input_ids: torch.Tensor
     attention: torch.Tensor
@@ -195,7 +198,7 @@ class PaddedBatch:
     """First position holding a response token in any row: the span the trajectory metrics see."""
 
     @classmethod
-    def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int, device: torch.device) -> "PaddedBatch":
+    def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int) -> "PaddedBatch":
         batch, longest = len(tokenized), max(len(item.input_ids) for item in tokenized)
         input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
         attention = torch.zeros(batch, longest, dtype=torch.bool)
@@ -205,7 +208,7 @@ class PaddedBatch:
             attention[row, : len(item.input_ids)] = True
             response[row, item.response_start : len(item.input_ids)] = True
         first = min(item.response_start for item in tokenized)
-        return cls(input_ids.to(device), attention.to(device), response.to(device), first)
+        return cls(input_ids, attention, response, first)
 
     @property
     def span_mask(self) -> torch.Tensor:
@@ -240,7 +243,7 @@ def measure_batch(
     The hooks write every value into one preallocated device buffer, which reaches the host
     in one transfer per batch (a second one for activations).
     """
-    padded = PaddedBatch.of(tokenized, pad_token_id, input_device)
+    padded = PaddedBatch.of(tokenized, pad_token_id)
     batch, span = padded.span_mask.shape
     shapes = [(len(sites), len(metric_names), len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
               (len(TEXT_METRICS), batch)]
@@ -277,7 +280,7 @@ def measure_batch(
         handles += [modules[layer].register_forward_hook(hook_for(site_index, index)) for index, layer in enumerate(layers)]
     try:
         hidden = model.get_decoder()(
-            input_ids=padded.input_ids, attention_mask=padded.attention.long(), use_cache=False
+            input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
         ).last_hidden_state
     finally:
         for handle in handles:
@@ -285,8 +288,9 @@ def measure_batch(
     nll = token_nll(model, hidden, padded.input_ids, padded.attention).to(input_device)
     targets = padded.attention.clone()
     targets[:, 0] = False
+    targets, response_targets = targets.to(input_device), (padded.response & targets).to(input_device)
     for index, fn in enumerate(TEXT_METRICS.values()):
-        text_values[index] = fn(nll, targets, padded.response & targets)
+        text_values[index] = fn(nll, targets, response_targets)
 
     host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
     host_activations = activations.cpu() if activations is not None else None
