@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from harness.errors import InputError
 from harness.spec import load_spec
@@ -107,6 +107,12 @@ def test_an_unknown_architecture_names_the_site(tiny_tokenizer):
     capture.resolve_sites(model, ["resid_post"])  # the block output needs no per-architecture path
     with pytest.raises(UnknownArchitecture, match="capture site 'attn_out' .* architecture 'qwen2'"):
         capture.resolve_sites(model, ["resid_post", "attn_out"])
+
+
+def test_a_model_without_known_blocks_names_the_site(tiny_tokenizer):
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(UnknownArchitecture, match="capture site 'resid_post': cannot find the decoder blocks of GPT2LMHeadModel"):
+        capture.resolve_sites(model, ["resid_post"])
 
 
 SPEC = """

@@ -124,10 +124,8 @@ def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
     path = SITES[site](architecture(model))
     try:
         return [block.get_submodule(path) for block in decoder_blocks(model)]
-    except AttributeError:
-        raise UnknownArchitecture(
-            f"capture site {site!r}: {type(model).__name__}'s blocks have no module {path!r}"
-        ) from None
+    except (AttributeError, UnknownArchitecture) as exc:
+        raise UnknownArchitecture(f"capture site {site!r}: {exc}") from None
 
 
 def resolve_sites(model: nn.Module, sites: Sequence[str]) -> None:
