@@ -102,7 +102,7 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
             rundir.write_texts(folder.path, texts, measured)
-            table = rundir.per_sample_csv(spec.metrics, measured)
+            table = rundir.per_sample_csv(spec.layer_metric_names, measured)
             rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
+from harness.stages.sites import DEFAULT_SITE, SITES, metric_column
 from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -95,12 +96,29 @@ class CaptureSpec(StrictModel):
     """Model alias whose residual stream and CE are measured; default: the only/first model."""
     layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
     """Decoder blocks whose outputs are captured (layer l = output of block l)."""
+    sites: list[str] = [DEFAULT_SITE]
+    """Where in each block the stream is read (registered in harness/stages/sites.py):
+    `resid_post` (the block's output), `attn_out`, `mlp_out` (what the attention / MLP sublayer
+    adds to the residual stream). Metrics of a site other than `resid_post` are named
+    `<metric>_<site>`; token deltas and saved activations are the first site's."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""
     length_matching: bool = False
     """Truncate both responses of a pair to the shorter one's token count."""
     save_activations: bool = False
     """Also write the captured activations (safetensors); large."""
+
+    @field_validator("sites")
+    @classmethod
+    def _known_sites(cls, value: list[str]) -> list[str]:
+        unknown = [site for site in value if site not in SITES]
+        if unknown:
+            raise ValueError(f"unknown capture site {unknown[0]!r} (known: {', '.join(sorted(SITES))})")
+        if not value:
+            raise ValueError("must name at least one site")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a site twice")
+        return value
 
 
 class Comparison(StrictModel):
@@ -181,8 +199,9 @@ class RuntimeSpec(StrictModel):
     """Prompts per generate call, or `auto`: sized from the device's free memory and the KV cache."""
     compile: bool = False
     """Generation with a static KV cache and a compiled decoding step (`torch.compile`)."""
-    token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = 16384
-    """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory."""
+    token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
+    on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
 
 class Spec(StrictModel):
     """One experiment."""
@@ -223,6 +242,11 @@ class Spec(StrictModel):
         return value
 
     @property
+    def layer_metric_names(self) -> list[str]:
+        """Every trajectory metric column: each metric at each capture site, site by site."""
+        return [metric_column(metric, site) for site in self.capture.sites for metric in self.metrics]
+
+    @property
     def capture_model(self) -> str:
         return self.capture.model or next(iter(self.models))
 
@@ -245,7 +269,7 @@ class Spec(StrictModel):
             if name not in known:
                 raise FieldError(where, f"unknown {kind} {quoted(name)} (known: {', '.join(sorted(known))})")
 
-        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(TEXT_METRIC_NAMES)
+        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(self.layer_metric_names) | set(TEXT_METRIC_NAMES)
         for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
             for name in names:
                 if name in reserved or LAYER_SCOPE.fullmatch(name):
@@ -274,12 +298,12 @@ class Spec(StrictModel):
                 raise FieldError(f"stats.comparisons.{cmp_name}", "compares a condition with itself")
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
-        need("metric", "stats.correlate", y, self.metrics)
+        need("metric", "stats.correlate", y, self.layer_metric_names)
         if self.report.verdict:
             need("criterion", "report.verdict.rows", self.report.verdict.rows, self.criteria)
             need("criterion", "report.verdict.columns", self.report.verdict.columns, self.criteria)
         if self.report.threats.scale_free_metric:
-            need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, self.metrics)
+            need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, self.layer_metric_names)
         from harness.stages.criteria import check_criterion
 
         for crit_name, expr in self.criteria.items():
@@ -292,7 +316,7 @@ class Spec(StrictModel):
     def statistic_vocabulary(self) -> set[str]:
         """Every word that may appear between the dots of a statistic name."""
         return (
-            set(self.metrics)
+            set(self.layer_metric_names)
             | set(TEXT_METRIC_NAMES)
             | set(self.conditions)
             | set(self.comparisons)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
 
 # The malformed specs are data for test_bad_inputs.py: keep the harness pytest plugin (which
 # collects every spec YAML it is pointed at) from trying to run them.
@@ -47,6 +47,8 @@ def tiny_config(arch: str, vocab_size: int):
         return LlamaConfig(**common)
     if arch == "gemma2":  # final-logit softcapping and sliding-window layers, as in Gemma-2-2B
         return Gemma2Config(**common, head_dim=8, final_logit_softcapping=30.0, sliding_window=8)
+    if arch == "gemma3":  # a sliding-window layer, then a global one, as in Gemma 3 270M
+        return Gemma3TextConfig(**common, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     raise ValueError(arch)
 
 
@@ -56,7 +58,7 @@ def build_tiny_model(arch: str, vocab_size: int):
     return model.eval()
 
 
-@pytest.fixture(scope="session", params=["llama", "gemma2"])
+@pytest.fixture(scope="session", params=["llama", "gemma2", "gemma3"])
 def tiny_model(request, tiny_tokenizer):
     return build_tiny_model(request.param, len(tiny_tokenizer))
 

@@ -109,8 +109,71 @@ def test_auto_token_budget_fits_free_memory(tiny_model, monkeypatch):
 
     longest = 50
     roomy = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
-    assert roomy >= longest
+    assert roomy == capture.CPU_TOKEN_BUDGET  # a CPU gains nothing from bigger batches
     free = psutil.virtual_memory()._replace(available=capture.LOGITS_CHUNK_BYTES + 2**20)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     tight = capture.auto_token_budget(tiny_model, torch.device("cpu"), longest)
     assert longest <= tight < roomy  # less memory, smaller batches, never below one row
+
+
+def test_auto_token_budget_on_cuda_grows_with_free_memory(tiny_model, monkeypatch):
+    budgets = []
+    for free_bytes in (2 * 2**30, 4 * 2**30):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free_bytes: (free, 8 * 2**30))
+        budgets.append(capture.auto_token_budget(tiny_model, torch.device("cuda"), 50))
+    assert capture.CPU_TOKEN_BUDGET < budgets[0] < budgets[1]
+    usable = [free_bytes - capture.LOGITS_CHUNK_BYTES for free_bytes in (2 * 2**30, 4 * 2**30)]
+    assert budgets[1] / budgets[0] == pytest.approx(usable[1] / usable[0], rel=1e-3)  # proportional, no cap
+
+
+def reference_metrics(states: np.ndarray) -> dict[str, float]:
+    """Every trajectory metric of one layer's response tokens [T, d], in float64 numpy."""
+    states = states.astype(np.float64)
+    deltas = np.diff(states, axis=0)
+    delta_norms, norms = np.linalg.norm(deltas, axis=1), np.linalg.norm(states, axis=1)
+    cosines = (deltas[1:] * deltas[:-1]).sum(1) / (delta_norms[1:] * delta_norms[:-1])
+    return {
+        "smoothness": delta_norms.mean(),
+        "normalized_smoothness": (delta_norms / norms[:-1]).mean(),
+        "magnitude": norms.mean(),
+        "variance": norms.var(),
+        "directional_consistency": cosines.mean(),
+    }
+
+
+def test_device_resident_values_equal_a_per_text_computation(tiny_model, tiny_tokenizer):
+    """Batched, hook-reduced values vs each text alone through `output_hidden_states` (the last
+    block's output from a hook: hidden_states[-1] is after the final norm)."""
+    batched = measure(tiny_model, tiny_tokenizer, TEXTS)
+    assert set(batched[0]["layer_metrics"]) == set(LAYER_METRICS)
+    last_block = capture.decoder_blocks(tiny_model)[-1]
+    for text, record in zip(TEXTS, batched):
+        tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
+        ids = torch.tensor([tokenized.input_ids])
+        kept = []
+        handle = last_block.register_forward_hook(
+            lambda module, args, output: kept.append(output[0] if isinstance(output, tuple) else output)
+        )
+        with torch.no_grad():
+            states = tiny_model(ids, output_hidden_states=True).hidden_states[1:-1] + (kept[0],)
+        handle.remove()
+        for layer, state in enumerate(states):
+            response = state[0, tokenized.response_start :].numpy()
+            for name, value in reference_metrics(response).items():
+                assert record["layer_metrics"][name][layer] == pytest.approx(value, rel=1e-4, abs=1e-6), (layer, name)
+            deltas = np.linalg.norm(np.diff(response.astype(np.float64), axis=0), axis=1)
+            np.testing.assert_allclose(record["deltas"][str(layer)], deltas, rtol=1e-4)
+
+
+def test_one_host_transfer_per_batch(tiny_model, tiny_tokenizer, monkeypatch):
+    """Hooks keep their values on the device: a batch reads them back with a single `.cpu()`."""
+    transfers = []
+    for method in ("cpu", "item", "tolist", "__float__"):
+
+        def counted(self, *args, _original=getattr(torch.Tensor, method), _method=method, **kwargs):
+            transfers.append(_method)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    measure(tiny_model, tiny_tokenizer, TEXTS)
+    assert transfers == ["cpu"]

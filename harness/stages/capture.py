@@ -1,8 +1,10 @@
 """Capture stage: one fused, batched forward per batch of texts computes every metric.
 
-Forward hooks on the decoder blocks see each block's output — the residual stream after
-block l — and reduce it to per-text trajectory metrics on the device right away, so no
-activation leaves the device unless the spec asks for it. (``hidden_states[-1]`` of a
+Forward hooks on each decoder block's capture-site modules (`harness.stages.sites`; by
+default the block itself, whose output is the residual stream after block l) reduce what
+they see to per-text trajectory metrics on the device right away, into one preallocated
+buffer that reaches the host in one transfer per batch: no activation leaves the device
+unless the spec asks for it. (``hidden_states[-1]`` of a
 transformers model is taken after the final norm; block outputs keep every layer on the
 same footing.) Cross-entropy comes from the final hidden states through the LM head in
 chunks of positions, so fp32 logits for a whole batch never exist at once.
@@ -10,6 +12,7 @@ chunks of positions, so fp32 logits for a whole batch never exist at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -20,16 +23,21 @@ from torch import nn
 from harness.artifacts import content_hash, staged
 from harness.executor import Stage
 from harness.schema import CaptureSpec
+from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
 from metrics import LAYER_METRICS, TEXT_METRICS
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool
 
-STAGE_VERSION = 3
+STAGE_VERSION = 4
 """Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed).
-3: a metric undefined for a short response is NaN (was 0.0)."""
+3: a metric undefined for a short response is NaN (was 0.0).
+4: `token_budget: auto` on a CPU is CPU_TOKEN_BUDGET (other batches: the last bits of every value changed)."""
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on the fp32 logits materialized at once when computing CE."""
+CPU_TOKEN_BUDGET = 2048
+"""`token_budget: auto` on a CPU: a text of ~100 tokens already fills the GEMMs there, so larger
+batches buy nothing and only add padding (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,8 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 
 def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
-    """Padded tokens per forward that fit in half the free memory of `device`.
+    """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
+    at most CPU_TOKEN_BUDGET (never less than one row of `longest`).
 
     A rough per-token cost of one inference forward: the residual stream, attention
     projections and MLP activations in the model's dtype, the hook's float32 copies, and the
@@ -101,24 +110,40 @@ def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> i
         import psutil
 
         free = psutil.virtual_memory().available
-    return max(longest, int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token))
+    fits = int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token)
+    return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks of a causal LM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
-    n_layers = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+def architecture(model: nn.Module) -> str:
+    """The text model's `model_type` (`llama`, `gemma2`, `gemma3_text`, ...), which capture sites key on."""
+    return model.config.get_text_config().model_type
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: `layers` of the model's decoder, where transformers keeps them."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnknownArchitecture(f"cannot find the decoder blocks of {type(model).__name__} (no `get_decoder().layers`)")
+    return layers
+
+
+def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
+    """Per decoder block, the module whose output is `site`."""
+    path = SITES[site](architecture(model))
+    try:
+        return [block.get_submodule(path) for block in decoder_blocks(model)]
+    except (AttributeError, UnknownArchitecture) as exc:
+        raise UnknownArchitecture(f"capture site {site!r}: {exc}") from None
+
+
+def resolve_sites(model: nn.Module, sites: Sequence[str]) -> None:
+    """Raise UnknownArchitecture (a ValueError naming the site) if `model` lacks one of `sites`."""
+    for site in sites:
+        site_modules(model, site)
 
 
 def resolve_layers(model: nn.Module, requested: str | list[int]) -> list[int]:
-    n_layers = len(decoder_layers(model))
+    n_layers = len(decoder_blocks(model))
     if requested == "all":
         return list(range(n_layers))
     too_deep = [layer for layer in requested if layer >= n_layers]
@@ -133,19 +158,27 @@ def report_layers(layers: list[int]) -> list[int]:
     return sorted(picks)
 
 
-def token_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy [B, T] (position t scores token t given < t; 0 at t = 0).
+def token_nll(
+    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy [B, T] (position t scores token t given < t; 0 at t = 0 and on padding).
 
-    Logits come from the LM head in chunks of positions, with the model's final-logit
+    Logits come from the LM head in chunks of positions, only for real (unpadded) tokens
+    (`attention`, [B, T] on the host; default: every position), with the model's final-logit
     softcapping (Gemma 2) applied as its own forward does.
     """
     head = model.get_output_embeddings()
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     batch, length = input_ids.shape
-    # Contiguous 2-D rows: a strided 3-D slice makes matmul re-read the head's weight per text.
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1).to(rows.device)
+    scored = torch.zeros(batch, length, dtype=torch.bool)
+    scored[:, 1:] = True if attention is None else attention[:, 1:].bool()
+    # Flat index of every scored token, found on the host so that gathering never waits on the
+    # device; its logits come from the position before it. Gathered rows are contiguous: a
+    # strided 3-D slice makes matmul re-read the head's weight per text.
+    at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
+    rows = hidden.reshape(batch * length, -1).index_select(0, at - 1)
+    targets = input_ids.to(hidden.device).flatten().index_select(0, at)
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
     flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], chunk):
@@ -153,9 +186,45 @@ def token_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-    nll = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
-    nll[:, 1:] = flat.view(batch, length - 1).to(nll.device)
-    return nll
+    nll = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
+    nll[at] = flat
+    return nll.view(batch, length)
+
+
+@dataclass
+class PaddedBatch:
+    """A batch of texts right-padded to its longest, with the masks every metric needs (on the host)."""
+
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    """[B, T] True on real tokens."""
+    response: torch.Tensor
+    """[B, T] True on response tokens."""
+    first: int
+    """First position holding a response token in any row: the span the trajectory metrics see."""
+
+    @classmethod
+    def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int) -> "PaddedBatch":
+        batch, longest = len(tokenized), max(len(item.input_ids) for item in tokenized)
+        input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+        attention = torch.zeros(batch, longest, dtype=torch.bool)
+        response = torch.zeros(batch, longest, dtype=torch.bool)
+        for row, item in enumerate(tokenized):
+            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            attention[row, : len(item.input_ids)] = True
+            response[row, item.response_start : len(item.input_ids)] = True
+        first = min(item.response_start for item in tokenized)
+        return cls(input_ids, attention, response, first)
+
+    @property
+    def span_mask(self) -> torch.Tensor:
+        return self.response[:, self.first :]
+
+
+def split_views(buffer: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """`buffer` cut into consecutive views of `shapes`."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(buffer.split(sizes), shapes)]
 
 
 @torch.inference_mode()
@@ -168,69 +237,82 @@ def measure_batch(
     metric_names: list[str],
     keep_deltas_for: list[int],
     keep_activations: bool = False,
+    sites: Sequence[str] = (DEFAULT_SITE,),
 ) -> list[dict]:
     """Metrics for a batch of texts from one right-padded forward.
 
-    Returns one record per text: ``layer_metrics[name][i]`` per captured layer i,
-    ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms
-    for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d]) if asked.
+    Returns one record per text: ``layer_metrics[column][i]`` per captured layer i, a column
+    per metric and site (`metric_column`), ``text_metrics[name]``, ``n_response_tokens``,
+    ``deltas[layer]`` (per-token delta norms of the first site for `keep_deltas_for`), and
+    ``activations`` ([layers, response tokens, d] of the first site) if asked.
+
+    The hooks write every value into one preallocated device buffer, which reaches the host
+    in one transfer per batch (a second one for activations).
     """
-    batch, longest = len(tokenized), max(len(item.input_ids) for item in tokenized)
-    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
-    attention = torch.zeros(batch, longest, dtype=torch.long)
-    response = torch.zeros(batch, longest, dtype=torch.bool)
-    for row, item in enumerate(tokenized):
-        input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-        attention[row, : len(item.input_ids)] = 1
-        response[row, item.response_start : len(item.input_ids)] = True
-    # Only the span holding responses enters the trajectory metrics.
-    first = min(item.response_start for item in tokenized)
-    span_mask = response[:, first:].to(input_device)
+    padded = PaddedBatch.of(tokenized, pad_token_id)
+    batch, span = padded.span_mask.shape
+    shapes = [(len(sites), len(metric_names), len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
+              (len(TEXT_METRICS), batch)]
+    buffer = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32, device=input_device)
+    layer_values, deltas, text_values = split_views(buffer, shapes)
+    activations = None
+    if keep_activations:
+        hidden_size = model.config.get_text_config().hidden_size
+        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=torch.float16, device=input_device)
+    delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
+    if not delta_slots.keys() <= set(layers):
+        raise ValueError(f"deltas are kept only for captured layers, not {sorted(delta_slots.keys() - set(layers))}")
+    span_masks: dict[torch.device, torch.Tensor] = {}  # one copy per device the layers live on
 
-    captured: dict[int, dict] = {}
-    blocks = decoder_layers(model)
+    def hook_for(site_index: int, layer_index: int):
+        first_site, layer = site_index == 0, layers[layer_index]
 
-    def hook_for(layer: int):
         def hook(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, first:].float()
-            mask = span_mask.to(hidden.device)
-            result = {name: LAYER_METRICS[name](hidden, mask).cpu() for name in metric_names}
-            if layer in keep_deltas_for:
-                result["deltas"] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1).cpu()
-            if keep_activations:
-                result["activations"] = hidden.to(torch.float16).cpu()
-            captured[layer] = result
+            hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
+            if hidden.device not in span_masks:
+                span_masks[hidden.device] = padded.span_mask.to(hidden.device)
+            mask = span_masks[hidden.device]
+            layer_values[site_index, :, layer_index] = torch.stack([LAYER_METRICS[name](hidden, mask) for name in metric_names])
+            if first_site and layer in delta_slots:
+                deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
+            if first_site and activations is not None:
+                activations[layer_index] = hidden
 
         return hook
 
-    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    handles = []
+    for site_index, site in enumerate(sites):
+        modules = site_modules(model, site)
+        handles += [modules[layer].register_forward_hook(hook_for(site_index, index)) for index, layer in enumerate(layers)]
     try:
-        decoder = model.get_decoder()
-        hidden = decoder(
-            input_ids=input_ids.to(input_device), attention_mask=attention.to(input_device), use_cache=False
+        hidden = model.get_decoder()(
+            input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
         ).last_hidden_state
     finally:
         for handle in handles:
             handle.remove()
-    nll = token_nll(model, hidden, input_ids.to(hidden.device)).cpu()
-    targets = attention.bool().clone()
+    nll = token_nll(model, hidden, padded.input_ids, padded.attention).to(input_device)
+    targets = padded.attention.clone()
     targets[:, 0] = False
-    text_values = {name: fn(nll, targets, response & targets) for name, fn in TEXT_METRICS.items()}
+    targets, response_targets = targets.to(input_device), (padded.response & targets).to(input_device)
+    for index, fn in enumerate(TEXT_METRICS.values()):
+        text_values[index] = fn(nll, targets, response_targets)
 
+    host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
+    host_activations = activations.cpu() if activations is not None else None
+    columns = [(metric_column(name, site), s, m) for s, site in enumerate(sites) for m, name in enumerate(metric_names)]
     records = []
-    span = response[:, first:]
     for row, item in enumerate(tokenized):
-        positions = span[row].nonzero().flatten()
-        lo, hi = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
+        lo, hi = item.response_start - padded.first, len(item.input_ids) - padded.first
         record = {
             "n_response_tokens": len(item.input_ids) - item.response_start,
             "response_ids": item.input_ids[item.response_start :],
-            "layer_metrics": {name: [float(captured[l][name][row]) for l in layers] for name in metric_names},
-            "text_metrics": {name: float(values[row]) for name, values in text_values.items()},
-            "deltas": {str(l): captured[l]["deltas"][row, lo : hi - 1].tolist() for l in keep_deltas_for},
+            "layer_metrics": {column: host_values[s, m, :, row].tolist() for column, s, m in columns},
+            "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
+            "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
         }
-        if keep_activations:
-            record["activations"] = torch.stack([captured[l]["activations"][row, lo:hi] for l in layers])
+        if host_activations is not None:
+            record["activations"] = host_activations[:, row, lo:hi]
         records.append(record)
     return records
 
@@ -276,6 +358,7 @@ class CaptureStage(Stage):
             "metrics": self.metrics,
             "token_budget": self.token_budget,
             "activations": self.settings.save_activations,
+            "sites": self.settings.sites,
         }
 
     def units(self) -> list[list[int]]:
@@ -293,7 +376,7 @@ class CaptureStage(Stage):
         records = measure_batch(
             loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id,
             [self.tokenized[i] for i in unit], self.layers, self.metrics,
-            report_layers(self.layers), self.settings.save_activations,
+            report_layers(self.layers), self.settings.save_activations, self.settings.sites,
         )
         if self.settings.save_activations:
             save_activations(folder / "activations", unit, records)
