@@ -199,3 +199,20 @@ def test_compare_and_junit_through_the_cli(first_run):
                          "--junitxml", str(junit), cwd=folder)
     assert result.returncode in (0, 1), result.stderr
     assert "model_text_smoother" in junit.read_text() and "<testsuites" in junit.read_text()
+
+
+def test_a_non_default_capture_site_is_named_in_the_table_and_usable_in_criteria(first_run):
+    folder = first_run[0]
+    sites = folder / "tiny_sites.yaml"
+    sites.write_text(
+        "extends: tiny.yaml\nname: tiny_sites\ncapture: {sites: [resid_post, attn_out]}\n"
+        "criteria: {attention_smoother: smoothness_attn_out.overall.d > 0}\n"
+    )
+    run = run_spec(sites, folder / "runs", log=Log())
+    rows = (run.run_dir / "per_sample.csv").read_text().splitlines()
+    metrics = {row.split(",")[3] for row in rows[1:]}
+    assert {"smoothness", "smoothness_attn_out", "magnitude_attn_out"} <= metrics
+    before = (first_run[2].run_dir / "per_sample.csv").read_text().splitlines()
+    assert [row for row in rows if "_attn_out" not in row] == before  # resid_post unchanged by the other site
+    [result] = [r for r in run.results if r.name == "attention_smoother"]
+    assert result.error is None and set(result.values) == {"smoothness_attn_out.overall.d"}
