@@ -51,15 +51,24 @@ class ModelSpec(StrictModel):
         return self
 
 
+FirstSentenceRule = Literal["next", "skip"]
+"""See `DatasetSpec.first_sentence`."""
+
+
 class DatasetSpec(StrictModel):
     """WikiText-2 paragraphs split at their first sentence."""
 
-    local_path: str | None = "../shared/data/wikitext-2-raw/wiki.test.raw"
-    """Raw text file, one row per line; used when it exists (relative to the working dir)."""
+    path: str | None = None
+    """Raw text file, one row per line, used instead of the split below. A relative path is
+    relative to the folder of the spec file that names it (the loader resolves it)."""
     hub_name: str = "wikitext"
-    """Fallback: `datasets.load_dataset(hub_name, hub_config, split=split)`."""
+    """Without `path`: `wikitext`/`wikitext-2-raw-v1`/`test` is read from the copy shipped with
+    the package; anything else from `datasets.load_dataset(hub_name, hub_config, split=split)`."""
     hub_config: str = "wikitext-2-raw-v1"
     split: str = "test"
+    first_sentence: FirstSentenceRule = "next"
+    """A paragraph whose first ". " comes before character 11 ("Dr. No is ..."): end the prompt
+    at the next ". " (`next`) or skip the paragraph (`skip`, the reference's rule)."""
     n_samples: int = Field(50, ge=3)
     """How many paragraphs to keep (the first that match, in order); paired statistics need 3."""
     min_tokens: int = Field(80, ge=1)
