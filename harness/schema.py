@@ -8,9 +8,9 @@ naming the file and field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.stages.conditions import SOURCES
@@ -53,6 +53,8 @@ class ModelSpec(StrictModel):
 
 FirstSentenceRule = Literal["next", "skip"]
 """See `DatasetSpec.first_sentence`."""
+ResponseTokenization = Literal["joint", "separate"]
+"""See `CaptureSpec.response_tokenization`."""
 
 
 class DatasetSpec(StrictModel):
@@ -100,6 +102,11 @@ class CaptureSpec(StrictModel):
     """Decoder blocks whose outputs are captured (layer l = output of block l)."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""
+    response_tokenization: ResponseTokenization = "joint"
+    """`joint`: prompt + " " + response tokenized as one text, as the model would read it;
+    `separate` (the reference's): the prompt (with BOS) and the response (no special tokens, no
+    leading space) tokenized apart and concatenated. CE comes from the same ids (the reference
+    computed CE on the joint tokenization)."""
     length_matching: bool = False
     """Truncate both responses of a pair to the shorter one's token count."""
     save_activations: bool = False
@@ -156,6 +163,9 @@ class Spec(StrictModel):
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
     """Trajectory metrics (registered in metrics/), computed per layer."""
+    metric_options: dict[str, dict[str, Any]] = {}
+    """Options of listed metrics, e.g. `{variance: {ddof: 1}}` (what each takes: its options
+    model in metrics/); outputs keep the metric's name."""
     stats: StatsSpec = StatsSpec()
     criteria: dict[str, str] = {}
     """Name -> expression over statistic names, e.g. `smoothness.overall.d > 0`."""
@@ -171,6 +181,23 @@ class Spec(StrictModel):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("metric_options")
+    @classmethod
+    def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from metrics import METRIC_OPTIONS
+
+        validated = {}
+        for name, options in value.items():
+            if name not in METRIC_OPTIONS:
+                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {', '.join(sorted(METRIC_OPTIONS))})")
+            try:
+                validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(["metric_options", name, *map(str, error["loc"])])
+                raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
+        return validated
 
     @property
     def capture_model(self) -> str:
@@ -215,6 +242,9 @@ class Spec(StrictModel):
             need("metric", "metrics", metric, LAYER_METRICS)
         if len(set(self.metrics)) != len(self.metrics):
             raise FieldError("metrics", "lists a metric twice")
+        for name in self.metric_options:
+            if name not in self.metrics:
+                raise FieldError(f"metric_options.{name}", f"{name!r} is not in metrics")
         for cmp_name, cmp in self.comparisons.items():
             if not re.match(IDENTIFIER, cmp_name):
                 raise FieldError(f"stats.comparisons.{cmp_name}", "name must be an identifier")

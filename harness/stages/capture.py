@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from harness.schema import ResponseTokenization
 from metrics import LAYER_METRICS, TEXT_METRICS
 
 STAGE_VERSION = 2
@@ -45,19 +46,26 @@ class Tokenized:
     """Index of the first response token; the response runs to the end of input_ids."""
 
 
-def tokenize_for_capture(tokenizer, text: TextToMeasure) -> Tokenized:
-    """Tokenize prompt + " " + response (with the tokenizer's special tokens, e.g. BOS).
+def tokenize_for_capture(tokenizer, text: TextToMeasure, response_tokenization: ResponseTokenization = "joint") -> Tokenized:
+    """Token ids of prompt and response (with the tokenizer's special tokens, e.g. BOS).
 
-    A token belongs to the response when it starts at or after the space that ends the
-    prompt; a token straddling the boundary stays with the prompt.
+    `joint`: prompt + " " + response tokenized as one text, as the model reads it; a token
+    belongs to the response when it starts at or after the space that ends the prompt (a token
+    straddling the boundary stays with the prompt). `separate` (the reference's): the prompt
+    and the response (no special tokens, no leading space) tokenized apart and concatenated.
     """
-    encoded = tokenizer(text.full_text, return_offsets_mapping=True)
-    boundary = len(text.prompt)
-    ids = encoded["input_ids"]
-    offsets = encoded["offset_mapping"]
-    response_start = next(
-        (i for i, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(ids)
-    )
+    if response_tokenization == "separate":
+        prompt_ids = tokenizer(text.prompt)["input_ids"]
+        ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
+        response_start = len(prompt_ids)
+    else:
+        encoded = tokenizer(text.full_text, return_offsets_mapping=True)
+        boundary = len(text.prompt)
+        ids = encoded["input_ids"]
+        offsets = encoded["offset_mapping"]
+        response_start = next(
+            (i for i, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(ids)
+        )
     if text.max_response_tokens is not None:
         ids = ids[: response_start + text.max_response_tokens]
     return Tokenized(ids, response_start)
@@ -160,8 +168,10 @@ def measure_batch(
     metric_names: list[str],
     keep_deltas_for: list[int],
     keep_activations: bool = False,
+    metric_options: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Metrics for a batch of texts from one right-padded forward.
+    """Metrics for a batch of texts from one right-padded forward (`metric_options`: keyword
+    options by metric name, as the spec's `metric_options`).
 
     Returns one record per text: ``layer_metrics[name][i]`` per captured layer i,
     ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms
@@ -186,7 +196,7 @@ def measure_batch(
         def hook(module, args, output):
             hidden = (output[0] if isinstance(output, tuple) else output)[:, first:].float()
             mask = span_mask.to(hidden.device)
-            result = {name: LAYER_METRICS[name](hidden, mask).cpu() for name in metric_names}
+            result = {name: LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})).cpu() for name in metric_names}
             if layer in keep_deltas_for:
                 result["deltas"] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1).cpu()
             if keep_activations:

@@ -21,7 +21,7 @@ def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[in
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
     kwargs = dict(
         max_new_tokens=spec.max_new_tokens,
-        min_new_tokens=1,
+        min_new_tokens=spec.min_new_tokens or None,  # None: unset, as the reference left it
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=spec.repetition_penalty,
         no_repeat_ngram_size=spec.no_repeat_ngram_size,
