@@ -190,7 +190,8 @@ class Spec(StrictModel):
         validated = {}
         for name, options in value.items():
             if name not in METRIC_OPTIONS:
-                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {', '.join(sorted(METRIC_OPTIONS))})")
+                known = ", ".join(sorted(METRIC_OPTIONS))
+                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
             try:
                 validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
             except ValidationError as exc:

@@ -47,7 +47,8 @@ def test_selection_with_the_reference_rule_skips_paragraphs_with_an_early_period
         if len(expected) == 40:
             break
     assert [(s.row, s.prompt, s.human_response) for s in samples] == expected
-    with_next_rule = data.select_samples(wikitext_rows(), tiny_tokenizer, spec.model_copy(update={"first_sentence": "next"}), "spec.yaml")
+    next_rule = spec.model_copy(update={"first_sentence": "next"})
+    with_next_rule = data.select_samples(wikitext_rows(), tiny_tokenizer, next_rule, "spec.yaml")
     assert [s.row for s in with_next_rule] != [s.row for s in samples]  # an early ". " occurs among these rows
 
 

@@ -110,13 +110,14 @@ def test_reference_specs_set_every_option_and_nothing_else(name, plain):
     assert reference_options(reference) == REFERENCE_OPTIONS
     assert reference_options(original) != REFERENCE_OPTIONS
     generation = original.conditions["model"].generation.model_copy(update=REFERENCE_OPTIONS["generation"])
+    model_condition = original.conditions["model"].model_copy(update={"generation": generation})
     rebuilt = original.model_copy(
         update={
             "name": reference.name,
             "description": reference.description,
             "dataset": original.dataset.model_copy(update=REFERENCE_OPTIONS["dataset"]),
             "capture": original.capture.model_copy(update=REFERENCE_OPTIONS["capture"]),
-            "conditions": {**original.conditions, "model": original.conditions["model"].model_copy(update={"generation": generation})},
+            "conditions": {**original.conditions, "model": model_condition},
             "metric_options": REFERENCE_OPTIONS["metric_options"],
             "stats": original.stats.model_copy(update=REFERENCE_OPTIONS["stats"]),
         }
@@ -143,7 +144,8 @@ def test_bad_metric_options_name_the_field(tmp_path, options, message):
 def test_options_of_a_metric_not_measured_are_an_error(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(
-        f"extends: {REPO / 'specs' / 'quickstart.yaml'}\nmetrics: [smoothness]\nmetric_options: {{variance: {{ddof: 1}}}}\n",
+        f"extends: {REPO / 'specs' / 'quickstart.yaml'}\nmetrics: [smoothness]\n"
+        "metric_options: {variance: {ddof: 1}}\n",
         encoding="utf-8",
     )
     with pytest.raises(InputError, match=f"^{path}: metric_options.variance: 'variance' is not in metrics"):

@@ -46,7 +46,9 @@ class Tokenized:
     """Index of the first response token; the response runs to the end of input_ids."""
 
 
-def tokenize_for_capture(tokenizer, text: TextToMeasure, response_tokenization: ResponseTokenization = "joint") -> Tokenized:
+def tokenize_for_capture(
+    tokenizer, text: TextToMeasure, response_tokenization: ResponseTokenization = "joint"
+) -> Tokenized:
     """Token ids of prompt and response (with the tokenizer's special tokens, e.g. BOS).
 
     `joint`: prompt + " " + response tokenized as one text, as the model reads it; a token
@@ -196,7 +198,10 @@ def measure_batch(
         def hook(module, args, output):
             hidden = (output[0] if isinstance(output, tuple) else output)[:, first:].float()
             mask = span_mask.to(hidden.device)
-            result = {name: LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})).cpu() for name in metric_names}
+            result = {
+                name: LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})).cpu()
+                for name in metric_names
+            }
             if layer in keep_deltas_for:
                 result["deltas"] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1).cpu()
             if keep_activations:
