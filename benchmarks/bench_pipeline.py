@@ -142,8 +142,8 @@ def ids_as_text(ids: torch.Tensor) -> str:
 
 
 def wikitext_texts(spec: Spec, tokenizer, n_samples: int, where: str) -> tuple[list[str], list[str]]:
-    """The spec's WikiText-2 prompts and human continuations (the data file resolved from the repo root)."""
-    dataset = spec.dataset.model_copy(update={"n_samples": n_samples, "local_path": str(REPO / spec.dataset.local_path)})
+    """The spec's WikiText-2 prompts and human continuations."""
+    dataset = spec.dataset.model_copy(update={"n_samples": n_samples})
     samples = data.select_samples(data.read_rows(dataset, where), tokenizer, dataset, where)
     return [sample.prompt for sample in samples], [sample.human_response for sample in samples]
 

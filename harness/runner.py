@@ -128,13 +128,14 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
     """Every condition's texts through the capture model (the capture stage per condition)."""
     spec, pool = plan.spec, plan.pool
     limits = capture.response_limits(
-        pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None, texts, spec.capture.length_matching
+        pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
+        texts, spec.capture.length_matching, spec.capture.response_tokenization,
     )
     return {
         name: plan.executor.run(capture.CaptureStage(
             f"capture[{name}]",
             [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
-            spec.capture_model, spec.capture, spec.metrics, spec.runtime.token_budget, pool,
+            spec.capture_model, spec.capture, spec.metrics, spec.metric_options, spec.runtime.token_budget, pool,
         ))
         for name, rows in texts.items()
     }

@@ -8,9 +8,9 @@ naming the file and field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
@@ -57,15 +57,26 @@ class ModelSpec(StrictModel):
         return self
 
 
+FirstSentenceRule = Literal["next", "skip"]
+"""See `DatasetSpec.first_sentence`."""
+ResponseTokenization = Literal["joint", "separate"]
+"""See `CaptureSpec.response_tokenization`."""
+
+
 class DatasetSpec(StrictModel):
     """WikiText-2 paragraphs split at their first sentence."""
 
-    local_path: str | None = "../shared/data/wikitext-2-raw/wiki.test.raw"
-    """Raw text file, one row per line; used when it exists (relative to the working dir)."""
+    path: str | None = None
+    """Raw text file, one row per line, used instead of the split below. A relative path is
+    relative to the folder of the spec file that names it (the loader resolves it)."""
     hub_name: str = "wikitext"
-    """Fallback: `datasets.load_dataset(hub_name, hub_config, split=split)`."""
+    """Without `path`: `wikitext`/`wikitext-2-raw-v1`/`test` is read from the copy shipped with
+    the package; anything else from `datasets.load_dataset(hub_name, hub_config, split=split)`."""
     hub_config: str = "wikitext-2-raw-v1"
     split: str = "test"
+    first_sentence: FirstSentenceRule = "next"
+    """A paragraph whose first ". " comes before character 11 ("Dr. No is ..."): end the prompt
+    at the next ". " (`next`) or skip the paragraph (`skip`, the reference's rule)."""
     n_samples: int = Field(50, ge=3, le=10_000)
     """How many paragraphs to keep (the first that match, in order); paired statistics need 3,
     and 10,000 (200 times the reference experiment) catches a mistyped count before any work."""
@@ -103,6 +114,11 @@ class CaptureSpec(StrictModel):
     `<metric>_<site>`; token deltas and saved activations are the first site's."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""
+    response_tokenization: ResponseTokenization = "joint"
+    """`joint`: prompt + " " + response tokenized as one text, as the model would read it;
+    `separate` (the reference's): the prompt (with BOS) and the response (no special tokens, no
+    leading space) tokenized apart and concatenated. CE comes from the same ids (the reference
+    computed CE on the joint tokenization)."""
     length_matching: bool = False
     """Truncate both responses of a pair to the shorter one's token count."""
     save_activations: bool = False
@@ -216,6 +232,9 @@ class Spec(StrictModel):
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
     """Trajectory metrics (registered in metrics/), computed per layer."""
+    metric_options: dict[str, dict[str, Any]] = {}
+    """Options of listed metrics, e.g. `{variance: {ddof: 1}}` (what each takes: its options
+    model in metrics/); outputs keep the metric's name."""
     stats: StatsSpec = StatsSpec()
     criteria: dict[str, str] = {}
     """Name -> expression over statistic names, e.g. `smoothness.overall.d > 0`. Names are
@@ -245,6 +264,24 @@ class Spec(StrictModel):
     def layer_metric_names(self) -> list[str]:
         """Every trajectory metric column: each metric at each capture site, site by site."""
         return [metric_column(metric, site) for site in self.capture.sites for metric in self.metrics]
+
+    @field_validator("metric_options")
+    @classmethod
+    def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from metrics import METRIC_OPTIONS
+
+        validated = {}
+        for name, options in value.items():
+            if name not in METRIC_OPTIONS:
+                known = ", ".join(sorted(METRIC_OPTIONS))
+                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
+            try:
+                validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(["metric_options", name, *map(str, error["loc"])])
+                raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
+        return validated
 
     @property
     def capture_model(self) -> str:
@@ -289,6 +326,9 @@ class Spec(StrictModel):
             need("metric", "metrics", metric, LAYER_METRICS)
         if len(set(self.metrics)) != len(self.metrics):
             raise FieldError("metrics", "lists a metric twice")
+        for name in self.metric_options:
+            if name not in self.metrics:
+                raise FieldError(f"metric_options.{name}", f"{name!r} is not in metrics")
         for cmp_name, cmp in self.comparisons.items():
             if not re.fullmatch(IDENTIFIER, cmp_name):
                 raise FieldError(f"stats.comparisons.{cmp_name}", "name must be an identifier")

@@ -78,6 +78,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
         raise InputError(f"{path}: empty spec")
     if not isinstance(data, dict):
         raise InputError(f"{path}: a spec is a mapping of keys, not a {type(data).__name__}")
+    _anchor_dataset_path(data, path.parent)
     parent = data.pop("extends", None)
     if parent is None:
         return data, ()
@@ -88,6 +89,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
         raise InputError(f"{path}: extends: {str(parent_path)!r} not found")
     base, extended = _read_yaml(parent_path, seen + (path.resolve(),))
     return _merge(base, data), (parent_path, *extended)
+
+
+def _anchor_dataset_path(data: dict, folder: Path) -> None:
+    """A relative `dataset.path` is relative to the folder of the spec file that names it."""
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        dataset["path"] = str(folder / dataset["path"])
 
 
 def load_spec(path: str | Path) -> Spec:

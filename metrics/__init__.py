@@ -13,24 +13,38 @@ Two kinds:
 A metric undefined for a text (a response too short for it, e.g. no token-to-token delta)
 is NaN, never a number: the statistics then leave that text out of that metric's comparisons.
 
-Adding a metric is one decorated function here plus its name in a spec's ``metrics:``.
+Adding a metric is one decorated function here plus its name in a spec's ``metrics:``. A
+trajectory metric may take keyword options: ``@layer_metric(options=SomeOptions)`` registers
+the pydantic model that validates a spec's ``metric_options: {name: {...}}`` for it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
+
+from harness.base import StrictModel
 
 if TYPE_CHECKING:  # the metrics only call tensor methods: validating a spec imports no torch
     from torch import Tensor
 
-LAYER_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+LAYER_METRICS: dict[str, Callable[..., Tensor]] = {}
+"""Trajectory metrics: ``fn(hidden, mask, **options) -> Tensor[B]``."""
+METRIC_OPTIONS: dict[str, type[StrictModel]] = {}
+"""The options model of each trajectory metric that takes options, by metric name."""
 TEXT_METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
 
 
-def layer_metric(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """Register a trajectory metric under its function name."""
-    LAYER_METRICS[fn.__name__] = fn
-    return fn
+def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[StrictModel] | None = None):
+    """Register a trajectory metric under its function name (``@layer_metric`` or
+    ``@layer_metric(options=Model)``, the model's fields being the function's keyword options)."""
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        LAYER_METRICS[fn.__name__] = fn
+        if options is not None:
+            METRIC_OPTIONS[fn.__name__] = options
+        return fn
+
+    return register if fn is None else register(fn)
 
 
 def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -71,12 +85,21 @@ def magnitude(hidden: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(hidden.norm(dim=-1), mask)
 
 
-@layer_metric
-def variance(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Variance (population) of the response tokens' L2 norms."""
+class VarianceOptions(StrictModel):
+    """Options of `variance`."""
+
+    ddof: Literal[0, 1] = 0
+    """Divide by n - ddof: 0 is the population variance, 1 the unbiased one (torch.var's
+    default, which the reference used)."""
+
+
+@layer_metric(options=VarianceOptions)
+def variance(hidden: Tensor, mask: Tensor, ddof: int = 0) -> Tensor:
+    """Variance of the response tokens' L2 norms (divided by n - ddof)."""
     norms = hidden.norm(dim=-1)
     centred = norms - _masked_mean(norms, mask).unsqueeze(-1)
-    return _masked_mean(centred.square(), mask)
+    weights = mask.to(norms.dtype)
+    return (centred.square() * weights).sum(-1) / (weights.sum(-1) - ddof).clamp(min=1)
 
 
 @layer_metric

@@ -9,16 +9,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from harness.stages.data import packaged_rows
+
 # The malformed specs are data for test_bad_inputs.py: keep the harness pytest plugin (which
 # collects every spec YAML it is pointed at) from trying to run them.
 collect_ignore_glob = ["bad_inputs/*.yaml"]
 
 REPO = Path(__file__).resolve().parent.parent
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def wikitext_rows(limit: int | None = None) -> list[str]:
-    rows = WIKITEXT.read_text(encoding="utf-8").splitlines()
+    """Rows of the WikiText-2 raw test split shipped with the package."""
+    rows = packaged_rows("conftest")
     return rows[:limit] if limit else rows
 
 

@@ -25,7 +25,7 @@ def small_quickstart(tmp_path_factory) -> Path:
     spec.write_text(
         f"extends: {REPO / 'specs' / 'quickstart.yaml'}\n"
         "name: small-quickstart\n"
-        f"dataset: {{n_samples: 6, local_path: {REPO.parent / 'shared/data/wikitext-2-raw/wiki.test.raw'}}}\n"
+        "dataset: {n_samples: 6}\n"
         "conditions: {model: {generation: {max_new_tokens: 24}}}\n"
         "stats: {bootstrap_resamples: 500}\n"
     )

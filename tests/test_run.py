@@ -13,7 +13,6 @@ import pytest
 
 from harness.runner import run_spec
 
-REPO = Path(__file__).resolve().parent.parent
 RUN_FILES = {"spec.yaml", "manifest.json", "texts.jsonl", "per_sample.csv", "stats.json", "criteria.json", "RESULTS.md"}
 
 
@@ -24,7 +23,6 @@ def tiny_spec(folder: Path, model_dir: Path, name: str = "tiny", extra: str = ""
         models:
           base: {{id: "{model_dir}"}}
         dataset:
-          local_path: "{REPO.parent / 'shared/data/wikitext-2-raw/wiki.test.raw'}"
           n_samples: 6
           min_tokens: 40
           max_tokens: 400

@@ -22,7 +22,7 @@ from torch import nn
 
 from harness.artifacts import content_hash, staged
 from harness.executor import Stage
-from harness.schema import CaptureSpec
+from harness.schema import CaptureSpec, ResponseTokenization
 from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
 from metrics import LAYER_METRICS, TEXT_METRICS
 
@@ -61,19 +61,28 @@ class Tokenized:
     """Index of the first response token; the response runs to the end of input_ids."""
 
 
-def tokenize_for_capture(tokenizer, text: TextToMeasure) -> Tokenized:
-    """Tokenize prompt + " " + response (with the tokenizer's special tokens, e.g. BOS).
+def tokenize_for_capture(
+    tokenizer, text: TextToMeasure, response_tokenization: ResponseTokenization = "joint"
+) -> Tokenized:
+    """Token ids of prompt and response (with the tokenizer's special tokens, e.g. BOS).
 
-    A token belongs to the response when it starts at or after the space that ends the
-    prompt; a token straddling the boundary stays with the prompt.
+    `joint`: prompt + " " + response tokenized as one text, as the model reads it; a token
+    belongs to the response when it starts at or after the space that ends the prompt (a token
+    straddling the boundary stays with the prompt). `separate` (the reference's): the prompt
+    and the response (no special tokens, no leading space) tokenized apart and concatenated.
     """
-    encoded = tokenizer(text.full_text, return_offsets_mapping=True)
-    boundary = len(text.prompt)
-    ids = encoded["input_ids"]
-    offsets = encoded["offset_mapping"]
-    response_start = next(
-        (i for i, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(ids)
-    )
+    if response_tokenization == "separate":
+        prompt_ids = tokenizer(text.prompt)["input_ids"]
+        ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
+        response_start = len(prompt_ids)
+    else:
+        encoded = tokenizer(text.full_text, return_offsets_mapping=True)
+        boundary = len(text.prompt)
+        ids = encoded["input_ids"]
+        offsets = encoded["offset_mapping"]
+        response_start = next(
+            (i for i, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(ids)
+        )
     if text.max_response_tokens is not None:
         ids = ids[: response_start + text.max_response_tokens]
     return Tokenized(ids, response_start)
@@ -238,8 +247,10 @@ def measure_batch(
     keep_deltas_for: list[int],
     keep_activations: bool = False,
     sites: Sequence[str] = (DEFAULT_SITE,),
+    metric_options: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Metrics for a batch of texts from one right-padded forward.
+    """Metrics for a batch of texts from one right-padded forward (`metric_options`: keyword
+    options by metric name, as the spec's `metric_options`).
 
     Returns one record per text: ``layer_metrics[column][i]`` per captured layer i, a column
     per metric and site (`metric_column`), ``text_metrics[name]``, ``n_response_tokens``,
@@ -272,7 +283,9 @@ def measure_batch(
             if hidden.device not in span_masks:
                 span_masks[hidden.device] = padded.span_mask.to(hidden.device)
             mask = span_masks[hidden.device]
-            layer_values[site_index, :, layer_index] = torch.stack([LAYER_METRICS[name](hidden, mask) for name in metric_names])
+            layer_values[site_index, :, layer_index] = torch.stack(
+                [LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})) for name in metric_names]
+            )
             if first_site and layer in delta_slots:
                 deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
             if first_site and activations is not None:
@@ -317,7 +330,9 @@ def measure_batch(
     return records
 
 
-def response_limits(tokenizer, texts: dict[str, list[dict]], length_matching: bool) -> dict[str, list[int | None]]:
+def response_limits(
+    tokenizer, texts: dict[str, list[dict]], length_matching: bool, tokenization: ResponseTokenization = "joint"
+) -> dict[str, list[int | None]]:
     """Per condition and sample, the response token cap: each pair's shorter response (length
     matching), or None."""
     n_samples = len(next(iter(texts.values())))
@@ -325,7 +340,7 @@ def response_limits(tokenizer, texts: dict[str, list[dict]], length_matching: bo
         return {name: [None] * n_samples for name in texts}
 
     def length(text: dict) -> int:
-        tokenized = tokenize_for_capture(tokenizer, TextToMeasure(text["prompt"], text["response"]))
+        tokenized = tokenize_for_capture(tokenizer, TextToMeasure(text["prompt"], text["response"]), tokenization)
         return len(tokenized.input_ids) - tokenized.response_start
 
     lengths = {name: [length(text) for text in rows] for name, rows in texts.items()}
@@ -343,6 +358,7 @@ class CaptureStage(Stage):
     """The capture model."""
     settings: CaptureSpec
     metrics: list[str]
+    metric_options: dict[str, dict]
     token_budget: int | str
     pool: ModelPool
     kind = "capture"
@@ -356,6 +372,8 @@ class CaptureStage(Stage):
             "model": self.pool.key(self.alias),
             "layers": self.settings.layers,
             "metrics": self.metrics,
+            **({"metric_options": self.metric_options} if self.metric_options else {}),
+            **({"response_tokenization": "separate"} if self.settings.response_tokenization == "separate" else {}),
             "token_budget": self.token_budget,
             "activations": self.settings.save_activations,
             "sites": self.settings.sites,
@@ -363,7 +381,9 @@ class CaptureStage(Stage):
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.alias)
-        self.tokenized = [tokenize_for_capture(loaded.tokenizer, text) for text in self.texts]
+        self.tokenized = [
+            tokenize_for_capture(loaded.tokenizer, text, self.settings.response_tokenization) for text in self.texts
+        ]
         self.layers = resolve_layers(loaded.model, self.settings.layers)
         lengths = [len(t.input_ids) for t in self.tokenized]
         budget = self.token_budget
@@ -376,7 +396,7 @@ class CaptureStage(Stage):
         records = measure_batch(
             loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id,
             [self.tokenized[i] for i in unit], self.layers, self.metrics,
-            report_layers(self.layers), self.settings.save_activations, self.settings.sites,
+            report_layers(self.layers), self.settings.save_activations, self.settings.sites, self.metric_options,
         )
         if self.settings.save_activations:
             save_activations(folder / "activations", unit, records)

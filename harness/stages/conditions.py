@@ -109,10 +109,14 @@ class GenerationSpec(StrictModel):
     """How a model continues the prompt."""
 
     max_new_tokens: int = Field(90, gt=0)
+    min_new_tokens: int = Field(1, ge=0)
+    """EOS is suppressed until this many tokens are out (0: no minimum, as the reference)."""
     temperature: float = Field(0.0, ge=0)
     """0 means greedy decoding."""
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0)
+    top_k: int = Field(50, ge=0)
+    """Sampling keeps the k likeliest tokens; 0: no cut. 50 is transformers' default, which the
+    reference used."""
     repetition_penalty: float = Field(1.0, gt=0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     seed: int = 0

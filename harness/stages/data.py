@@ -1,21 +1,38 @@
-"""Data stage: WikiText-2 paragraphs, filtered by token count, split at the first sentence."""
+"""Data stage: WikiText-2 paragraphs, filtered by token count, split at the first sentence.
+
+Rows come from, in this order: the file the spec names (`dataset.path`); the WikiText-2 raw
+test split shipped inside this package (`harness/datasets/`, checked against its sha256);
+the Hugging Face hub for any other dataset, configuration or split.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import re
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from harness.errors import InputError
 from harness.executor import Stage
-from harness.schema import DatasetSpec, Spec
+from harness.schema import DatasetSpec, FirstSentenceRule, Spec
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters the samples."""
+
+PACKAGED_SPLIT = ("wikitext", "wikitext-2-raw-v1", "test")
+"""(hub_name, hub_config, split) of the copy shipped with the package."""
+PACKAGED_FILE = "wikitext-2-raw-v1-test.txt.gz"
+"""In harness/datasets/: the split's non-empty rows in order, CRLF-separated, gzipped."""
+PACKAGED_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+"""sha256 of the uncompressed rows: a damaged or altered copy is refused, never used."""
+PROMPT_MIN_CHARS = 11
+"""The first sentence's ". " must lie at this character or later (a prompt worth continuing)."""
 
 # WikiText tokenizes numbers and punctuation: "1 @,@ 000", "well @-@ known", "word , word".
 _DETOKENIZE = [
@@ -53,18 +70,47 @@ def detokenize(text: str) -> str:
     return text
 
 
-def split_first_sentence(text: str) -> tuple[str, str] | None:
-    """Split at the first ". " lying past character 10; None when there is none."""
-    cut = text.find(". ", 11)
-    if cut < 0:
+def split_first_sentence(text: str, rule: FirstSentenceRule = "next") -> tuple[str, str] | None:
+    """Split after the first ". " at character PROMPT_MIN_CHARS or later; None when there is none.
+
+    An earlier ". " (an abbreviation: "Dr. No is ...") is passed over with rule `next`; with
+    `skip` (the reference's rule) it makes the paragraph unusable.
+    """
+    cut = text.find(". ")
+    if 0 <= cut < PROMPT_MIN_CHARS and rule == "next":
+        cut = text.find(". ", PROMPT_MIN_CHARS)
+    if cut < PROMPT_MIN_CHARS:
         return None
     return text[: cut + 1], text[cut + 2 :]
 
 
 def read_rows(spec: DatasetSpec, where: str) -> list[str]:
-    """Rows of the split, from the local raw file when it exists, else from the hub."""
-    if spec.local_path and Path(spec.local_path).is_file():
-        return Path(spec.local_path).read_text(encoding="utf-8").splitlines()
+    """Rows of the split: the spec's file, else the packaged copy, else the hub."""
+    if spec.path is not None:
+        path = Path(spec.path)
+        if not path.is_file():
+            raise InputError(f"{where}: dataset.path: file {str(path)!r} not found")
+        return path.read_text(encoding="utf-8").splitlines()
+    if (spec.hub_name, spec.hub_config, spec.split) == PACKAGED_SPLIT:
+        return packaged_rows(where)
+    return hub_rows(spec, where)
+
+
+def packaged_rows(where: str) -> list[str]:
+    """Rows of the WikiText-2 raw test split shipped with the package, checked against PACKAGED_SHA256."""
+    file = resources.files("harness") / "datasets" / PACKAGED_FILE
+    raw = gzip.decompress(file.read_bytes())
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != PACKAGED_SHA256:
+        raise InputError(
+            f"{where}: dataset: packaged copy {str(file)!r} has sha256 {digest[:12]}…, expected "
+            f"{PACKAGED_SHA256[:12]}… (a damaged install: reinstall harness)"
+        )
+    return raw.decode("utf-8").splitlines()
+
+
+def hub_rows(spec: DatasetSpec, where: str) -> list[str]:
+    """Rows of `hub_name`/`hub_config`/`split` from the Hugging Face hub (fails fast offline)."""
     try:
         import datasets
         from huggingface_hub import HfApi
@@ -72,9 +118,8 @@ def read_rows(spec: DatasetSpec, where: str) -> list[str]:
         HfApi().resolve_revision(spec.hub_name, repo_type="dataset")  # offline: fails in 1 s, load_dataset retries for 25 s
         return list(datasets.load_dataset(spec.hub_name, spec.hub_config, split=spec.split)["text"])
     except Exception as exc:  # offline, unknown dataset name, ...: all the user's to fix
-        local = f"local file {spec.local_path!r} not found and " if spec.local_path else ""
         raise InputError(
-            f"{where}: dataset: {local}{spec.hub_name}/{spec.hub_config} could not be loaded "
+            f"{where}: dataset: {spec.hub_name}/{spec.hub_config}/{spec.split} could not be loaded "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
 
@@ -91,7 +136,7 @@ def select_samples(rows: Iterable[str], tokenizer, spec: DatasetSpec, where: str
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not spec.min_tokens <= n_tokens <= spec.max_tokens:
             continue
-        split = split_first_sentence(text)
+        split = split_first_sentence(text, spec.first_sentence)
         if split is None:
             continue
         samples.append(Sample(len(samples), row_index, split[0], split[1], n_tokens))

@@ -114,7 +114,7 @@ def auto_batch_size(
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
     kwargs = dict(
         max_new_tokens=spec.max_new_tokens,
-        min_new_tokens=1,
+        min_new_tokens=spec.min_new_tokens or None,  # None: unset, as the reference left it
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=spec.repetition_penalty,
         no_repeat_ngram_size=spec.no_repeat_ngram_size,
