@@ -164,10 +164,14 @@ class DataStage(Stage):
 
     def inputs(self) -> dict:
         # the tokenizer enters by identity, so naming the same model by another alias reuses the stage
-        return {
+        inputs = {
             "dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"}),
             "tokenizer": self.pool.identity(self.alias),
         }
+        path = Path(self.spec.dataset.path) if self.spec.dataset.path else None
+        if path is not None and path.is_file():  # a file edited in place must not reuse stale samples
+            inputs["file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return inputs
 
     def compute(self, unit: None, folder: Path) -> list[dict]:
         rows = read_rows(self.spec.dataset, str(self.spec_path))
