@@ -3,12 +3,13 @@
 The reference workload runs Gemma-2-2B on a GPU; this gives its exact shape without the hub:
 google/gemma-2-2b's config.json values written out, random weights (`save_pretrained`), and a
 word-level tokenizer of the same vocabulary size (Gemma's pad, eos, bos and unk ids 0-3, then
-the most frequent words of `--words-from` if given, then filler words). `benchmarks/
+the most frequent words of `--words-from`, by default the WikiText-2 test split shipped with the
+package, then filler words). `benchmarks/
 random-gemma2-2b.yaml` points `models.base.id` at the default output folder.
 
     python benchmarks/make_random_gemma2.py                     # benchmarks/random-gemma2-2b, bf16 (~5 GB)
     python benchmarks/make_random_gemma2.py --tiny OUT          # 2 layers, small width: a CPU check in seconds
-    python benchmarks/make_random_gemma2.py --words-from ../shared/data/wikitext-2-raw/wiki.test.raw
+    python benchmarks/make_random_gemma2.py --words-from my-corpus.txt
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Sequence
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, Gemma2Config, PreTrainedTokenizerFast
+
+from harness.stages.data import packaged_rows
 
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "random-gemma2-2b"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -50,14 +53,17 @@ def tiny_config() -> Gemma2Config:
 def word_tokenizer(vocab_size: int, words_from: Path | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer of exactly `vocab_size` tokens that prepends BOS, as Gemma's does.
 
-    Words (and runs of punctuation) are tokens: the most frequent of `words_from`, then "w<i>"
-    fillers. Decoding joins tokens with spaces, so generated text encodes back to the same ids.
+    Words (and runs of punctuation) are tokens: the most frequent of `words_from` (default: the
+    packaged WikiText-2 test split), then "w<i>" fillers. Decoding joins tokens with spaces, so
+    generated text encodes back to the same ids.
     """
     tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(SPECIAL_TOKENS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
     if words_from is not None:
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
         tokenizer.train([str(words_from)], trainer)
+    else:
+        tokenizer.train_from_iterator(packaged_rows("make_random_gemma2"), trainer)
     vocab = tokenizer.get_vocab()
     fillers = (f"w{i}" for i in range(vocab_size) if f"w{i}" not in vocab)
     vocab |= {next(fillers): index for index in range(len(vocab), vocab_size)}
@@ -88,7 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="2 layers, small width: checks the pipeline in seconds")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to initialise")
-    parser.add_argument("--words-from", type=Path, help="a text file whose most frequent words become tokens")
+    parser.add_argument("--words-from", type=Path, help="a text file whose most frequent words become tokens "
+                        "(default: the packaged WikiText-2 test split)")
     return parser.parse_args(argv)
 
 

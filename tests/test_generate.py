@@ -6,16 +6,13 @@ import logging
 
 import pytest
 import torch
-from conftest import WIKITEXT, build_tiny_model, wikitext_rows
+from conftest import build_tiny_model, wikitext_rows
 
 from harness.stages import generate
 from harness.stages.conditions import GenerationSpec
 
 NEW_TOKENS = 6
 GREEDY = GenerationSpec(max_new_tokens=NEW_TOKENS, temperature=0)
-
-pytestmark = pytest.mark.skipif(not WIKITEXT.exists(), reason="WikiText-2 raw file not present")
-
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer):

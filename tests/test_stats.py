@@ -590,24 +590,24 @@ def test_dropped_texts_name_each_text_lacking_a_metric_and_its_response_length(g
 
 def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_model_dir):
     """WikiText-2 test row 40's rest after its first sentence is a single '"': one response token."""
-    from test_run import REPO, Log, tiny_spec
+    from conftest import wikitext_rows
+    from test_run import Log, tiny_spec
 
     from harness.runner import run_spec
 
-    rows = (REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8").splitlines()
+    rows = wikitext_rows()
     data = tmp_path / "rows.raw"
     data.write_text("\n".join(rows[row] for row in (39, 40, 41, 45, 46, 48)) + "\n", encoding="utf-8")
     tiny_spec(tmp_path, tiny_model_dir)
     spec = tmp_path / "one-token.yaml"
-    # `dataset.local_path` (issue 11 renames it `dataset.path`)
-    spec.write_text(f"extends: tiny.yaml\nname: one-token\ndataset: {{local_path: '{data}'}}\n")
+    spec.write_text(f"extends: tiny.yaml\nname: one-token\ndataset: {{path: '{data}'}}\n")
     run_dir = run_spec(spec, tmp_path / "runs", log=Log()).run_dir
 
     texts = [json.loads(line) for line in (run_dir / "texts.jsonl").read_text().splitlines()]
     [short] = [text for text in texts if text["n_response_tokens"] < 2]
     assert (short["condition"], short["response"], short["n_response_tokens"]) == ("human", '"', 1)
     stats = json.loads((run_dir / "stats.json").read_text())
-    assert all(isinstance(value, float) and math.isfinite(value) for value in stats.values())  # NaN would be null
+    assert all(isinstance(value, float) and math.isfinite(value) for value in stats.values())  # NaN would be "nan"
     n_samples = len(texts) // 2
     for metric in ("smoothness", "magnitude"):
         assert stats[f"{metric}.overall.n"] == stats[f"{metric}.layer1.n"] == n_samples - 1
