@@ -173,7 +173,7 @@ def check_fits_context(model_dir: Path, new_tokens: int, prompt_tokens: int, whe
     limit = context_length(model_dir)
     if limit is not None and prompt_tokens + new_tokens > limit:
         raise InputError(
-            f"{where}: {new_tokens} new tokens after a prompt of up to {prompt_tokens} tokens exceed the "
+            f"{where}: {new_tokens} new tokens after a {prompt_tokens}-token prompt exceed the "
             f"model's context of {limit} tokens (max_position_embeddings in {Path(model_dir) / 'config.json'})"
         )
 

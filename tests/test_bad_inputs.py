@@ -278,7 +278,7 @@ CASES = [
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
     input_case(
         "max_new_tokens_beyond_context",
-        "conditions.model.generation.max_new_tokens: 1000000000 new tokens after a prompt of up to",
+        "conditions.model.generation.max_new_tokens: 1000000000 new tokens after a 1-token prompt exceed",
         corpus_file_with_tiny_model,
     ),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),

@@ -101,8 +101,6 @@ def condition_source(spec_model: type[ConditionSpec]):
 
 # --- the built-in sources ---------------------------------------------------------------
 
-PROMPT_SPECIAL_TOKENS = 8
-"""Allowance for the BOS and other special tokens a tokenizer adds to a prompt."""
 
 
 class GenerationSpec(StrictModel):
@@ -143,10 +141,9 @@ class GeneratedCondition(ConditionSpec):
         return self.generation.seed
 
     def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        # a prompt is at most the whole paragraph, plus special tokens
+        # every prompt holds at least one token: more new tokens than the context minus one never fit
         pool.check_fits_context(
-            self.models(spec)[0], self.generation.max_new_tokens, spec.dataset.max_tokens + PROMPT_SPECIAL_TOKENS,
-            f"conditions.{name}.generation.max_new_tokens",
+            self.models(spec)[0], self.generation.max_new_tokens, 1, f"conditions.{name}.generation.max_new_tokens"
         )
 
 
