@@ -72,11 +72,14 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
         pool.check(alias)  # a missing package, file, path or device
     for name, condition in spec.conditions.items():
         condition.check(name, spec, pool)
-    if spec.capture.layers != "all":
-        try:
-            capture.resolve_layers(pool.model(spec.capture_model).model, spec.capture.layers)
-        except ValueError as exc:
-            raise InputError(f"{spec_path}: capture.layers: {exc}") from None
+    # explicit layers and extra sites need the model's structure (a default spec loads no model here)
+    for field, value, check in (("capture.layers", spec.capture.layers, capture.resolve_layers),
+                                ("capture.sites", spec.capture.sites, capture.resolve_sites)):
+        if value not in ("all", [capture.DEFAULT_SITE]):
+            try:
+                check(pool.model(spec.capture_model).model, value)
+            except ValueError as exc:
+                raise InputError(f"{spec_path}: {field}: {exc}") from None
     executor.header = (
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )

@@ -187,7 +187,7 @@ def test_random_gemma2_kit_runs_through_the_harness(tmp_path):
     generate_line = next(line for line in log if "generate[model]" in line)
     assert "6 continuations, batches of 6," in generate_line  # auto: every prompt in one batch on a CPU
     manifest = json.loads((outcome.run_dir / "manifest.json").read_text())
-    assert manifest["models"]["base"]["kind"] == "local"
+    assert manifest["models"]["base"]["source"]["kind"] == "local"
 
 
 def test_word_tokenizer_has_the_vocabulary_size_and_round_trips_generated_ids():
