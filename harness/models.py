@@ -151,6 +151,25 @@ def context_length(model_dir: Path) -> int | None:
     return length if isinstance(length, int) else None
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of `device`: the GPU's, or the machine's available RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_fits_memory(device: torch.device, estimate: int, what: str) -> None:
+    """Raise InputError when `what` is estimated to need more than the free memory of `device`."""
+    free = free_memory_bytes(torch.device(device))
+    if estimate > free:
+        raise InputError(
+            f"{what} need about {estimate / 2**30:.1f} GiB, and {torch.device(device)} has {free / 2**30:.1f} GiB free: "
+            "use a smaller value or `auto`"
+        )
+
+
 def config_folder(spec: ModelSpec, cache_dir: Path, where: str) -> Path | None:
     """The folder holding the model's config.json, without loading weights (a GGUF model is
     converted first); None for a hub model whose files are not in the local cache yet."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -214,3 +215,23 @@ def test_a_non_default_capture_site_is_named_in_the_table_and_usable_in_criteria
     assert [row for row in rows if "_attn_out" not in row] == before  # resid_post unchanged by the other site
     [result] = [r for r in run.results if r.name == "attention_smoother"]
     assert result.error is None and set(result.values) == {"smoothness_attn_out.overall.d"}
+
+
+@pytest.mark.parametrize(
+    "variant, field",
+    [("conditions: {model: {generation: {seed: 7}}}", "runtime.generation_batch_size: batches of 4 prompts"),
+     ("capture: {length_matching: true}", "runtime.token_budget: forwards of 600 padded tokens")],
+)
+def test_a_batch_beyond_free_memory_is_an_input_error_before_its_stage_computes(first_run, monkeypatch, variant, field):
+    """With 1 MiB free, a new generation (or, with the generations reused, a new capture) stops
+    before computing, naming the runtime setting."""
+    from harness import models
+    from harness.errors import InputError
+
+    monkeypatch.setattr(models, "free_memory_bytes", lambda device: 2**20)
+    folder = first_run[0]
+    spec = folder / "tiny_huge.yaml"
+    spec.write_text(f"extends: tiny.yaml\nname: tiny_huge\n{variant}\n")
+    with pytest.raises(InputError, match=f"tiny_huge.yaml: {re.escape(field)} need about .* GiB, and cpu has 0.0 GiB free"):
+        run_spec(spec, folder / "runs", log=Log())
+    assert not (folder / "runs" / "tiny_huge").exists()

@@ -22,6 +22,7 @@ from torch import nn
 
 from harness.artifacts import content_hash, staged
 from harness.executor import Stage
+from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization
 from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
 from metrics import LAYER_METRICS, TEXT_METRICS
@@ -100,26 +101,21 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
-def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
-    """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
-    at most CPU_TOKEN_BUDGET (never less than one row of `longest`).
-
-    A rough per-token cost of one inference forward: the residual stream, attention
+def bytes_per_token(model: nn.Module, longest: int) -> int:
+    """A rough per-token cost of one inference forward: the residual stream, attention
     projections and MLP activations in the model's dtype, the hook's float32 copies, and the
     attention scores of a row of `longest` tokens. The logits are bounded separately
-    (LOGITS_CHUNK_BYTES).
-    """
+    (LOGITS_CHUNK_BYTES)."""
     config = model.config.get_text_config()
     hidden, intermediate = config.hidden_size, config.intermediate_size
     per_token = (6 * hidden + 3 * intermediate) * model.dtype.itemsize + 8 * hidden * 4
-    per_token += config.num_attention_heads * longest * 4
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
+    return per_token + config.num_attention_heads * longest * 4
 
-        free = psutil.virtual_memory().available
-    fits = int(0.5 * (free - LOGITS_CHUNK_BYTES) / per_token)
+
+def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
+    """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
+    at most CPU_TOKEN_BUDGET (never less than one row of `longest`)."""
+    fits = int(0.5 * (free_memory_bytes(device) - LOGITS_CHUNK_BYTES) / bytes_per_token(model, longest))
     return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
 
 
@@ -389,6 +385,11 @@ class CaptureStage(Stage):
         budget = self.token_budget
         if budget == "auto":
             budget = auto_token_budget(loaded.model, loaded.input_device, max(lengths))
+        else:
+            check_fits_memory(
+                loaded.input_device, LOGITS_CHUNK_BYTES + max(budget, max(lengths)) * bytes_per_token(loaded.model, max(lengths)),
+                f"{self.pool.spec_path}: runtime.token_budget: forwards of {budget} padded tokens",
+            )
         return plan_batches(lengths, budget)
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:

@@ -25,6 +25,7 @@ from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
 from harness.executor import Stage
+from harness.models import check_fits_memory, free_memory_bytes
 from harness.stages.conditions import GenerationSpec
 
 if TYPE_CHECKING:
@@ -66,14 +67,6 @@ def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[in
     """Length-sorted batches of prompt indices, so little compute goes to padding."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: (prompt_lengths[i], i))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile: bool = False) -> int:
@@ -235,6 +228,12 @@ class GenerateStage(Stage):
         if self.batch_size == "auto":
             self.batch_size = auto_batch_size(
                 loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile
+            )
+        else:
+            per_sequence = bytes_per_sequence(loaded.model, max(lengths), self.settings.max_new_tokens, self.compile)
+            check_fits_memory(
+                loaded.input_device, min(self.batch_size, len(lengths)) * per_sequence,
+                f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts",
             )
         return plan_batches(lengths, self.batch_size)
 
