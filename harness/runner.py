@@ -138,7 +138,8 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
         name: plan.executor.run(capture.CaptureStage(
             f"capture[{name}]",
             [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
-            spec.capture_model, spec.capture, spec.metrics, spec.metric_options, spec.runtime.token_budget, pool,
+            spec.capture_model, spec.capture, spec.metrics, spec.metric_options, spec.runtime.token_budget,
+            spec.runtime.compile, pool,
         ))
         for name, rows in texts.items()
     }

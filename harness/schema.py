@@ -214,7 +214,9 @@ class RuntimeSpec(StrictModel):
     generation_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     """Prompts per generate call, or `auto`: sized from the device's free memory and the KV cache."""
     compile: bool = False
-    """Generation with a static KV cache and a compiled decoding step (`torch.compile`)."""
+    """`torch.compile`: generation with a static KV cache and a compiled decoding step, and
+    capture through compiled decoder blocks (lengths padded to a multiple of 64). Needs
+    `capture.sites: [resid_post]` (hooks inside a compiled block would recompile it)."""
     token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
     on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
@@ -339,6 +341,8 @@ class Spec(StrictModel):
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
         need("metric", "stats.correlate", y, self.layer_metric_names)
+        if self.runtime.compile and self.capture.sites != [DEFAULT_SITE]:
+            raise FieldError("runtime.compile", f"needs capture.sites: [{DEFAULT_SITE}] (sublayer hooks inside a compiled block)")
         if self.report.verdict:
             need("criterion", "report.verdict.rows", self.report.verdict.rows, self.criteria)
             need("criterion", "report.verdict.columns", self.report.verdict.columns, self.criteria)

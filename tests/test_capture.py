@@ -177,3 +177,24 @@ def test_one_host_transfer_per_batch(tiny_model, tiny_tokenizer, monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, counted)
     measure(tiny_model, tiny_tokenizer, TEXTS)
     assert transfers == ["cpu"]
+
+
+def test_compiled_capture_equals_eager(tiny_tokenizer):
+    """runtime.compile: the blocks run compiled (inductor) on lengths padded to the bucket; every
+    value equals the eager forward's within fp32 tolerance, and two batches of other lengths
+    reuse the compiled blocks."""
+    from conftest import build_tiny_model
+
+    eager_model, compiled_model = (build_tiny_model("llama", len(tiny_tokenizer)) for _ in range(2))
+    for texts in (TEXTS, TEXTS[:2]):
+        eager = measure(eager_model, tiny_tokenizer, texts)
+        compiled = measure(compiled_model, tiny_tokenizer, texts, compile=True)
+        for got, expected in zip(compiled, eager):
+            for name, values in expected["layer_metrics"].items():
+                np.testing.assert_allclose(got["layer_metrics"][name], values, rtol=1e-5, atol=1e-6, err_msg=name)
+            for name, value in expected["text_metrics"].items():
+                np.testing.assert_allclose(got["text_metrics"][name], value, rtol=1e-5, err_msg=name)
+            for layer, norms in expected["deltas"].items():
+                np.testing.assert_allclose(got["deltas"][layer], norms, rtol=1e-5, atol=1e-6)
+    assert all(block.harness_compiled for block in capture.decoder_blocks(compiled_model))
+    assert not any(getattr(block, "harness_compiled", False) for block in capture.decoder_blocks(eager_model))

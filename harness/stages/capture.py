@@ -13,6 +13,7 @@ chunks of positions, so fp32 logits for a whole batch never exist at once.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -36,6 +37,9 @@ STAGE_VERSION = 4
 4: `token_budget: auto` on a CPU is CPU_TOKEN_BUDGET (other batches: the last bits of every value changed)."""
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on the fp32 logits materialized at once when computing CE."""
+COMPILE_BUCKET = 64
+"""With `runtime.compile`, capture forwards are padded to a multiple of this many tokens, so a
+run compiles for a few lengths only."""
 CPU_TOKEN_BUDGET = 2048
 """`token_budget: auto` on a CPU: a text of ~100 tokens already fills the GEMMs there, so larger
 batches buy nothing and only add padding (benchmarks/README.md)."""
@@ -209,8 +213,10 @@ class PaddedBatch:
     """First position holding a response token in any row: the span the trajectory metrics see."""
 
     @classmethod
-    def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int) -> "PaddedBatch":
+    def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int, multiple: int = 1) -> "PaddedBatch":
+        """`multiple`: the padded length is rounded up to it (compiled forwards see few shapes)."""
         batch, longest = len(tokenized), max(len(item.input_ids) for item in tokenized)
+        longest = -(-longest // multiple) * multiple
         input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
         attention = torch.zeros(batch, longest, dtype=torch.bool)
         response = torch.zeros(batch, longest, dtype=torch.bool)
@@ -224,6 +230,15 @@ class PaddedBatch:
     @property
     def span_mask(self) -> torch.Tensor:
         return self.response[:, self.first :]
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile each decoder block's `forward` (once per model). The capture hooks sit on the
+    blocks themselves, so they run outside the compiled code and never force a recompile."""
+    for block in decoder_blocks(model):
+        if not getattr(block, "harness_compiled", False):
+            block.forward = torch.compile(block.forward)
+            block.harness_compiled = True
 
 
 def split_views(buffer: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -244,9 +259,11 @@ def measure_batch(
     keep_activations: bool = False,
     sites: Sequence[str] = (DEFAULT_SITE,),
     metric_options: dict[str, dict] | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """Metrics for a batch of texts from one right-padded forward (`metric_options`: keyword
-    options by metric name, as the spec's `metric_options`).
+    options by metric name, as the spec's `metric_options`; `compile`: the decoder blocks run
+    compiled, on lengths padded to a multiple of COMPILE_BUCKET).
 
     Returns one record per text: ``layer_metrics[column][i]`` per captured layer i, a column
     per metric and site (`metric_column`), ``text_metrics[name]``, ``n_response_tokens``,
@@ -256,7 +273,9 @@ def measure_batch(
     The hooks write every value into one preallocated device buffer, which reaches the host
     in one transfer per batch (a second one for activations).
     """
-    padded = PaddedBatch.of(tokenized, pad_token_id)
+    if compile:
+        compile_blocks(model)
+    padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if compile else 1)
     batch, span = padded.span_mask.shape
     shapes = [(len(sites), len(metric_names), len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
               (len(TEXT_METRICS), batch)]
@@ -356,11 +375,17 @@ class CaptureStage(Stage):
     metrics: list[str]
     metric_options: dict[str, dict]
     token_budget: int | str
+    compile: bool
     pool: ModelPool
     kind = "capture"
     version = STAGE_VERSION
     layers: list[int] = field(default_factory=list)
     tokenized: list[Tokenized] = field(default_factory=list)
+    compiled_shapes: set[tuple[int, int]] = field(default_factory=set)
+    """(rows, padded length) of the compiled forwards so far."""
+    compile_seconds: float = 0.0
+    """The first forward of each compiled shape (compilation included)."""
+    run_seconds: float = 0.0
 
     def inputs(self) -> dict:
         return {
@@ -371,6 +396,7 @@ class CaptureStage(Stage):
             **({"metric_options": self.metric_options} if self.metric_options else {}),
             **({"response_tokenization": "separate"} if self.settings.response_tokenization == "separate" else {}),
             "token_budget": self.token_budget,
+            **({"compile": True} if self.compile else {}),
             "activations": self.settings.save_activations,
             "sites": self.settings.sites,
         }
@@ -394,11 +420,14 @@ class CaptureStage(Stage):
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.alias)
+        start = time.perf_counter()
         records = measure_batch(
             loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id,
             [self.tokenized[i] for i in unit], self.layers, self.metrics,
             report_layers(self.layers), self.settings.save_activations, self.settings.sites, self.metric_options,
+            self.compile,
         )
+        self._time(unit, time.perf_counter() - start)
         if self.settings.save_activations:
             save_activations(folder / "activations", unit, records)
         for record in records:
@@ -412,8 +441,24 @@ class CaptureStage(Stage):
         count = len(output["records"])
         return None if count == len(self.texts) else f"{count} records for {len(self.texts)} texts"
 
+    def _time(self, unit: list[int], seconds: float) -> None:
+        if not self.compile:
+            return
+        longest = max(len(self.tokenized[i].input_ids) for i in unit)
+        shape = (len(unit), -(-longest // COMPILE_BUCKET) * COMPILE_BUCKET)
+        if shape in self.compiled_shapes:
+            self.run_seconds += seconds
+        else:
+            self.compiled_shapes.add(shape)
+            self.compile_seconds += seconds
+
     def describe(self, output: dict) -> str:
-        return f"{len(output['records'])} texts"
+        compiled = (
+            f", compiled forward: {len(self.compiled_shapes)} padded shapes, their first calls "
+            f"{self.compile_seconds:.1f}s (compilation included), the rest {self.run_seconds:.1f}s"
+            if self.compiled_shapes else ""
+        )
+        return f"{len(output['records'])} texts{compiled}"
 
 
 def save_activations(folder: Path, unit: list[int], records: list[dict]) -> None:
