@@ -61,6 +61,26 @@ class Stage:
         return ""
 
 
+@dataclass
+class CompiledCalls:
+    """Seconds of a stage's calls into `torch.compile`d code, compilation kept apart: the first
+    call of each input shape compiles it."""
+
+    compile_seconds: float = 0.0
+    """The first call of each shape, compilation included."""
+    run_seconds: float = 0.0
+    """Every other call (and every call when nothing is compiled)."""
+    graphs: set[tuple[int, ...]] = field(default_factory=set)
+    """The input shapes compiled so far."""
+
+    def record(self, shape: tuple[int, ...], seconds: float, compiled: bool) -> None:
+        if compiled and shape not in self.graphs:
+            self.graphs.add(shape)
+            self.compile_seconds += seconds
+        else:
+            self.run_seconds += seconds
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, docker stop, a cluster scheduler): handled like Ctrl-C, exit 143."""
 

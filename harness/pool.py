@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.executor import Executor, Shard
+from harness.executor import Executor
 from harness.schema import ModelSpec, Spec
 
 
@@ -21,7 +21,6 @@ class ModelPool:
     spec: Spec
     spec_path: Path
     executor: Executor
-    shard: Shard
     _models: dict[str, Any] = field(default_factory=dict)
     _tokenizers: dict[str, Any] = field(default_factory=dict)
     _identities: dict[str, str] = field(default_factory=dict)
@@ -31,8 +30,9 @@ class ModelPool:
 
     def _model_spec(self, alias: str) -> ModelSpec:
         model_spec = self.spec.models[alias]
-        if self.shard.world > 1 and model_spec.device_map == "auto":  # one model copy per process
-            return model_spec.model_copy(update={"device_map": self.shard.device})
+        shard = self.executor.shard
+        if shard.world > 1 and model_spec.device_map == "auto":  # one model copy per process
+            return model_spec.model_copy(update={"device_map": shard.device})
         return model_spec
 
     def check(self, alias: str) -> None:

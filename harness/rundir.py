@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-import harness
 from pydantic import Field
 
+import harness
 from harness.artifacts import number, read_json, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
 from harness.errors import InputError

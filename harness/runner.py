@@ -64,10 +64,8 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
     check_writable_folder(runs_dir, "--runs-dir")
     check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
-    shard = Shard.detect()
-    cache = StageCache(cache_dir, use_cache, log)
-    executor = Executor(cache, log, shard)
-    pool = ModelPool(spec, spec_path, executor, shard)
+    executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
+    pool = ModelPool(spec, spec_path, executor)
     for alias in sorted(models_used(spec)):
         pool.check(alias)  # a missing package, file, path or device
     for name, condition in spec.conditions.items():
@@ -147,12 +145,12 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
 
 def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
     spec, executor = plan.spec, plan.executor
-    absolute = plan.spec_path.resolve()
+    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
     return rundir.Manifest(
         harness_version=harness.__version__,
         spec_name=spec.name,
         spec_file=str(absolute),
-        spec_file_in_repo=str(absolute.relative_to(Path.cwd().resolve())) if absolute.is_relative_to(Path.cwd().resolve()) else None,
+        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
         spec_hash=content_hash(spec.model_dump(mode="json")),
         run_id=run_id,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.artifacts import content_hash, staged
-from harness.executor import Stage
+from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization
 from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
@@ -215,8 +215,7 @@ class PaddedBatch:
     @classmethod
     def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int, multiple: int = 1) -> "PaddedBatch":
         """`multiple`: the padded length is rounded up to it (compiled forwards see few shapes)."""
-        batch, longest = len(tokenized), max(len(item.input_ids) for item in tokenized)
-        longest = -(-longest // multiple) * multiple
+        batch, longest = len(tokenized), padded_length(tokenized, multiple)
         input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
         attention = torch.zeros(batch, longest, dtype=torch.bool)
         response = torch.zeros(batch, longest, dtype=torch.bool)
@@ -239,6 +238,11 @@ def compile_blocks(model: nn.Module) -> None:
         if not getattr(block, "harness_compiled", False):
             block.forward = torch.compile(block.forward)
             block.harness_compiled = True
+
+
+def padded_length(tokenized: Sequence[Tokenized], multiple: int = 1) -> int:
+    """The longest text's length, rounded up to a multiple of `multiple`."""
+    return -(-max(len(item.input_ids) for item in tokenized) // multiple) * multiple
 
 
 def split_views(buffer: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -381,11 +385,8 @@ class CaptureStage(Stage):
     version = STAGE_VERSION
     layers: list[int] = field(default_factory=list)
     tokenized: list[Tokenized] = field(default_factory=list)
-    compiled_shapes: set[tuple[int, int]] = field(default_factory=set)
-    """(rows, padded length) of the compiled forwards so far."""
-    compile_seconds: float = 0.0
-    """The first forward of each compiled shape (compilation included)."""
-    run_seconds: float = 0.0
+    forwards: CompiledCalls = field(default_factory=CompiledCalls)
+    """Seconds of the forwards; with `compile`, per (rows, padded length)."""
 
     def inputs(self) -> dict:
         return {
@@ -420,14 +421,15 @@ class CaptureStage(Stage):
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.alias)
+        batch = [self.tokenized[i] for i in unit]
         start = time.perf_counter()
         records = measure_batch(
-            loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id,
-            [self.tokenized[i] for i in unit], self.layers, self.metrics,
+            loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.layers, self.metrics,
             report_layers(self.layers), self.settings.save_activations, self.settings.sites, self.metric_options,
             self.compile,
         )
-        self._time(unit, time.perf_counter() - start)
+        shape = (len(unit), padded_length(batch, COMPILE_BUCKET if self.compile else 1))
+        self.forwards.record(shape, time.perf_counter() - start, self.compile)
         if self.settings.save_activations:
             save_activations(folder / "activations", unit, records)
         for record in records:
@@ -441,22 +443,12 @@ class CaptureStage(Stage):
         count = len(output["records"])
         return None if count == len(self.texts) else f"{count} records for {len(self.texts)} texts"
 
-    def _time(self, unit: list[int], seconds: float) -> None:
-        if not self.compile:
-            return
-        longest = max(len(self.tokenized[i].input_ids) for i in unit)
-        shape = (len(unit), -(-longest // COMPILE_BUCKET) * COMPILE_BUCKET)
-        if shape in self.compiled_shapes:
-            self.run_seconds += seconds
-        else:
-            self.compiled_shapes.add(shape)
-            self.compile_seconds += seconds
-
     def describe(self, output: dict) -> str:
+        calls = self.forwards
         compiled = (
-            f", compiled forward: {len(self.compiled_shapes)} padded shapes, their first calls "
-            f"{self.compile_seconds:.1f}s (compilation included), the rest {self.run_seconds:.1f}s"
-            if self.compiled_shapes else ""
+            f", compiled forward: {len(calls.graphs)} padded shapes, their first calls "
+            f"{calls.compile_seconds:.1f}s (compilation included), the rest {calls.run_seconds:.1f}s"
+            if calls.graphs else ""
         )
         return f"{len(output['records'])} texts{compiled}"
 

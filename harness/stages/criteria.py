@@ -38,7 +38,6 @@ import ast
 import difflib
 import math
 import operator
-import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 

@@ -24,7 +24,7 @@ import torch
 from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
-from harness.executor import Stage
+from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.stages.conditions import GenerationSpec
 
@@ -42,15 +42,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerationReport:
-    """What a stage's generate calls spent, apart from their continuations (the runner logs it)."""
+class GenerationReport(CompiledCalls):
+    """What a stage's generate calls spent, apart from their continuations (the runner logs it);
+    `graphs` are (rows, padded prompt length) of each compiled decoding graph."""
 
-    compile_seconds: float = 0.0
-    """Calls that compiled a new graph, their generation included (compiled generation only)."""
-    run_seconds: float = 0.0
-    """Every other call."""
-    graphs: set[tuple[int, int]] = field(default_factory=set)
-    """(rows, padded prompt length) of each compiled decoding graph."""
     halved_batches: int = 0
     """Batches split in two after an out-of-memory error."""
 
@@ -175,17 +170,11 @@ def _generate(
     batch = batch.to(device)
     kwargs = generation_kwargs(spec, tokenizer) | (compile_kwargs(torch.device(device)) if compile else {})
     shape = tuple(batch["input_ids"].shape)
-    compiles = compile and shape not in report.graphs
     start = time.perf_counter()
     torch.manual_seed(seed)
     output = model.generate(**batch, **kwargs)
     new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
-    seconds = time.perf_counter() - start
-    if compiles:
-        report.graphs.add(shape)
-        report.compile_seconds += seconds
-    else:
-        report.run_seconds += seconds
+    report.record(shape, time.perf_counter() - start, compile)
     return [_decoded(tokenizer, ids) for ids in new_tokens]
 
 
