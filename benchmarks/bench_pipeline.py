@@ -5,7 +5,8 @@ Ways to do the same work, on the same model, texts and device, in one process:
 - harness: ``generate.generate_batch`` over ``generate.plan_batches`` batches, then
   ``capture.measure_batch`` over ``capture.plan_batches`` batches (one fused forward per batch:
   hooks reduce every layer to metrics on the device, CE through the chunked LM head);
-- harness compiled: the same with ``runtime.compile`` (static KV cache, compiled decoding step);
+- harness compiled: the same with ``runtime.compile`` (static KV cache, compiled decoding step;
+  decoder blocks compiled for the capture forward, run last so the other parts stay eager);
 - seed-style: generation in batches of 8; capture one text at a time with
   ``output_hidden_states=True``, every layer's response states copied to CPU and saved; metrics
   computed from the saved files; then a second batch-1 forward for CE from full logits;
@@ -92,6 +93,8 @@ class Workload:
     label: str
     compiled_decoder: Callable | None = None
     """The decoder through torch.compile, made on first use (compiled floor)."""
+    capture_token_budget: int | None = None
+    """The token budget the last harness capture ran with ("auto" is read from free memory then)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,7 +253,8 @@ def token_budget(work: Workload, tokenized: Sequence[capture.Tokenized]) -> int:
 
 
 def capture_batches(work: Workload, tokenized: Sequence[capture.Tokenized]) -> list[list[int]]:
-    return capture.plan_batches([len(item.input_ids) for item in tokenized], token_budget(work, tokenized))
+    work.capture_token_budget = token_budget(work, tokenized)
+    return capture.plan_batches([len(item.input_ids) for item in tokenized], work.capture_token_budget)
 
 
 def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = False) -> list[str]:
@@ -266,14 +270,14 @@ def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = Fal
     return [responses[i] for i in range(len(prompts))]
 
 
-def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized]) -> list[dict]:
+def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized], compile: bool = False) -> list[dict]:
     """The capture stage: one fused forward (metrics + CE) per token-budget batch."""
     layers = capture.resolve_layers(work.model, "all")
     records: dict[int, dict] = {}
     for unit in capture_batches(work, tokenized):
         batch = capture.measure_batch(
             work.model, work.device, work.tokenizer.pad_token_id, [tokenized[i] for i in unit], layers,
-            work.metrics, capture.report_layers(layers),
+            work.metrics, capture.report_layers(layers), compile=compile,
         )
         records.update(zip(unit, batch))
     return [records[i] for i in range(len(tokenized))]
@@ -454,12 +458,11 @@ def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized])
 
 # -- the benchmark ---------------------------------------------------------------------------------
 HARNESS_PARTS = ("harness generate", "harness capture+CE")
-HARNESS_COMPILED_PARTS = ("harness compiled generate", "harness capture+CE")
-"""The capture stage has no compiled path here: its forward is the same part."""
+HARNESS_COMPILED_PARTS = ("harness compiled generate", "harness compiled capture+CE")
 SEED_PARTS = ("seed generate", "seed capture", "seed metrics", "seed CE")
 FLOOR_PARTS = ("floor generate", "floor forward")
 COMPILED_FLOOR_PARTS = ("compiled floor generate", "compiled floor forward")
-PART_ORDER = ("harness generate", "harness compiled generate", "harness capture+CE") + FLOOR_PARTS + COMPILED_FLOOR_PARTS + SEED_PARTS
+PART_ORDER = HARNESS_PARTS + HARNESS_COMPILED_PARTS + FLOOR_PARTS + COMPILED_FLOOR_PARTS + SEED_PARTS
 
 
 @dataclass
@@ -528,7 +531,18 @@ def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = Fals
             result.seed_bytes_written = sum(path.stat().st_size for path in paths)
             result.seed_metric_records = time_part("seed metrics", lambda items: seed_metrics(work, items), paths)
         result.seed_ce_records = time_part("seed CE", lambda items: seed_cross_entropy(work, items), tokenized)
+    if compiled:
+        # Last, and undone after: compiling the capture patches the model's blocks in place.
+        time_part("harness compiled capture+CE", lambda items: harness_capture(work, items, compile=True), tokenized, True)
+        eager_blocks(work.model)
     return result
+
+
+def eager_blocks(model: nn.Module) -> None:
+    """Undo `capture.compile_blocks`, so the next size's eager parts run eager."""
+    for block in capture.decoder_blocks(model):
+        if getattr(block, "harness_compiled", False):
+            del block.forward, block.harness_compiled
 
 
 def device_name(device: torch.device) -> str:
@@ -567,7 +581,7 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
     ]
     harness_compiled, compiled_floor = result.total(HARNESS_COMPILED_PARTS), result.total(COMPILED_FLOOR_PARTS)
     if harness_compiled is not None:
-        compile_s = sum(result.parts[name].compile_seconds for name in COMPILED_FLOOR_PARTS + ("harness compiled generate",))
+        compile_s = sum(result.parts[name].compile_seconds for name in COMPILED_FLOOR_PARTS + HARNESS_COMPILED_PARTS)
         lines.append(
             f"- compiled: harness {harness_compiled:.2f} s, floor {compiled_floor:.2f} s: harness throughput "
             f"{compiled_floor / harness_compiled:.0%} of the compiled floor's (one-time compilation {compile_s:.1f} s); "
@@ -585,6 +599,8 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
             f"{result.parts['harness generate'].seconds:.2f} s",
             f"- seed-style wrote {result.seed_bytes_written / 1e9:.3f} GB",
         ]
+    if device_column:
+        lines.append(capture_memory_line(work, result))
     memory = result.ce_memory
     full_peak = f", measured peak +{memory.full_logits_peak_mib:.0f} MiB" if memory.full_logits_peak_mib is not None else " (not allocated)"
     lines.append(
@@ -593,6 +609,22 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
         f"full fp32 logits {memory.full_logits_mib:.0f} MiB{full_peak}"
     )
     return "\n".join(lines)
+
+
+def capture_memory_line(work: Workload, result: BenchmarkResult) -> str:
+    """The capture part's peak device memory above the weights vs what the token budget allowed for."""
+    longest = max(len(item.input_ids) for item in result.tokenized)
+    budget = work.capture_token_budget
+    estimate_mib = (budget * capture.bytes_per_token(work.model, longest) + capture.LOGITS_CHUNK_BYTES) / MIB
+    weights_mib = sum(p.numel() * p.element_size() for p in work.model.parameters()) / MIB
+    peaks = ", ".join(
+        f"{name} +{result.parts[name].peak_device_mib - weights_mib:.0f} MiB"
+        for name in ("harness capture+CE", "harness compiled capture+CE") if name in result.parts
+    )
+    return (
+        f"- capture memory above the weights ({weights_mib:.0f} MiB): {peaks}; the token budget "
+        f"({budget} tokens, longest text {longest}) allows {estimate_mib:.0f} MiB"
+    )
 
 
 def batch_setting(value: str) -> int | str:
