@@ -6,7 +6,8 @@ import logging
 
 import pytest
 import torch
-from conftest import build_tiny_model, wikitext_rows
+from conftest import build_tiny_model, tiny_config, wikitext_rows
+from transformers import AutoModelForCausalLM
 
 from harness.stages import generate
 from harness.stages.conditions import GenerationSpec
@@ -102,3 +103,18 @@ def test_compiled_generation_equals_eager(llama, tiny_tokenizer, prompts):
     assert report.graphs == {(len(prompts), bucket)}  # one shape: the prompts padded to a bucket
     assert report.compile_seconds > 0 and report.run_seconds > 0
     assert report.summary().startswith("compiled 1 graphs in ")
+
+
+def test_compiled_gemma2_within_its_window_compiles_one_decoding_graph(tiny_tokenizer, prompts):
+    """Gemma 2's sliding-window layers get plain static ones when the window covers every position:
+    transformers' sliding static layer would recompile the decoding step at every token."""
+    config = tiny_config("gemma2", len(tiny_tokenizer))
+    config.sliding_window = 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    eager = generate.generate_batch(model, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = generate.generate_batch(model, tiny_tokenizer, "cpu", prompts, GREEDY, seed=0, compile=True)
+    assert compiled == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert not any(layer.is_sliding for layer in model.harness_static_cache[1].layers)

@@ -14,13 +14,16 @@ compilation time apart from the run time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from transformers import StaticCache
 from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
@@ -114,13 +117,35 @@ def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
     return kwargs
 
 
-def compile_kwargs(device: torch.device) -> dict:
+def compile_kwargs(model, device: torch.device, rows: int, max_cache_len: int) -> dict:
     """`generate` arguments for a static KV cache and a compiled decoding step."""
     # CUDA graphs ("reduce-overhead") remove the per-step launch cost; elsewhere there are none.
     config = CompileConfig(dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
     # transformers compiles on its accelerators only, unless this flag says every device.
     config._compile_all_devices = True
-    return dict(cache_implementation="static", compile_config=config)
+    # `past_key_values` is the name every transformers 5.x takes (later ones warn, and call it `cache`).
+    return dict(past_key_values=static_cache(model, rows, max_cache_len), compile_config=config)
+
+
+def static_cache(model, rows: int, max_cache_len: int) -> StaticCache:
+    """A static KV cache of `max_cache_len` positions for `rows` prompts, kept on the model and
+    reset for the next batch of that shape (the compiled step's graphs keep its addresses).
+
+    Where a sliding window covers every position (Gemma 2 and 3 at these lengths), its layers
+    are plain static ones: transformers' sliding static layer keeps its length as a Python int,
+    on which torch.compile recompiles at every step."""
+    kept = getattr(model, "harness_static_cache", None)
+    if kept is not None and kept[0] == (rows, max_cache_len):
+        kept[1].reset()
+        return kept[1]
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and max_cache_len <= window and getattr(config, "layer_types", None):
+        config = copy.copy(config)
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    model.harness_static_cache = ((rows, max_cache_len), cache)
+    return cache
 
 
 def generate_batch(
@@ -168,11 +193,15 @@ def _generate(
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
     batch = batch.to(device)
-    kwargs = generation_kwargs(spec, tokenizer) | (compile_kwargs(torch.device(device)) if compile else {})
     shape = tuple(batch["input_ids"].shape)
+    kwargs = generation_kwargs(spec, tokenizer)
+    if compile:
+        kwargs |= compile_kwargs(model, torch.device(device), shape[0], shape[1] + spec.max_new_tokens)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    output = model.generate(**batch, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        output = model.generate(**batch, **kwargs)
     new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
     report.record(shape, time.perf_counter() - start, compile)
     return [_decoded(tokenizer, ids) for ids in new_tokens]
