@@ -159,8 +159,7 @@ def held_out_columns(spec: Spec, directions: dict[str, DirectionSet]) -> dict[st
     (left out of per_sample.csv, so its statistics use only the others)."""
     return {
         column: set(directions[name].built_from or [])
-        for name, entry in spec.directions.items()
-        if entry.evaluate_on == "held_out"
+        for name in spec.held_out_directions
         for column in spec.layer_metric_names + spec.window_metric_names
         if column.split(".")[1:2] == [name]
     }

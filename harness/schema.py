@@ -322,6 +322,15 @@ class Spec(StrictModel):
         return [column for site in self.capture.sites for column in metric_columns(self.metrics, site, list(self.directions))]
 
     @property
+    def primary_site_columns(self) -> list[str]:
+        """The metric columns of the first capture site, whole responses only: what the report summarises."""
+        return metric_columns(self.metrics, self.capture.sites[0], list(self.directions))
+
+    @property
+    def held_out_directions(self) -> set[str]:
+        return {name for name, entry in self.directions.items() if entry.evaluate_on == "held_out"}
+
+    @property
     def window_metric_names(self) -> list[str]:
         """Every per-window column, `<column>.<window>` (`smoothness.window0_5`), window by window per column."""
         return [f"{column}.{window}" for column in self.layer_metric_names for window in self.stats.window_names]

@@ -38,7 +38,6 @@ def spec_file(folder: Path, model_dir: Path, name: str, directions: str, extra: 
         directions: {directions}
         stats: {{bootstrap_resamples: 50, mixed_model: false, positions: {[list(w) for w in WINDOWS]}}}
         runtime: {{generation_batch_size: 8, token_budget: 600}}
-        report: {{plots: false}}
     """) + textwrap.dedent(extra))
     return path
 
@@ -166,3 +165,16 @@ def test_harness_directions_builds_a_difference_of_means_tested_on_held_out_samp
     assert stats["projection_mean.built.overall.n"] == 4 and stats["smoothness.overall.n"] == 8
     manifest = json.loads((run.run_dir / "manifest.json").read_text())
     assert manifest["directions"]["built"]["metadata"]["split"] == "first_half"
+    report = (run.run_dir / "RESULTS.md").read_text()
+    assert "split `first_half`, samples 0–3." in report and "(`evaluate_on: held_out`)" in report
+
+
+def test_the_report_embeds_the_window_heatmap_the_violins_and_the_projection_bands(probed_run):
+    _, outcome = probed_run
+    report = (outcome.run_dir / "RESULTS.md").read_text()
+    for figure in ("effect_by_window_and_layer.png", "per_sample_by_condition.png", "projection_by_layer.png"):
+        assert f"]({figure})" in report and (outcome.run_dir / figure).stat().st_size > 10_000, figure
+    assert "### Response tokens 3–8 (`window3_8`)" in report and "### `probe`" in report
+    stats = json.loads((outcome.run_dir / "stats.json").read_text())
+    row = next(line for line in report.splitlines() if line.startswith("| projection_variance.probe |"))
+    assert f"{stats['projection_variance.probe.overall.n']:.4g} |" in row

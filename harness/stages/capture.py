@@ -234,14 +234,14 @@ class PaddedBatch:
     def span_mask(self) -> torch.Tensor:
         return self.response[:, self.first :]
 
-    def window(self, start: int, end: int) -> tuple[slice, torch.Tensor]:
-        """The columns of the span holding response tokens `start <= i < end` of some row, and
-        the mask of those tokens there (no column, when no row reaches the window)."""
-        offsets = self.starts - self.first  # where each row's response starts in the span
-        span = self.span_mask.shape[1]
-        low, high = min(span, int(offsets.min()) + start), min(span, int(offsets.max()) + end)
-        index = torch.arange(low, high) - offsets[:, None]
-        return slice(low, high), self.span_mask[:, low:high] & (index >= start) & (index < end)
+    def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where in the span each row's response tokens `start <= i < end` lie, aligned ([B, W]
+        indices: a row's window starts at column 0), and the mask of those that exist (W is 0
+        when no row reaches the window)."""
+        lengths = self.span_mask.sum(dim=1)  # response tokens per row
+        steps = torch.arange(max(0, min(end, int(lengths.max())) - start))
+        index = (self.starts - self.first)[:, None] + start + steps
+        return index.clamp(max=self.span_mask.shape[1] - 1), start + steps < lengths[:, None]
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -301,7 +301,7 @@ def measure_batch(
     directions = directions or {}
     padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if compile else 1)
     batch, span = padded.span_mask.shape
-    scopes = [(slice(0, span), padded.span_mask), *(padded.window(start, end) for start, end in windows)]
+    scopes = [(None, padded.span_mask), *(padded.window(start, end) for start, end in windows)]
     n_columns = len(metric_columns(metric_names, DEFAULT_SITE, list(directions)))
     shapes = [(len(sites), len(scopes), n_columns, len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
               (len(TEXT_METRICS), batch)]
@@ -314,8 +314,9 @@ def measure_batch(
     delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
     if not delta_slots.keys() <= set(layers):
         raise ValueError(f"deltas are kept only for captured layers, not {sorted(delta_slots.keys() - set(layers))}")
-    on_device: dict[torch.device, tuple[list[torch.Tensor], torch.Tensor | None]] = {}
-    """Per device the layers live on: each scope's mask, and the directions [sets, model layers, d]."""
+    on_device: dict[torch.device, tuple[list[tuple[torch.Tensor | None, torch.Tensor]], torch.Tensor | None]] = {}
+    """Per device the layers live on: each scope's token indices (None: the whole span) and mask,
+    and the directions [sets, model layers, d]."""
 
     def column_values(hidden: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor | None) -> list[torch.Tensor]:
         """Every column's value per text, in `metric_columns` order (projections onto `vectors` [sets, d])."""
@@ -335,14 +336,19 @@ def measure_batch(
             hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
             if hidden.device not in on_device:
                 vectors = torch.stack(list(directions.values())).to(hidden.device) if directions else None
-                on_device[hidden.device] = ([mask.to(hidden.device) for _, mask in scopes], vectors)
-            masks, vectors = on_device[hidden.device]
-            for index, ((columns, _), mask) in enumerate(zip(scopes, masks)):
+                on_device[hidden.device] = (
+                    [(None if index is None else index.to(hidden.device), mask.to(hidden.device)) for index, mask in scopes],
+                    vectors,
+                )
+            device_scopes, vectors = on_device[hidden.device]
+            for scope, (index, mask) in enumerate(device_scopes):
                 if mask.shape[1] == 0:  # no text reaches this window
-                    layer_values[site_index, index, :, layer_index] = float("nan")
+                    layer_values[site_index, scope, :, layer_index] = float("nan")
                     continue
-                layer_values[site_index, index, :, layer_index] = torch.stack(
-                    column_values(hidden[:, columns], mask, vectors[:, layer] if vectors is not None else None)
+                # a window's tokens gathered row by row: each row's window starts at column 0
+                tokens = hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+                layer_values[site_index, scope, :, layer_index] = torch.stack(
+                    column_values(tokens, mask, vectors[:, layer] if vectors is not None else None)
                 )
             if first_site and layer in delta_slots:
                 deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
