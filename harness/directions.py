@@ -20,6 +20,7 @@ import torch
 from harness.artifacts import write_bytes
 from harness.errors import InputError
 from harness.schema import DirectionSplit, Spec
+from harness.stages.capture import decoder_blocks
 
 SAMPLES_KEY = "samples"
 """Metadata key of a file written by `harness directions`: the sample ids that built it, comma-separated."""
@@ -55,9 +56,10 @@ class DirectionSet:
                 "metadata": self.metadata}
 
 
-def load_direction_sets(spec: Spec, spec_path: Path, n_layers: int, width: int) -> dict[str, DirectionSet]:
-    """Every direction set of the spec, checked against a capture model of `n_layers` blocks of
-    width `width`; any problem is an InputError naming the spec field and the file."""
+def load_direction_sets(spec: Spec, spec_path: Path, model: torch.nn.Module) -> dict[str, DirectionSet]:
+    """Every direction set of the spec, checked against the capture model's layer count and
+    width; any problem is an InputError naming the spec field and the file."""
+    n_layers, width = len(decoder_blocks(model)), model.config.get_text_config().hidden_size
     sets = {}
     for name, entry in spec.directions.items():
         where = f"{spec_path}: directions.{name}.path: {entry.path}"
@@ -71,6 +73,17 @@ def load_direction_sets(spec: Spec, spec_path: Path, n_layers: int, width: int) 
             )
         sets[name] = direction
     return sets
+
+
+def held_out_columns(spec: Spec, directions: dict[str, DirectionSet]) -> dict[str, set[int]]:
+    """Per column of a direction set evaluated on held-out samples, the samples that built it
+    (left out of per_sample.csv, so its statistics use only the others)."""
+    return {
+        column: set(directions[name].built_from or [])
+        for name in spec.held_out_directions
+        for column in spec.layer_metric_names + spec.window_metric_names
+        if column.split(".")[1:2] == [name]
+    }
 
 
 def read_direction_file(path: Path, key: str | None, where: str) -> tuple[torch.Tensor, dict[str, str]]:

@@ -23,7 +23,7 @@ import harness
 from harness import rundir
 from harness.artifacts import content_hash, number
 from harness.cache import StageCache
-from harness.directions import DirectionSet, load_direction_sets
+from harness.directions import DirectionSet, held_out_columns, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
 from harness.pool import ModelPool
@@ -81,12 +81,8 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
                 check(pool.model(spec.capture_model).model, value)
             except ValueError as exc:
                 raise InputError(f"{spec_path}: {field}: {exc}") from None
-    directions = {}
-    if spec.directions:  # their width and layer count must match the capture model's
-        model = pool.model(spec.capture_model).model
-        directions = load_direction_sets(
-            spec, spec_path, len(capture.decoder_blocks(model)), model.config.get_text_config().hidden_size
-        )
+    # their width and layer count must match the capture model's
+    directions = load_direction_sets(spec, spec_path, pool.model(spec.capture_model).model) if spec.directions else {}
     executor.header = (
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
@@ -151,17 +147,6 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
             spec.runtime.compile, pool, [tuple(window) for window in spec.stats.positions], plan.directions,
         ))
         for name, rows in texts.items()
-    }
-
-
-def held_out_columns(spec: Spec, directions: dict[str, DirectionSet]) -> dict[str, set[int]]:
-    """Per column of a direction set evaluated on held-out samples, the samples that built it
-    (left out of per_sample.csv, so its statistics use only the others)."""
-    return {
-        column: set(directions[name].built_from or [])
-        for name in spec.held_out_directions
-        for column in spec.layer_metric_names + spec.window_metric_names
-        if column.split(".")[1:2] == [name]
     }
 
 

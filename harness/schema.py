@@ -292,17 +292,12 @@ class Spec(StrictModel):
     report: ReportSpec = ReportSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
-    @field_validator("models", "conditions", "directions")
+    @field_validator("models", "conditions")
     @classmethod
     def _identifiers(cls, value: dict) -> dict:
         for key in value:
             if not re.fullmatch(IDENTIFIER, key):
                 raise ValueError(f"name {quoted(key)} must be an identifier (letters, digits, _)")
-        return value
-
-    @field_validator("models", "conditions")
-    @classmethod
-    def _not_empty(cls, value: dict) -> dict:
         if not value:
             raise ValueError("must not be empty")
         return value
@@ -328,6 +323,7 @@ class Spec(StrictModel):
 
     @property
     def held_out_directions(self) -> set[str]:
+        """Direction sets tested only on the samples that did not build them."""
         return {name for name, entry in self.directions.items() if entry.evaluate_on == "held_out"}
 
     @property
@@ -338,20 +334,7 @@ class Spec(StrictModel):
     @field_validator("metric_options")
     @classmethod
     def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from metrics import METRIC_OPTIONS
-
-        validated = {}
-        for name, options in value.items():
-            if name not in METRIC_OPTIONS:
-                known = ", ".join(sorted(METRIC_OPTIONS))
-                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
-            try:
-                validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
-            except ValidationError as exc:
-                error = exc.errors()[0]
-                field = ".".join(["metric_options", name, *map(str, error["loc"])])
-                raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
-        return validated
+        return _validated_options(value)
 
     @property
     def capture_model(self) -> str:
@@ -376,14 +359,7 @@ class Spec(StrictModel):
             if name not in known:
                 raise FieldError(where, f"unknown {kind} {quoted(name)} (known: {', '.join(sorted(known))})")
 
-        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
-        reserved |= {word for column in self.layer_metric_names for word in column.split(".")[:1]}
-        for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {}),
-                            ("directions", self.directions)):
-            taken = reserved | (set(self.conditions) | set(self.stats.comparisons or {}) if kind == "directions" else set())
-            for name in names:
-                if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_SCOPE.fullmatch(name):
-                    raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")
+        _check_names(self)
         if len(self.conditions) < 2:
             raise FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
@@ -432,12 +408,41 @@ class Spec(StrictModel):
 
     def statistic_vocabulary(self) -> set[str]:
         """Every word that may appear between the dots of a statistic name."""
-        return (
-            {word for column in self.layer_metric_names for word in column.split(".")}
-            | set(self.stats.window_names)
-            | set(TEXT_METRIC_NAMES)
-            | set(self.conditions)
-            | set(self.comparisons)
-            | set(STAT_KEYWORDS)
-        )
+        words = {word for column in self.layer_metric_names for word in column.split(".")} | set(self.stats.window_names)
+        return words | set(TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
 
+
+def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`metric_options`, each validated by its metric's options model."""
+    from metrics import METRIC_OPTIONS
+
+    validated = {}
+    for name, options in value.items():
+        if name not in METRIC_OPTIONS:
+            known = ", ".join(sorted(METRIC_OPTIONS))
+            raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
+        try:
+            validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(["metric_options", name, *map(str, error["loc"])])
+            raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
+    return validated
+
+
+def _check_names(spec: Spec) -> None:
+    """Condition, comparison and direction names are single words of statistic names: none may
+    be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
+    direction set must not share a name with a condition or comparison."""
+    from metrics import LAYER_METRICS, PROJECTION_METRICS
+
+    reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+    reserved |= {column.split(".")[0] for column in spec.layer_metric_names}
+    for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
+                        ("directions", spec.directions)):
+        taken = reserved | (set(spec.conditions) | set(spec.stats.comparisons or {}) if kind == "directions" else set())
+        for name in names:
+            if kind == "directions" and not re.fullmatch(IDENTIFIER, name):
+                raise FieldError(f"directions.{name}", f"name {quoted(name)} must be an identifier (letters, digits, _)")
+            if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_SCOPE.fullmatch(name):
+                raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")
