@@ -1,4 +1,4 @@
-"""`harness` command line: run, validate, schema, compare.
+"""`harness` command line: run, validate, schema, compare, directions.
 
 Exit codes (pytest-style, `harness.errors.ExitCode`): 0 every criterion passed, 1 some
 criterion failed, 2 bad input or usage, 3 runtime error, 130 interrupted, 143 terminated.
@@ -125,6 +125,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return ExitCode.PASSED
 
 
+def cmd_directions(args: argparse.Namespace) -> int:
+    from harness.directions import difference_of_means, write_direction_file
+
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise InputError(f"{output}: -o: the direction file must end in .safetensors")
+    direction, metadata = difference_of_means(Path(args.run_dir), args.a, args.b, args.split)
+    write_direction_file(output, direction, metadata)
+    count = len(metadata["samples"].split(","))
+    print(f"{output}: {args.a} − {args.b}, {direction.shape[0]} layers x {direction.shape[1]}, from {count} samples ({args.split})")
+    return ExitCode.PASSED
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.stages.criteria import format_result, summary_line
     from harness.spec import load_spec
@@ -208,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_b")
     compare.add_argument("-o", "--output", help="also write the markdown table here")
     compare.set_defaults(handler=cmd_compare)
+
+    from typing import get_args
+
+    from harness.schema import DirectionSplit
+
+    directions = commands.add_parser(
+        "directions", help="a difference-of-means direction per layer from a run that saved activations"
+    )
+    directions.add_argument("run_dir", help="a finished run folder with activations/ (capture.save_activations: true)")
+    directions.add_argument("--a", required=True, help="condition whose mean the direction points to")
+    directions.add_argument("--b", required=True, help="condition whose mean it points away from")
+    directions.add_argument("--split", choices=get_args(DirectionSplit), default="all", help="which samples build it (default: all)")
+    directions.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    directions.set_defaults(handler=cmd_directions)
     return parser
 
 

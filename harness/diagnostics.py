@@ -83,7 +83,10 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
         "ngram_size": NGRAM_SIZE,
         "metric": metric,
         "conditions": conditions,
-        "dropped": dropped_texts(texts, table, [*TEXT_METRIC_NAMES, *spec.metrics]),
+        # a held-out direction's columns lack the samples that built it by design, not for their length
+        "dropped": dropped_texts(texts, table, [*TEXT_METRIC_NAMES, *(
+            column for column in spec.primary_site_columns if not set(column.split(".")[1:2]) & spec.held_out_directions
+        )]),
     }
 
 

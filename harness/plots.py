@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display needed, and no GUI backend is ever picked up
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -95,6 +96,77 @@ def delta_norms_by_position(deltas: pd.DataFrame, path: Path) -> Path:
         ax.set_visible(False)
     fig.legend(*axes[0][0].get_legend_handles_labels(), title="condition", loc="outside right upper")
     fig.suptitle("Token-to-token delta norm by position (positions that at least half the texts reach)")
+    return _save(fig, path)
+
+
+def per_sample_distribution(values: pd.DataFrame, metric: str, path: Path) -> Path:
+    """A violin per condition of the per-sample values, each sample a jittered dot on it.
+
+    ``values`` has columns condition, value (one row per text).
+    """
+    groups = [(condition, rows["value"].dropna().to_numpy()) for condition, rows in values.groupby("condition", sort=False)]
+    groups = [(condition, points) for condition, points in groups if len(points)]
+    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 3, 4.5), layout="constrained")
+    positions = range(1, len(groups) + 1)
+    if groups:
+        ax.violinplot([points for _, points in groups], positions=positions, showmedians=True, widths=0.8)
+    jitter = np.random.default_rng(0)  # fixed: the same run draws the same figure
+    for position, (_, points) in zip(positions, groups):
+        ax.scatter(position + jitter.uniform(-0.12, 0.12, len(points)), points, s=10, alpha=0.6, color="black", zorder=3)
+    ax.set_xticks(list(positions), [condition for condition, _ in groups])
+    ax.set_ylabel(f"{metric} per sample (mean over layers)")
+    ax.set_title(f"{metric} per sample and condition (line: median)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def window_heatmap(effects: pd.DataFrame, metric: str, comparison: str, path: Path) -> Path:
+    """Paired Cohen's d by layer (columns) and position window (rows), 0 white; a dot marks a
+    cell significant after the windows x layers correction.
+
+    ``effects`` has columns window, layer, d, significant; windows in the order given.
+    """
+    windows = list(dict.fromkeys(effects["window"]))
+    grid = effects.pivot(index="window", columns="layer", values="d").reindex(windows)
+    marks = effects.pivot(index="window", columns="layer", values="significant").reindex(windows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * grid.shape[1] + 3), 0.6 * len(windows) + 2), layout="constrained")
+    finite = np.abs(grid.to_numpy(dtype=float))
+    limit = np.nanmax(finite) if np.isfinite(finite).any() else 1.0
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    rows, columns = np.nonzero(marks.fillna(False).to_numpy(dtype=bool))
+    ax.scatter(columns, rows, s=8, color="black", label="significant (Holm, windows x layers)")
+    ax.set_xticks(range(grid.shape[1]), [str(layer) for layer in grid.columns], fontsize=7)
+    ax.set_yticks(range(len(windows)), windows)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("response tokens")
+    ax.set_title(f"{metric}: paired Cohen's d by layer and position window ({comparison})")
+    fig.colorbar(image, ax=ax, label="Cohen's d")
+    if len(rows):
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.18), frameon=False)
+    return _save(fig, path)
+
+
+def projection_by_layer(means: pd.DataFrame, path: Path) -> Path:
+    """A panel per projection column (metric and direction set): the mean over samples by layer,
+    a line per condition with its confidence band.
+
+    ``means`` has columns column, condition, layer, mean, ci_low, ci_high.
+    """
+    panels = list(dict.fromkeys(means["column"]))
+    columns = min(len(panels), PANEL_COLUMNS)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns + 1.5, 3.8 * rows), squeeze=False, layout="constrained")
+    for ax, panel in zip(axes.flat, panels):
+        for condition, points in means[means["column"] == panel].groupby("condition", sort=False):
+            line, = ax.plot(points["layer"], points["mean"], marker="o", markersize=3, label=condition)
+            ax.fill_between(points["layer"], points["ci_low"], points["ci_high"], alpha=0.2, color=line.get_color())
+        ax.set_title(panel)
+        ax.set_ylabel("mean over samples")
+        _layer_axis(ax)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), title="condition", loc="outside right upper")
+    fig.suptitle("Projection metrics by layer (bands: confidence interval of the mean)")
     return _save(fig, path)
 
 

@@ -83,6 +83,9 @@ class Manifest(StrictModel):
     """Seconds per stage."""
     cache: dict[str, str] = Field(default_factory=dict)
     """Per stage: computed or reused."""
+    directions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per direction set: its file, tensor key, sha256, shape and the file's metadata (for a
+    file written by `harness directions`: the run, conditions and samples that built it)."""
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -143,10 +146,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def per_sample_csv(metrics: list[str], measured: dict[str, dict]) -> str:
+def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict[str, set[int]] | None = None) -> str:
     """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
 
-    Metrics undefined for a text (NaN: fewer than two response tokens, say) are left out.
+    Metrics undefined for a text (NaN: fewer than two response tokens, say) are left out, and
+    so are the samples `left_out` names per metric (those that built a held-out direction).
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -164,6 +168,8 @@ def per_sample_csv(metrics: list[str], measured: dict[str, dict]) -> str:
             if record["n_response_tokens"] < 2:
                 continue
             for metric in metrics:
+                if sample_id in (left_out or {}).get(metric, ()):
+                    continue
                 for layer, value in zip(result["layers"], record["layer_metrics"][metric]):
                     row(sample_id, condition, layer, metric, value)
     return out.getvalue()

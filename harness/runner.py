@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -23,6 +23,7 @@ import harness
 from harness import rundir
 from harness.artifacts import content_hash, number
 from harness.cache import StageCache
+from harness.directions import DirectionSet, held_out_columns, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
 from harness.pool import ModelPool
@@ -55,6 +56,8 @@ class Plan:
     template: Path
     executor: Executor
     pool: ModelPool
+    directions: dict[str, DirectionSet] = field(default_factory=dict)
+    """The spec's direction sets, read and checked against the capture model."""
 
 
 def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None]) -> Plan:
@@ -78,10 +81,12 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
                 check(pool.model(spec.capture_model).model, value)
             except ValueError as exc:
                 raise InputError(f"{spec_path}: {field}: {exc}") from None
+    # their width and layer count must match the capture model's
+    directions = load_direction_sets(spec, spec_path, pool.model(spec.capture_model).model) if spec.directions else {}
     executor.header = (
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
-    return Plan(spec_path, spec, runs_dir, template, executor, pool)
+    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions)
 
 
 def models_used(spec: Spec) -> set[str]:
@@ -103,7 +108,9 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
             rundir.write_texts(folder.path, texts, measured)
-            table = rundir.per_sample_csv(spec.layer_metric_names, measured)
+            table = rundir.per_sample_csv(
+                spec.layer_metric_names + spec.window_metric_names, measured, held_out_columns(spec, plan.directions)
+            )
             rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])
@@ -137,7 +144,7 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
             f"capture[{name}]",
             [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
             spec.capture_model, spec.capture, spec.metrics, spec.metric_options, spec.runtime.token_budget,
-            spec.runtime.compile, pool,
+            spec.runtime.compile, pool, [tuple(window) for window in spec.stats.positions], plan.directions,
         ))
         for name, rows in texts.items()
     }
@@ -162,6 +169,7 @@ def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
         cache_keys=dict(executor.keys),
         timings=dict(executor.timings),
         cache=dict(executor.reuse),
+        directions={name: direction.record() for name, direction in plan.directions.items()},
     )
 
 

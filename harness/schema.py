@@ -15,8 +15,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
-from harness.stages.sites import DEFAULT_SITE, SITES, metric_column
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
+from harness.stages.sites import DEFAULT_SITE, SITES, metric_columns
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES, WINDOW_SCOPE, window_name
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
@@ -123,6 +123,8 @@ class CaptureSpec(StrictModel):
     """Truncate both responses of a pair to the shorter one's token count."""
     save_activations: bool = False
     """Also write the captured activations (safetensors); large."""
+    activation_dtype: Literal["float16", "float32"] = "float16"
+    """dtype of saved activations: `float32` keeps exactly the values the metrics saw, at twice the size."""
 
     @field_validator("sites")
     @classmethod
@@ -161,6 +163,26 @@ class StatsSpec(StrictModel):
     """Text metric and trajectory metric whose relation is tested."""
     mixed_model: bool = True
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
+    positions: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]] = []
+    """Windows `[start, end]` of response tokens (`start <= i < end`, e.g. `[[0, 5], [50, 100]]`):
+    every trajectory and projection metric is also computed on each window's tokens alone
+    (smoothness: the steps between two tokens of the window), in the same forward, and
+    tested per window and layer (`smoothness.window0_5.overall.d`; Holm/BH across the
+    windows x layers of a metric). A response that does not reach a window has no value there."""
+
+    @field_validator("positions")
+    @classmethod
+    def _windows(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for start, end in value:
+            if end <= start:
+                raise ValueError(f"window [{start}, {end}] must end after it starts")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a window twice")
+        return value
+
+    @property
+    def window_names(self) -> list[str]:
+        return [window_name(start, end) for start, end in self.positions]
 
 
 class VerdictSpec(StrictModel):
@@ -221,6 +243,27 @@ class RuntimeSpec(StrictModel):
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
     on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
 
+DirectionSplit = Literal["all", "first_half", "second_half", "even", "odd"]
+"""Which of a run's samples build a direction (`harness directions --split`), by position in
+sample-id order; the others can then test it (`DirectionSpec.evaluate_on: held_out`)."""
+
+
+class DirectionSpec(StrictModel):
+    """A direction set: a unit vector per layer (or one for every layer), read from a file."""
+
+    path: str
+    """A safetensors, `.pt` or `.npy` file holding a `[layers, d_model]` tensor (a row per decoder
+    block of the capture model) or a `[d_model]` vector (the same for every layer); each row is
+    normalised to unit length. A relative path is relative to the folder of the spec file that
+    names it. Its sha256 enters the capture stage's cache key and the manifest."""
+    key: str | None = None
+    """The tensor's name in a safetensors or `.pt` file that holds several; default: its only tensor."""
+    evaluate_on: Literal["all", "held_out"] = "all"
+    """`held_out`: the direction's projection metrics are kept only for the samples that did not
+    build it (a file written by `harness directions` names them), so the statistics test the
+    direction on samples it has not seen."""
+
+
 class Spec(StrictModel):
     """One experiment."""
 
@@ -233,7 +276,12 @@ class Spec(StrictModel):
     conditions: dict[str, Condition]
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
-    """Trajectory metrics (registered in metrics/), computed per layer."""
+    """Trajectory metrics (registered in metrics/), computed per layer; projection metrics
+    (`projection_variance`, ...) are computed per layer and direction set."""
+    directions: dict[str, DirectionSpec] = {}
+    """Named direction sets for the projection metrics, e.g. `{refusal: {path: refusal.safetensors}}`:
+    their statistics are named `<metric>.<direction>.<scope>.<stat>`
+    (`projection_variance.refusal.layer11.d`)."""
     metric_options: dict[str, dict[str, Any]] = {}
     """Options of listed metrics, e.g. `{variance: {ddof: 1}}` (what each takes: its options
     model in metrics/); outputs keep the metric's name."""
@@ -264,26 +312,29 @@ class Spec(StrictModel):
 
     @property
     def layer_metric_names(self) -> list[str]:
-        """Every trajectory metric column: each metric at each capture site, site by site."""
-        return [metric_column(metric, site) for site in self.capture.sites for metric in self.metrics]
+        """Every trajectory and projection metric column: each metric at each capture site, site
+        by site (`harness.stages.sites.metric_columns`)."""
+        return [column for site in self.capture.sites for column in metric_columns(self.metrics, site, list(self.directions))]
+
+    @property
+    def primary_site_columns(self) -> list[str]:
+        """The metric columns of the first capture site, whole responses only: what the report summarises."""
+        return metric_columns(self.metrics, self.capture.sites[0], list(self.directions))
+
+    @property
+    def held_out_directions(self) -> set[str]:
+        """Direction sets tested only on the samples that did not build them."""
+        return {name for name, entry in self.directions.items() if entry.evaluate_on == "held_out"}
+
+    @property
+    def window_metric_names(self) -> list[str]:
+        """Every per-window column, `<column>.<window>` (`smoothness.window0_5`), window by window per column."""
+        return [f"{column}.{window}" for column in self.layer_metric_names for window in self.stats.window_names]
 
     @field_validator("metric_options")
     @classmethod
     def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from metrics import METRIC_OPTIONS
-
-        validated = {}
-        for name, options in value.items():
-            if name not in METRIC_OPTIONS:
-                known = ", ".join(sorted(METRIC_OPTIONS))
-                raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
-            try:
-                validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
-            except ValidationError as exc:
-                error = exc.errors()[0]
-                field = ".".join(["metric_options", name, *map(str, error["loc"])])
-                raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
-        return validated
+        return _validated_options(value)
 
     @property
     def capture_model(self) -> str:
@@ -302,17 +353,13 @@ class Spec(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> "Spec":
-        from metrics import LAYER_METRICS
+        from metrics import LAYER_METRICS, PROJECTION_METRICS
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
                 raise FieldError(where, f"unknown {kind} {quoted(name)} (known: {', '.join(sorted(known))})")
 
-        reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(self.layer_metric_names) | set(TEXT_METRIC_NAMES)
-        for kind, names in (("conditions", self.conditions), ("stats.comparisons", self.stats.comparisons or {})):
-            for name in names:
-                if name in reserved or LAYER_SCOPE.fullmatch(name):
-                    raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")
+        _check_names(self)
         if len(self.conditions) < 2:
             raise FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
@@ -325,7 +372,9 @@ class Spec(StrictModel):
                 if self.conditions[parent].derived_from():
                     raise FieldError(f"conditions.{name}.of", f"{parent!r} is itself derived from another condition")
         for metric in self.metrics:
-            need("metric", "metrics", metric, LAYER_METRICS)
+            need("metric", "metrics", metric, LAYER_METRICS.keys() | PROJECTION_METRICS.keys())
+            if metric in PROJECTION_METRICS and not self.directions:
+                raise FieldError("metrics", f"{metric!r} projects onto direction sets: name them under `directions:`")
         if len(set(self.metrics)) != len(self.metrics):
             raise FieldError("metrics", "lists a metric twice")
         for name in self.metric_options:
@@ -359,11 +408,41 @@ class Spec(StrictModel):
 
     def statistic_vocabulary(self) -> set[str]:
         """Every word that may appear between the dots of a statistic name."""
-        return (
-            set(self.layer_metric_names)
-            | set(TEXT_METRIC_NAMES)
-            | set(self.conditions)
-            | set(self.comparisons)
-            | set(STAT_KEYWORDS)
-        )
+        words = {word for column in self.layer_metric_names for word in column.split(".")} | set(self.stats.window_names)
+        return words | set(TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
 
+
+def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`metric_options`, each validated by its metric's options model."""
+    from metrics import METRIC_OPTIONS
+
+    validated = {}
+    for name, options in value.items():
+        if name not in METRIC_OPTIONS:
+            known = ", ".join(sorted(METRIC_OPTIONS))
+            raise FieldError(f"metric_options.{name}", f"takes no options (metrics with options: {known})")
+        try:
+            validated[name] = METRIC_OPTIONS[name].model_validate(options).model_dump()
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(["metric_options", name, *map(str, error["loc"])])
+            raise FieldError(field, "unknown key" if error["type"] == "extra_forbidden" else error["msg"]) from None
+    return validated
+
+
+def _check_names(spec: Spec) -> None:
+    """Condition, comparison and direction names are single words of statistic names: none may
+    be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
+    direction set must not share a name with a condition or comparison."""
+    from metrics import LAYER_METRICS, PROJECTION_METRICS
+
+    reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+    reserved |= {column.split(".")[0] for column in spec.layer_metric_names}
+    for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
+                        ("directions", spec.directions)):
+        taken = reserved | (set(spec.conditions) | set(spec.stats.comparisons or {}) if kind == "directions" else set())
+        for name in names:
+            if kind == "directions" and not re.fullmatch(IDENTIFIER, name):
+                raise FieldError(f"directions.{name}", f"name {quoted(name)} must be an identifier (letters, digits, _)")
+            if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_SCOPE.fullmatch(name):
+                raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")

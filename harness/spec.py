@@ -78,7 +78,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
         raise InputError(f"{path}: empty spec")
     if not isinstance(data, dict):
         raise InputError(f"{path}: a spec is a mapping of keys, not a {type(data).__name__}")
-    _anchor_dataset_path(data, path.parent)
+    _anchor_paths(data, path.parent)
     parent = data.pop("extends", None)
     if parent is None:
         return data, ()
@@ -91,11 +91,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
     return _merge(base, data), (parent_path, *extended)
 
 
-def _anchor_dataset_path(data: dict, folder: Path) -> None:
-    """A relative `dataset.path` is relative to the folder of the spec file that names it."""
-    dataset = data.get("dataset")
-    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
-        dataset["path"] = str(folder / dataset["path"])
+def _anchor_paths(data: dict, folder: Path) -> None:
+    """A relative `dataset.path` or `directions.<name>.path` is relative to the folder of the
+    spec file that names it."""
+    directions = data.get("directions")
+    for entry in [data.get("dataset"), *(directions.values() if isinstance(directions, dict) else [])]:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            entry["path"] = str(folder / entry["path"])
 
 
 def load_spec(path: str | Path) -> Spec:

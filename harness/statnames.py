@@ -50,5 +50,13 @@ comparison names, and ``layer<N>``)."""
 LAYER_SCOPE = re.compile(r"layer\d+")
 """Per-layer statistics (``smoothness.layer12.d``) are accepted for any layer number."""
 
+WINDOW_SCOPE = re.compile(r"window(\d+)_(\d+)")
+"""A position window's word: ``window5_20`` covers response tokens 5 to 19 (``stats.positions``)."""
+
+
+def window_name(start: int, end: int) -> str:
+    """The word naming the window of response tokens ``start <= i < end``, e.g. ``window0_5``."""
+    return f"window{start}_{end}"
+
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""

@@ -1,6 +1,6 @@
 """Metrics: pure functions over tensors, registered by name.
 
-Two kinds:
+Three kinds:
 
 - trajectory metrics, ``fn(hidden, mask) -> Tensor[B]``: ``hidden`` is one layer's
   residual stream ``[B, T, D]`` (float32), ``mask`` ``[B, T]`` is True on the response tokens
@@ -9,6 +9,9 @@ Two kinds:
   the next-token cross-entropy of token t given tokens < t (0 where undefined),
   ``target_mask`` marks every predicted token of the text, ``response_mask`` the predicted
   response tokens.
+- projection metrics, ``fn(projection, mask) -> Tensor[B]``: ``projection`` ``[B, T]`` is
+  ``<h_t, v>`` for one layer's residual stream and a unit direction ``v`` of a spec's
+  ``directions:`` set, ``mask`` as above. Computed per layer and direction set.
 
 A metric undefined for a text (a response too short for it, e.g. no token-to-token delta)
 is NaN, never a number: the statistics then leave that text out of that metric's comparisons.
@@ -32,6 +35,9 @@ LAYER_METRICS: dict[str, Callable[..., Tensor]] = {}
 METRIC_OPTIONS: dict[str, type[StrictModel]] = {}
 """The options model of each trajectory metric that takes options, by metric name."""
 TEXT_METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
+PROJECTION_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+"""Projection metrics: ``fn(projection, mask) -> Tensor[B]``, listed in a spec's ``metrics:`` beside
+the trajectory metrics."""
 
 
 def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[StrictModel] | None = None):
@@ -50,6 +56,12 @@ def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[Stric
 def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Register a per-text metric under its function name."""
     TEXT_METRICS[fn.__name__] = fn
+    return fn
+
+
+def projection_metric(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """Register a projection metric under its function name."""
+    PROJECTION_METRICS[fn.__name__] = fn
     return fn
 
 
@@ -110,6 +122,25 @@ def directional_consistency(hidden: Tensor, mask: Tensor) -> Tensor:
     deltas, pair_mask = _step_deltas(hidden, mask)
     cosines = cosine_similarity(deltas[:, 1:], deltas[:, :-1], dim=-1, eps=1e-12)
     return _masked_mean(cosines, pair_mask[:, 1:] & pair_mask[:, :-1])
+
+
+@projection_metric
+def projection_mean(projection: Tensor, mask: Tensor) -> Tensor:
+    """Mean of <h_t, v> over the response tokens: where along the direction the text sits."""
+    return _masked_mean(projection, mask)
+
+
+@projection_metric
+def projection_variance(projection: Tensor, mask: Tensor) -> Tensor:
+    """Population variance of <h_t, v> over the response tokens: how much the text moves along the direction."""
+    centred = projection - _masked_mean(projection, mask).unsqueeze(-1)
+    return _masked_mean(centred.square(), mask)
+
+
+@projection_metric
+def projection_smoothness(projection: Tensor, mask: Tensor) -> Tensor:
+    """Mean |<h_t+1, v> - <h_t, v>| over successive response tokens; NaN below 2 tokens."""
+    return _masked_mean((projection[:, 1:] - projection[:, :-1]).abs(), mask[:, 1:] & mask[:, :-1])
 
 
 @text_metric

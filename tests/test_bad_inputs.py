@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -125,6 +126,30 @@ def huge_criterion(name: str, folder: Path, tiny_model: Path) -> Path:
     return child_spec(folder, CORPUS / "_base.yaml", {"criteria": {"huge": "smoothness.overall.d > 0 and " * 700}})
 
 
+def direction_file(write: Callable[[Path], None], file_name: str = "probe.npy") -> Builder:
+    """A spec on the tiny model (3 layers, width 32) projecting onto a direction file that `write` makes."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        write(folder / file_name)
+        return child_spec(folder, CORPUS / "_base.yaml", {
+            "models": {"base": {"id": str(tiny_model)}},
+            "metrics": ["smoothness", "projection_variance"],
+            "directions": {"probe": {"path": file_name}},
+        })
+
+    return build
+
+
+def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
+    return lambda path: np.save(path, array.astype(np.float32))
+
+
+def _with_nan() -> np.ndarray:
+    vectors = np.ones((3, 32))
+    vectors[1, 7] = np.nan
+    return vectors
+
+
 def valid_spec(name: str, folder: Path, tiny_model: Path) -> Path:
     return corpus_path("_base")
 
@@ -209,6 +234,9 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "capture_unknown_model": "capture.model: unknown model 'other'",
     "unknown_metric": "metrics: unknown metric 'smoothnes'",
     "metric_twice": "metrics: lists a metric twice",
+    "projection_without_directions": "metrics: 'projection_variance' projects onto direction sets",
+    "window_reversed": "stats.positions: window [20, 10] must end after it starts",
+    "criterion_unknown_window": "criteria.late: unknown name 'window50_100'",
     "comparison_unknown_condition": "stats.comparisons.human_vs_robot.b: unknown condition 'robot'",
     "comparison_with_itself": "stats.comparisons.same: compares a condition with itself",
     "correlate_unknown_metric": "stats.correlate: unknown text metric 'perplexity'",
@@ -281,6 +309,13 @@ CASES = [
         "conditions.model.generation.max_new_tokens: 1000000000 new tokens after a 1-token prompt exceed",
         corpus_file_with_tiny_model,
     ),
+    input_case("direction_wrong_width", ("directions.probe.path: ", "has width 16, the capture model's residual stream has 32"),
+               direction_file(_save_npy(np.ones((3, 16))))),
+    input_case("direction_wrong_layers", ("directions.probe.path: ", "has 5 rows, the capture model has 3 layers"),
+               direction_file(_save_npy(np.ones((5, 32))))),
+    input_case("direction_nan", ("directions.probe.path: ", "contains NaN or infinite values"), direction_file(_save_npy(_with_nan()))),
+    input_case("direction_unreadable", ("directions.probe.path: ", "probe.safetensors: cannot be read"),
+               direction_file(lambda path: path.write_bytes(b"not a tensor file"), "probe.safetensors")),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
 ]
 

@@ -218,7 +218,8 @@ def test_without_a_verdict_grid_the_report_says_so(tmp_path):
 def test_plots_are_written_and_embedded(rendered):
     run_dir, text, _ = rendered
     pngs = sorted(path.name for path in run_dir.glob("*.png"))
-    assert len(pngs) == 4
+    assert len(pngs) == 5  # no windows, no directions: neither their heatmap nor their projection panels
+    assert "per_sample_by_condition.png" in pngs
     for name in pngs:
         assert (run_dir / name).stat().st_size > 10_000
         assert f"]({name})" in text

@@ -25,10 +25,12 @@ from harness.artifacts import content_hash, staged
 from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization
-from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_column
-from metrics import LAYER_METRICS, TEXT_METRICS
+from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_columns
+from harness.statnames import window_name
+from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
 if TYPE_CHECKING:
+    from harness.directions import DirectionSet
     from harness.pool import ModelPool
 
 STAGE_VERSION = 4
@@ -211,6 +213,8 @@ class PaddedBatch:
     """[B, T] True on response tokens."""
     first: int
     """First position holding a response token in any row: the span the trajectory metrics see."""
+    starts: torch.Tensor
+    """[B] each row's first response position."""
 
     @classmethod
     def of(cls, tokenized: Sequence[Tokenized], pad_token_id: int, multiple: int = 1) -> "PaddedBatch":
@@ -223,12 +227,21 @@ class PaddedBatch:
             input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
             attention[row, : len(item.input_ids)] = True
             response[row, item.response_start : len(item.input_ids)] = True
-        first = min(item.response_start for item in tokenized)
-        return cls(input_ids, attention, response, first)
+        starts = torch.tensor([item.response_start for item in tokenized])
+        return cls(input_ids, attention, response, int(starts.min()), starts)
 
     @property
     def span_mask(self) -> torch.Tensor:
         return self.response[:, self.first :]
+
+    def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where in the span each row's response tokens `start <= i < end` lie, aligned ([B, W]
+        indices: a row's window starts at column 0), and the mask of those that exist (W is 0
+        when no row reaches the window)."""
+        lengths = self.span_mask.sum(dim=1)  # response tokens per row
+        steps = torch.arange(max(0, min(end, int(lengths.max())) - start))
+        index = (self.starts - self.first)[:, None] + start + steps
+        return index.clamp(max=self.span_mask.shape[1] - 1), start + steps < lengths[:, None]
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -264,47 +277,79 @@ def measure_batch(
     sites: Sequence[str] = (DEFAULT_SITE,),
     metric_options: dict[str, dict] | None = None,
     compile: bool = False,
+    windows: Sequence[tuple[int, int]] = (),
+    directions: dict[str, torch.Tensor] | None = None,
+    activation_dtype: torch.dtype = torch.float16,
 ) -> list[dict]:
     """Metrics for a batch of texts from one right-padded forward (`metric_options`: keyword
     options by metric name, as the spec's `metric_options`; `compile`: the decoder blocks run
-    compiled, on lengths padded to a multiple of COMPILE_BUCKET).
+    compiled, on lengths padded to a multiple of COMPILE_BUCKET; `windows`: response-token
+    windows `[start, end)` each metric is also computed on; `directions`: per direction set,
+    unit vectors `[model layers, d]` the projection metrics among `metric_names` project onto).
 
     Returns one record per text: ``layer_metrics[column][i]`` per captured layer i, a column
-    per metric and site (`metric_column`), ``text_metrics[name]``, ``n_response_tokens``,
-    ``deltas[layer]`` (per-token delta norms of the first site for `keep_deltas_for`), and
-    ``activations`` ([layers, response tokens, d] of the first site) if asked.
+    per metric and site (`metric_columns`) and per window (`<column>.<window>`),
+    ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms of
+    the first site for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d] of
+    the first site, in `activation_dtype`) if asked.
 
     The hooks write every value into one preallocated device buffer, which reaches the host
     in one transfer per batch (a second one for activations).
     """
     if compile:
         compile_blocks(model)
+    directions = directions or {}
     padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if compile else 1)
     batch, span = padded.span_mask.shape
-    shapes = [(len(sites), len(metric_names), len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
+    scopes = [(None, padded.span_mask), *(padded.window(start, end) for start, end in windows)]
+    n_columns = len(metric_columns(metric_names, DEFAULT_SITE, list(directions)))
+    shapes = [(len(sites), len(scopes), n_columns, len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
               (len(TEXT_METRICS), batch)]
     buffer = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32, device=input_device)
     layer_values, deltas, text_values = split_views(buffer, shapes)
     activations = None
     if keep_activations:
         hidden_size = model.config.get_text_config().hidden_size
-        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=torch.float16, device=input_device)
+        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=activation_dtype, device=input_device)
     delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
     if not delta_slots.keys() <= set(layers):
         raise ValueError(f"deltas are kept only for captured layers, not {sorted(delta_slots.keys() - set(layers))}")
-    span_masks: dict[torch.device, torch.Tensor] = {}  # one copy per device the layers live on
+    on_device: dict[torch.device, tuple[list[tuple[torch.Tensor | None, torch.Tensor]], torch.Tensor | None]] = {}
+    """Per device the layers live on: each scope's token indices (None: the whole span) and mask,
+    and the directions [sets, model layers, d]."""
+
+    def column_values(hidden: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor | None) -> list[torch.Tensor]:
+        """Every column's value per text, in `metric_columns` order (projections onto `vectors` [sets, d])."""
+        projections = hidden @ vectors.T if vectors is not None else None  # [B, T, sets]
+        values = []
+        for name in metric_names:
+            if name in PROJECTION_METRICS:
+                values += [PROJECTION_METRICS[name](projections[..., k], mask) for k in range(len(directions))]
+            else:
+                values.append(LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})))
+        return values
 
     def hook_for(site_index: int, layer_index: int):
         first_site, layer = site_index == 0, layers[layer_index]
 
         def hook(module, args, output):
             hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
-            if hidden.device not in span_masks:
-                span_masks[hidden.device] = padded.span_mask.to(hidden.device)
-            mask = span_masks[hidden.device]
-            layer_values[site_index, :, layer_index] = torch.stack(
-                [LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})) for name in metric_names]
-            )
+            if hidden.device not in on_device:
+                vectors = torch.stack(list(directions.values())).to(hidden.device) if directions else None
+                on_device[hidden.device] = (
+                    [(None if index is None else index.to(hidden.device), mask.to(hidden.device)) for index, mask in scopes],
+                    vectors,
+                )
+            device_scopes, vectors = on_device[hidden.device]
+            for scope, (index, mask) in enumerate(device_scopes):
+                if mask.shape[1] == 0:  # no text reaches this window
+                    layer_values[site_index, scope, :, layer_index] = float("nan")
+                    continue
+                # a window's tokens gathered row by row: each row's window starts at column 0
+                tokens = hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+                layer_values[site_index, scope, :, layer_index] = torch.stack(
+                    column_values(tokens, mask, vectors[:, layer] if vectors is not None else None)
+                )
             if first_site and layer in delta_slots:
                 deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
             if first_site and activations is not None:
@@ -332,14 +377,20 @@ def measure_batch(
 
     host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
     host_activations = activations.cpu() if activations is not None else None
-    columns = [(metric_column(name, site), s, m) for s, site in enumerate(sites) for m, name in enumerate(metric_names)]
+    scope_suffixes = ["", *(f".{window_name(start, end)}" for start, end in windows)]
+    columns = [
+        (f"{column}{suffix}", s, w, m)
+        for s, site in enumerate(sites)
+        for w, suffix in enumerate(scope_suffixes)
+        for m, column in enumerate(metric_columns(metric_names, site, list(directions)))
+    ]
     records = []
     for row, item in enumerate(tokenized):
         lo, hi = item.response_start - padded.first, len(item.input_ids) - padded.first
         record = {
             "n_response_tokens": len(item.input_ids) - item.response_start,
             "response_ids": item.input_ids[item.response_start :],
-            "layer_metrics": {column: host_values[s, m, :, row].tolist() for column, s, m in columns},
+            "layer_metrics": {column: host_values[s, w, m, :, row].tolist() for column, s, w, m in columns},
             "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
             "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
         }
@@ -383,6 +434,10 @@ class CaptureStage(Stage):
     pool: ModelPool
     kind = "capture"
     version = STAGE_VERSION
+    windows: list[tuple[int, int]] = field(default_factory=list)
+    """`stats.positions`: response-token windows every metric is also computed on."""
+    directions: dict[str, DirectionSet] = field(default_factory=dict)
+    """The spec's direction sets, loaded and checked against the model."""
     layers: list[int] = field(default_factory=list)
     tokenized: list[Tokenized] = field(default_factory=list)
     forwards: CompiledCalls = field(default_factory=CompiledCalls)
@@ -400,6 +455,9 @@ class CaptureStage(Stage):
             **({"compile": True} if self.compile else {}),
             "activations": self.settings.save_activations,
             "sites": self.settings.sites,
+            **({"positions": self.windows} if self.windows else {}),
+            **({"directions": {name: [d.sha256, d.key] for name, d in self.directions.items()}} if self.directions else {}),
+            **({"activation_dtype": self.settings.activation_dtype} if self.settings.activation_dtype != "float16" else {}),
         }
 
     def units(self) -> list[list[int]]:
@@ -426,7 +484,8 @@ class CaptureStage(Stage):
         records = measure_batch(
             loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.layers, self.metrics,
             report_layers(self.layers), self.settings.save_activations, self.settings.sites, self.metric_options,
-            self.compile,
+            self.compile, self.windows, {name: d.vectors for name, d in self.directions.items()},
+            getattr(torch, self.settings.activation_dtype),
         )
         shape = (len(unit), padded_length(batch, COMPILE_BUCKET if self.compile else 1))
         self.forwards.record(shape, time.perf_counter() - start, self.compile)

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import t as student_t
 
 from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
@@ -32,6 +33,9 @@ PLOT_FILES = {
     "means": "metric_by_layer.png",
     "scatter": "correlation_scatter.png",
     "deltas": "delta_norms_by_position.png",
+    "distribution": "per_sample_by_condition.png",
+    "windows": "effect_by_window_and_layer.png",
+    "projections": "projection_by_layer.png",
 }
 
 
@@ -68,7 +72,20 @@ def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
             f"{x_name} vs {metric} per text",
             plots.paired_scatter(_scatter_pairs(run, comparison), x_name, metric, run_dir / PLOT_FILES["scatter"]),
         ),
+        (
+            f"{metric} per sample and condition",
+            plots.per_sample_distribution(overall_metric(run.table, metric), metric, run_dir / PLOT_FILES["distribution"]),
+        ),
     ]
+    if spec.stats.positions:
+        figures.append((
+            f"Effect size of {metric} by layer and position window ({comparison.a} − {comparison.b})",
+            plots.window_heatmap(pd.DataFrame(window_cells(run)), metric, name, run_dir / PLOT_FILES["windows"]),
+        ))
+    if projection_columns(run):
+        figures.append(
+            ("Projection metrics by layer", plots.projection_by_layer(_projection_means(run), run_dir / PLOT_FILES["projections"]))
+        )
     if run.token_deltas:
         figures.append(
             ("Delta norm by token position", plots.delta_norms_by_position(_delta_steps(run), run_dir / PLOT_FILES["deltas"]))
@@ -94,6 +111,31 @@ def _scatter_pairs(run: RunRecord, comparison: Comparison) -> pd.DataFrame:
         overall_metric(table, y_name).rename(columns={"value": "y"}), on=["condition", "sample_id"]
     )
     return pairs[pairs["condition"].isin([comparison.a, comparison.b])]
+
+
+def window_cells(run: RunRecord) -> list[dict]:
+    """Per position window and layer: the primary comparison's d of the studied metric, and
+    whether its p survives Holm across windows x layers."""
+    name, metric, alpha = next(iter(run.spec.comparisons)), run.spec.stats.correlate[1], run.spec.report.alpha
+    return [
+        {"window": f"{start}–{end}", "layer": layer, "d": run.stat(f"{name}.{metric}.{window}.layer{layer}.d"),
+         "significant": run.stat(f"{name}.{metric}.{window}.layer{layer}.p_holm") < alpha}
+        for (start, end), window in zip(run.spec.stats.positions, run.spec.stats.window_names)
+        for layer in run.layers
+    ]
+
+
+def projection_columns(run: RunRecord) -> list[str]:
+    """The projection metric columns of the first capture site (`<metric>.<direction>`)."""
+    return [column for column in run.spec.primary_site_columns if set(column.split(".")[1:2]) & set(run.spec.directions)]
+
+
+def _projection_means(run: RunRecord) -> pd.DataFrame:
+    """Per projection column, condition and layer: the mean over samples and its t confidence interval."""
+    rows = run.table[run.table["metric"].isin(projection_columns(run)) & run.table["layer"].notna()]
+    summary = rows.groupby(["metric", "condition", "layer"], sort=False)["value"].agg(["mean", "sem", "count"]).reset_index()
+    half = summary["sem"] * student_t.ppf((1 + run.spec.stats.confidence) / 2, (summary["count"] - 1).clip(lower=1))
+    return summary.assign(column=summary["metric"], ci_low=summary["mean"] - half, ci_high=summary["mean"] + half)
 
 
 def _delta_steps(run: RunRecord) -> pd.DataFrame:
@@ -128,6 +170,8 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "summary_rows": _summary_rows(run, name),
         "correlations": _correlation_rows(run, name, comparison),
         "layer_rows": layer_rows(run),
+        "windows": window_tables(run, name),
+        "directions": direction_notes(run, name),
         "other_comparisons": [
             {"name": other, "a": cmp.a, "b": cmp.b, "rows": _paired_rows(run, other)}
             for other, cmp in list(spec.comparisons.items())[1:]
@@ -160,12 +204,65 @@ def _paired(run: RunRecord, prefix: str) -> dict[str, float]:
     return {stat: run.stat(f"{prefix}.{stat}") for stat in PAIRED_STATS}
 
 
-def _paired_rows(run: RunRecord, comparison: str) -> list[dict]:
-    """A comparison's paired statistics per metric (trajectory metrics: overall)."""
+def _paired_rows(run: RunRecord, comparison: str, scope: str = "") -> list[dict]:
+    """A comparison's paired statistics per metric (trajectory and projection metrics: overall;
+    `scope`: a position window's, `.<window>`)."""
     return [
-        {"metric": metric, "trajectory": metric in run.spec.metrics, **_paired(run, f"{comparison}.{metric}.{OVERALL}")}
-        for metric in (*TEXT_METRIC_NAMES, *run.spec.metrics)
+        {"metric": metric, "trajectory": metric not in TEXT_METRIC_NAMES,
+         **_paired(run, f"{comparison}.{metric}{scope}.{OVERALL}")}
+        for metric in ([] if scope else [*TEXT_METRIC_NAMES]) + run.spec.primary_site_columns
     ]
+
+
+def window_tables(run: RunRecord, comparison: str) -> list[dict]:
+    """Per position window: each metric's paired statistics on the window's tokens (overall), and
+    how many layers are significant after Holm across windows x layers."""
+    alpha = run.spec.report.alpha
+    tables = []
+    for (start, end), window in zip(run.spec.stats.positions, run.spec.stats.window_names):
+        rows = _paired_rows(run, comparison, f".{window}")
+        for row in rows:
+            holm = [run.stat(f"{comparison}.{row['metric']}.{window}.layer{layer}.p_holm") for layer in run.layers]
+            row["holm_layers"] = sum(p < alpha for p in holm)
+        tables.append({"name": window, "start": start, "end": end, "rows": rows})
+    return tables
+
+
+def direction_notes(run: RunRecord, comparison: str) -> list[dict]:
+    """Per direction set: its file, what built it (a `harness directions` file says), which
+    samples its statistics use, and its projection metrics' strongest layer."""
+    notes = []
+    recorded = run.manifest.get("directions", {})
+    for name, entry in run.spec.directions.items():
+        record = recorded.get(name, {})
+        metadata = record.get("metadata", {})
+        rows = []
+        for column in projection_columns(run):
+            if column.split(".")[1] != name:
+                continue
+            layers = [(run.stat(f"{comparison}.{column}.layer{layer}.d"), layer) for layer in run.layers]
+            finite = [(d, layer) for d, layer in layers if not math.isnan(d)]
+            strongest = max(finite, key=lambda pair: abs(pair[0])) if finite else (float("nan"), None)
+            rows.append({"metric": column, **_paired(run, f"{comparison}.{column}.{OVERALL}"),
+                         "strongest_layer": strongest[1], "strongest_d": strongest[0]})
+        samples = metadata.get("samples")
+        notes.append({
+            "name": name, "path": entry.path, "sha256": record.get("sha256"), "shape": record.get("shape"),
+            "held_out": entry.evaluate_on == "held_out", "metadata": metadata, "rows": rows,
+            "built_from": samples is not None and id_ranges([int(sample) for sample in samples.split(",") if sample]),
+        })
+    return notes
+
+
+def id_ranges(ids: list[int]) -> str:
+    """Sample ids as runs of consecutive ids: `0–24, 30`."""
+    runs: list[list[int]] = []
+    for sample in sorted(ids):
+        if runs and sample == runs[-1][-1] + 1:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}–{run[-1]}" for run in runs)
 
 
 def _summary_rows(run: RunRecord, comparison: str) -> list[dict]:

@@ -12,6 +12,10 @@ are words joined by dots, so that criteria can refer to them:
   ``LAYER_ADJUSTED_P`` across the layers of the metric); ``k.correlation.<scope>.<stat>``;
   ``k.mixedlm.<stat>``. The primary comparison (the first) also gets every name without
   the ``k.`` prefix.
+- a metric ``m`` may be a projection column ``<metric>.<direction>`` or a per-window column
+  ``<column>.window<s>_<e>`` (``stats.positions``); the names follow the same rules
+  (``smoothness.window0_5.layer3.d``). The ``LAYER_ADJUSTED_P`` of a per-window column adjust
+  across every window x layer of its metric, the family a position breakdown tests.
 
 Choices worth knowing:
 
@@ -62,12 +66,14 @@ from harness.statnames import (
     MIXEDLM_STATS,
     OVERALL,
     PAIRED_STATS,
+    WINDOW_SCOPE,
 )
 from harness.schema import Comparison, Spec, StatsSpec
 
-STAGE_VERSION = 2
+STAGE_VERSION = 3
 """Bump when a change here changes any statistic: cached stats stages are then recomputed.
-2: missing values dropped pairwise; intervals from sums (their last bits changed)."""
+2: missing values dropped pairwise; intervals from sums (their last bits changed).
+3: per-window columns adjusted across windows x layers."""
 
 _RESAMPLE_CHUNK_DRAWS = 2**20
 """Resampled ids drawn and counted at a time: bounds memory, does not change the result."""
@@ -344,11 +350,19 @@ def _paired_columns(
     return columns | tests | {"n": n}
 
 
+def adjustment_family(metric: str) -> str:
+    """The columns whose per-layer p-values are adjusted together: a metric's layers, and for a
+    per-window column (``smoothness.window0_5``) every window x layer of its metric."""
+    *words, last = metric.split(".")
+    return ".".join([*words, "windows"]) if words and WINDOW_SCOPE.fullmatch(last) else metric
+
+
 def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
-    """Per-layer p-values adjusted across the layers of their metric (NaN for overall and NaN p)."""
+    """Per-layer p-values adjusted across their family (`adjustment_family`; NaN for overall and NaN p)."""
     from statsmodels.stats.multitest import multipletests  # statsmodels imports in ~1 s: only when computing
 
-    metrics, scopes = p.index.get_level_values(0), p.index.get_level_values(1)
+    metrics = pd.Index([adjustment_family(metric) for metric in p.index.get_level_values(0)])
+    scopes = p.index.get_level_values(1)
     adjusted = {stat: np.full(len(p), np.nan) for stat in LAYER_ADJUSTED_P}
     # multipletests' Holm runs gc.collect() on every call (0.2 s with torch loaded): frozen, the
     # objects that exist now are not scanned again.
