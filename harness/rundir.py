@@ -83,6 +83,11 @@ class Manifest(StrictModel):
     """Seconds per stage."""
     cache: dict[str, str] = Field(default_factory=dict)
     """Per stage: computed or reused."""
+    overrides: list[str] = Field(default_factory=list)
+    """Settings from the command line (`--set`, `--limit`, `--device`) and a matrix point's
+    values, as written, in the order they were applied."""
+    point: str | None = None
+    """The matrix point this run is (`name[key=value,...]`), or None."""
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -91,11 +96,11 @@ class Manifest(StrictModel):
 class RunFolder:
     """A run folder being assembled: `path` to write into, then `commit` or `discard`."""
 
-    def __init__(self, runs_dir: Path, spec_name: str):
+    def __init__(self, runs_dir: Path, spec_name: str, label: str | None = None):
         self.parent = Path(runs_dir) / spec_name
         self.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.parent)
-        stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S"), 1
+        stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""), 1
         while True:
             self.run_id = stamp if suffix == 1 else f"{stamp}-{suffix}"
             self.path = self.parent / f".{self.run_id}.partial"

@@ -14,10 +14,11 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import harness
 from harness import rundir
@@ -25,6 +26,7 @@ from harness.artifacts import content_hash, number
 from harness.cache import StageCache
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
+from harness.overrides import Override
 from harness.pool import ModelPool
 from harness.schema import Spec
 from harness.spec import load_spec
@@ -55,11 +57,20 @@ class Plan:
     template: Path
     executor: Executor
     pool: ModelPool
+    overrides: tuple[Override, ...] = ()
+    """Command-line settings (and a matrix point's values), recorded in the manifest."""
+    point: str | None = None
+    """The matrix point's id (`name[key=value,...]`), or None for a spec without a matrix."""
+    label: str | None = None
+    """Ends the run id (`<time>-<label>`): a `--tag`, or a matrix point's values."""
 
 
-def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None]) -> Plan:
+def collect(
+    spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
+    overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None,
+) -> Plan:
     """Every check that can fail on the user's input, before anything runs or is written."""
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides, point=point is not None)
     template = find_template(spec, spec_path)
     cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
     check_writable_folder(runs_dir, "--runs-dir")
@@ -81,7 +92,7 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     executor.header = (
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
-    return Plan(spec_path, spec, runs_dir, template, executor, pool)
+    return Plan(spec_path, spec, runs_dir, template, executor, pool, tuple(overrides), point, label)
 
 
 def models_used(spec: Spec) -> set[str]:
@@ -90,15 +101,30 @@ def models_used(spec: Spec) -> set[str]:
     }
 
 
-def execute(plan: Plan, started: float) -> RunOutcome:
+def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """The data, conditions and capture stages: every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
     texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
-    measured = measure(plan, texts)
+    return texts, measure(plan, texts)
+
+
+def stage_keys(plan: Plan) -> dict[str, str]:
+    """Every stage's cache key, computing nothing: each stage's output is stood in for by its
+    placeholder, so two plans with the same keys would compute the same numbers."""
+    planning = replace(plan, executor=replace(plan.executor, planning=True, keys={}, log=lambda line: None))
+    _, measured = texts_and_measures(planning)
+    planning.executor.run(stats.StatsStage(rundir.per_sample_csv(plan.spec.layer_metric_names, measured), plan.spec))
+    return planning.executor.keys
+
+
+def execute(plan: Plan, started: float) -> RunOutcome:
+    spec, executor = plan.spec, plan.executor
+    texts, measured = texts_and_measures(plan)
     if executor.shard.rank != 0:
         return RunOutcome(None, [], time.perf_counter() - started)
 
-    folder = rundir.RunFolder(plan.runs_dir, spec.name)
+    folder = rundir.RunFolder(plan.runs_dir, spec.name, plan.label)
     try:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
@@ -162,6 +188,8 @@ def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
         cache_keys=dict(executor.keys),
         timings=dict(executor.timings),
         cache=dict(executor.reuse),
+        overrides=[override.origin for override in plan.overrides],
+        point=plan.point,
     )
 
 
@@ -170,13 +198,22 @@ def run_spec(
     runs_dir: Path = Path("runs"),
     use_cache: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    overrides: Sequence[Override] = (),
+    tag: str | None = None,
 ) -> RunOutcome:
     """Run one spec end to end; returns the criteria results and the run folder."""
     started = time.perf_counter()
-    handler = _LogHandler(log)  # a stage's warnings (an out-of-memory retry, say) go to the run log
+    with logged_warnings(log):
+        return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, label=tag), started)
+
+
+@contextmanager
+def logged_warnings(log: Callable[[str], None]) -> Iterator[None]:
+    """A stage's warnings (an out-of-memory retry, say) go to the run log."""
+    handler = _LogHandler(log)
     logging.getLogger("harness").addHandler(handler)
     try:
-        return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log), started)
+        yield
     finally:
         logging.getLogger("harness").removeHandler(handler)
 

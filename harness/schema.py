@@ -7,6 +7,7 @@ naming the file and field.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -16,10 +17,13 @@ from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.stages.sites import DEFAULT_SITE, SITES, metric_column
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
+
+MAX_POINTS = 256
+"""Points of a matrix at most: each is a run; a mistyped list should not start thousands."""
 
 
 class GGUFSource(StrictModel):
@@ -243,6 +247,33 @@ class Spec(StrictModel):
     1-100 letters, digits, `_`, `-` or `.`: each prints on one result line and in RESULTS.md."""
     report: ReportSpec = ReportSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    matrix: dict[str, list[Any]] = {}
+    """pytest's `parametrize`: key path (as `--set` takes it) -> the values it takes, e.g.
+    `conditions.model.generation.temperature: [0, 0.7]`. The spec runs once per point of the
+    cross product (each validated like a file), with id `<name>[<key>=<value>,...]`, and a
+    combined report compares the points."""
+    sweep_criteria: dict[str, str] = {}
+    """Criteria over the sweep (needs a `matrix`): `sweep.<criterion>.passed_count` and
+    `.passed_fraction`, `sweep.<statistic>.min|median|max` across the points, and for every
+    statistic ending in `p` its Benjamini–Hochberg adjustment across the points,
+    `sweep.<statistic>.p_bh.min|median|max`."""
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix_keys(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from harness.overrides import KEY_PATH
+
+        for key, values in value.items():
+            if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
+                raise FieldError(f"matrix.{key}", "must be a key path of the spec (not name, matrix or sweep_criteria)")
+            if not values:
+                raise FieldError(f"matrix.{key}", "needs at least one value")
+            for other in value:
+                if other != key and other.startswith(key + "."):
+                    raise FieldError(f"matrix.{other}", f"lies inside matrix key {key!r}: set it in that key's values")
+        if math.prod(len(values) for values in value.values()) > MAX_POINTS:
+            raise FieldError("matrix", f"more than {MAX_POINTS} points")
+        return value
 
     @field_validator("models", "conditions")
     @classmethod
@@ -254,7 +285,7 @@ class Spec(StrictModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("criteria")
+    @field_validator("criteria", "sweep_criteria")
     @classmethod
     def _criterion_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
@@ -355,6 +386,14 @@ class Spec(StrictModel):
                 check_criterion(expr, self.statistic_vocabulary())
             except ValueError as exc:
                 raise FieldError(f"criteria.{crit_name}", str(exc)) from None
+        if self.sweep_criteria and not self.matrix:
+            raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
+        sweep_words = self.statistic_vocabulary() | SWEEP_KEYWORDS | {word for name in self.criteria for word in name.split(".")}
+        for crit_name, expr in self.sweep_criteria.items():
+            try:
+                check_criterion(expr, sweep_words)
+            except ValueError as exc:
+                raise FieldError(f"sweep_criteria.{crit_name}", str(exc)) from None
         return self
 
     def statistic_vocabulary(self) -> set[str]:
