@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.errors import ExitCode, HarnessError, InputError
+from harness.select import keyword_matches
 
 
 def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
@@ -31,56 +32,8 @@ def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
         else:
             raise InputError(f"{path}: no such file or folder")
     if select:
-        found = [p for p in found if _selected(p.stem, select)]
+        found = [p for p in found if keyword_matches(p.stem, select)]
     return found
-
-
-def _selected(name: str, expression: str) -> bool:
-    """pytest's -k: words match as substrings of the spec's file name; `and`, `or`, `not`, ()."""
-    tokens = re.findall(r"\(|\)|[^\s()]+", expression)
-    position = 0
-
-    def peek() -> str | None:
-        return tokens[position] if position < len(tokens) else None
-
-    def take() -> str:
-        nonlocal position
-        if peek() is None:
-            raise InputError(f"-k: incomplete expression {expression!r}")
-        position += 1
-        return tokens[position - 1]
-
-    def either() -> bool:
-        value = both()
-        while peek() == "or":
-            take()
-            value = both() or value
-        return value
-
-    def both() -> bool:
-        value = single()
-        while peek() == "and":
-            take()
-            value = single() and value
-        return value
-
-    def single() -> bool:
-        token = take()
-        if token == "not":
-            return not single()
-        if token == "(":
-            value = either()
-            if take() != ")":
-                raise InputError(f"-k: unbalanced parentheses in {expression!r}")
-            return value
-        if token in ("and", "or", ")"):
-            raise InputError(f"-k: unexpected {token!r} in {expression!r}")
-        return token in name
-
-    value = either()
-    if peek() is not None:
-        raise InputError(f"-k: unexpected {peek()!r} in {expression!r}")
-    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

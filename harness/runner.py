@@ -32,6 +32,7 @@ from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
+from harness.sweep import Point
 from harness.templates import find_template
 from harness.writing import check_writable_folder
 
@@ -71,6 +72,8 @@ def collect(
 ) -> Plan:
     """Every check that can fail on the user's input, before anything runs or is written."""
     spec = load_spec(spec_path, overrides, point=point is not None)
+    if spec.matrix and point is None:
+        raise InputError(f"{spec_path}: matrix: a sweep runs through harness.sweep.run_sweep (as `harness run` does)")
     template = find_template(spec, spec_path)
     cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
     check_writable_folder(runs_dir, "--runs-dir")
@@ -200,11 +203,15 @@ def run_spec(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     overrides: Sequence[Override] = (),
     tag: str | None = None,
+    point: Point | None = None,
 ) -> RunOutcome:
-    """Run one spec end to end; returns the criteria results and the run folder."""
+    """Run one spec end to end (or one `point` of its matrix, whose values are among
+    `overrides`); returns the criteria results and the run folder."""
     started = time.perf_counter()
+    label = point.run_label(tag) if point else tag
     with logged_warnings(log):
-        return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, label=tag), started)
+        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id, label)
+        return execute(plan, started)
 
 
 @contextmanager

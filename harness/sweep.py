@@ -53,6 +53,10 @@ class Point:
         inside = self.id[self.id.find("[") + 1 : -1] if self.values else ""
         return re.sub(r"[^A-Za-z0-9_.,=-]", "_", inside) or None
 
+    def run_label(self, tag: str | None) -> str | None:
+        """What ends the point's run id: the `--tag`, then the point's values."""
+        return "-".join(filter(None, (tag, self.label))) or None
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -122,6 +126,11 @@ class SweepOutcome:
     seconds: float
 
     @property
+    def run_dir(self) -> Path | None:
+        """Where the sweep's own outputs are (as a run's are in its run folder)."""
+        return self.sweep_dir
+
+    @property
     def all_results(self) -> list[criteria_stage.CriterionResult]:
         return [result for _, outcome in self.points for result in outcome.results] + self.results
 
@@ -141,8 +150,7 @@ def run_sweep(
     started = time.perf_counter()
     with runner.logged_warnings(log):
         plans = [
-            runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id,
-                           "-".join(filter(None, (tag, point.label))))
+            runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id, point.run_label(tag))
             for point in sweep.points
         ]
         keys = [runner.stage_keys(plan) for plan in plans]
