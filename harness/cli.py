@@ -119,11 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_spec
     from harness.sweep import run_sweep
 
-    def print_point(point, outcome) -> None:
-        if outcome.run_dir is not None:
-            print(f"\n{point.id}  →  {outcome.run_dir}")
-            for result in outcome.results:
-                print(format_result(result))
+    def report(header: str, outcome) -> None:
+        print(f"\n{header}  →  {outcome.run_dir}")
+        for result in outcome.results:
+            print(format_result(result))
+
+    def report_point(point, outcome) -> None:
+        if outcome.run_dir is not None:  # None: a helper process under accelerate launch
+            report(point.id, outcome)
 
     _quiet_libraries()
     outcomes, totals, worst = [], [], ExitCode.PASSED
@@ -135,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             with disk_errors_named(runs_dir):
                 if sweep.is_matrix:
-                    swept = run_sweep(sweep, runs_dir, not args.no_cache, on_point=print_point, tag=args.tag)
+                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
                 else:
                     outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
         except InputError:
@@ -146,23 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"ERROR  {path}: {exc}", file=sys.stderr)
             worst = max(worst, ExitCode.RUNTIME)
             continue
+        if outcome.run_dir is None:  # a helper process under accelerate launch
+            continue
         if sweep.is_matrix:
-            if swept.sweep_dir is None:  # a helper process under accelerate launch
-                continue
-            print(f"\n{path}: sweep of {len(swept.points)} points  →  {swept.sweep_dir}")
-            for result in swept.results:
-                print(format_result(result))
-            results, seconds = swept.all_results, swept.seconds
-            outcomes += [(f"{path}::{point.id}", outcome) for point, outcome in swept.points] + [(f"{path}::sweep", swept)]
+            report(f"{path}: sweep of {len(sweep.points)} points", outcome)
+            results = outcome.all_results
+            outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
         else:
-            if outcome.run_dir is None:  # a helper process under accelerate launch
-                continue
-            print(f"\n{path}  →  {outcome.run_dir}")
-            for result in outcome.results:
-                print(format_result(result))
-            results, seconds = outcome.results, outcome.seconds
+            report(str(path), outcome)
+            results = outcome.results
             outcomes.append((path, outcome))
-        print(f"{summary_line(results)} in {seconds:.1f}s")
+        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
         totals.extend(results)
         worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
     if args.junitxml:

@@ -192,3 +192,55 @@ def test_pytest_items_per_point_and_criterion_with_k_on_values(swept):
     assert {criterion for _, criterion in ran} == {"model_text_less_surprising", "model_text_smoother"}
     assert re.search(r"::sweep::smoother_everywhere", subprocess.run(
         [*args, "--collect-only", "-q"], cwd=folder, env=env, capture_output=True, text=True, timeout=600).stdout)
+
+
+def test_last_failed_reruns_only_the_failed_items(swept):
+    folder, _, _, _ = swept
+    spec = folder / "tinysweep_lf.yaml"
+    spec.write_text("extends: tinysweep.yaml\nname: tinysweep_lf\ncriteria: {never: smoothness.overall.n < 0}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "pytest", spec.name, "--harness-runs-dir", "runs", "-q", "-k", "temperature=0.9"]
+    first = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1 and (folder / ".pytest_cache").is_dir(), first.stdout[-2000:]
+    failed = set(re.findall(r"FAILED (\S+::never)", first.stdout))
+    assert failed == {"tinysweep_lf.yaml::tinysweep_lf[temperature=0.9]::never"}, first.stdout[-2000:]
+    again = subprocess.run([*args, "--lf", "--collect-only"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    listed = {line for line in again.stdout.splitlines() if "::" in line}
+    assert listed == failed, again.stdout[-2000:]
+
+
+def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {dataset.n_samples: [5, 6], stats.ddof: [0, 1]}\n")
+    result = harness_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0 and f"ok     {spec}  (tiny, 4 points)" in result.stdout, result.stdout + result.stderr
+    schema = json.loads(harness_cli("schema", cwd=tmp_path).stdout)
+    for key in ("matrix", "sweep_criteria"):
+        assert "description" in schema["properties"][key]
+    version = harness_cli("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == "harness 0.1.0"
+    helped = harness_cli("--help", cwd=tmp_path).stdout
+    assert all(name in helped for name in ("HARNESS_CACHE_DIR", "HARNESS_MODEL_CACHE", "HARNESS_DEBUG"))
+
+
+def test_ls_lists_the_registries(tmp_path):
+    from metrics import LAYER_METRICS
+
+    from harness.stages.conditions import SOURCES
+
+    for what, names in (("metrics", LAYER_METRICS), ("sources", SOURCES)):
+        result = harness_cli("ls", what, cwd=tmp_path)
+        assert result.returncode == 0
+        assert [line.split()[0] for line in result.stdout.splitlines()][: len(names)] == list(names)
+    specs = harness_cli("ls", "specs", str(REPO / "specs"), cwd=tmp_path)
+    assert "cross-model-offline, 2 points" in specs.stdout and "temperature-sweep-offline, 4 points" in specs.stdout
+
+
+def test_exitfirst_stops_after_the_first_failing_spec(swept):
+    folder, _, _, _ = swept
+    for name in ("a_fails", "b_fails"):
+        (folder / "x" / f"{name}.yaml").parent.mkdir(exist_ok=True)
+        (folder / "x" / f"{name}.yaml").write_text(f"extends: ../tinybase.yaml\nname: {name}\ncriteria: {{never: smoothness.overall.n < 0}}\n")
+    result = harness_cli("run", str(folder / "x"), "-x", "--runs-dir", str(folder / "runs"), cwd=folder)
+    assert result.returncode == 1
+    assert "a_fails.yaml  →" in result.stdout and "b_fails.yaml  →" not in result.stdout
+    assert "stopped after the first failure (-x)" in result.stdout
