@@ -10,15 +10,13 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import harness
 from harness import rundir
@@ -28,6 +26,7 @@ from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
 from harness.overrides import Override
 from harness.pool import ModelPool
+from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, conditions, criteria, data, stats
@@ -61,19 +60,14 @@ class Plan:
     overrides: tuple[Override, ...] = ()
     """Command-line settings (and a matrix point's values), recorded in the manifest."""
     point: str | None = None
-    """The matrix point's id (`name[key=value,...]`), or None for a spec without a matrix."""
+    """The matrix point's id (`name[key=value,...]`); `label` ends the run id (a --tag, a point's values)."""
     label: str | None = None
-    """Ends the run id (`<time>-<label>`): a `--tag`, or a matrix point's values."""
 
 
-def collect(
-    spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
-    overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None,
-) -> Plan:
+def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
+            overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None) -> Plan:
     """Every check that can fail on the user's input, before anything runs or is written."""
     spec = load_spec(spec_path, overrides, point=point is not None)
-    if spec.matrix and point is None:
-        raise InputError(f"{spec_path}: matrix: a sweep runs through harness.sweep.run_sweep (as `harness run` does)")
     template = find_template(spec, spec_path)
     cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
     check_writable_folder(runs_dir, "--runs-dir")
@@ -110,15 +104,6 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
     texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
     return texts, measure(plan, texts)
-
-
-def stage_keys(plan: Plan) -> dict[str, str]:
-    """Every stage's cache key, computing nothing: each stage's output is stood in for by its
-    placeholder, so two plans with the same keys would compute the same numbers."""
-    planning = replace(plan, executor=replace(plan.executor, planning=True, keys={}, log=lambda line: None))
-    _, measured = texts_and_measures(planning)
-    planning.executor.run(stats.StatsStage(rundir.per_sample_csv(plan.spec.layer_metric_names, measured), plan.spec))
-    return planning.executor.keys
 
 
 def execute(plan: Plan, started: float) -> RunOutcome:
@@ -205,30 +190,9 @@ def run_spec(
     tag: str | None = None,
     point: Point | None = None,
 ) -> RunOutcome:
-    """Run one spec end to end (or one `point` of its matrix, whose values are among
-    `overrides`); returns the criteria results and the run folder."""
+    """Run one spec (a matrix's `point`; harness.sweep runs a whole matrix) end to end; returns the results and run folder."""
     started = time.perf_counter()
-    label = point.run_label(tag) if point else tag
     with logged_warnings(log):
-        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id, label)
+        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id,
+                       point.run_label(tag) if point else tag)
         return execute(plan, started)
-
-
-@contextmanager
-def logged_warnings(log: Callable[[str], None]) -> Iterator[None]:
-    """A stage's warnings (an out-of-memory retry, say) go to the run log."""
-    handler = _LogHandler(log)
-    logging.getLogger("harness").addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger("harness").removeHandler(handler)
-
-
-class _LogHandler(logging.Handler):
-    def __init__(self, log: Callable[[str], None]):
-        super().__init__(logging.INFO)
-        self.log = log
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.log(f"  {record.getMessage()}")

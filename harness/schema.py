@@ -11,7 +11,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
@@ -225,6 +225,40 @@ class RuntimeSpec(StrictModel):
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
     on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
 
+def _check_matrix(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    from harness.overrides import KEY_PATH
+
+    for key, values in value.items():
+        if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
+            raise FieldError(f"matrix.{key}", "must be a key path of the spec (not name, matrix or sweep_criteria)")
+        if not values:
+            raise FieldError(f"matrix.{key}", "needs at least one value")
+        for other in value:
+            if other != key and other.startswith(key + "."):
+                raise FieldError(f"matrix.{other}", f"lies inside matrix key {key!r}: set it in that key's values")
+    if math.prod(len(values) for values in value.values()) > MAX_POINTS:
+        raise FieldError("matrix", f"more than {MAX_POINTS} points")
+    return value
+
+
+Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
+"""See `Spec.matrix`."""
+
+
+def _check_sweep_criteria(spec: "Spec") -> None:
+    """Sweep criteria name sweep statistics: `sweep.` then a criterion or a statistic of a point."""
+    from harness.stages.criteria import check_criterion
+
+    if spec.sweep_criteria and not spec.matrix:
+        raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
+    words = spec.statistic_vocabulary() | SWEEP_KEYWORDS | {word for name in spec.criteria for word in name.split(".")}
+    for name, expr in spec.sweep_criteria.items():
+        try:
+            check_criterion(expr, words)
+        except ValueError as exc:
+            raise FieldError(f"sweep_criteria.{name}", str(exc)) from None
+
+
 class Spec(StrictModel):
     """One experiment."""
 
@@ -247,33 +281,10 @@ class Spec(StrictModel):
     1-100 letters, digits, `_`, `-` or `.`: each prints on one result line and in RESULTS.md."""
     report: ReportSpec = ReportSpec()
     runtime: RuntimeSpec = RuntimeSpec()
-    matrix: dict[str, list[Any]] = {}
-    """pytest's `parametrize`: key path (as `--set` takes it) -> the values it takes, e.g.
-    `conditions.model.generation.temperature: [0, 0.7]`. The spec runs once per point of the
-    cross product (each validated like a file), with id `<name>[<key>=<value>,...]`, and a
-    combined report compares the points."""
+    matrix: Matrix = {}
+    """pytest's `parametrize`: key path (as `--set` takes it) -> values; a run per point, one report."""
     sweep_criteria: dict[str, str] = {}
-    """Criteria over the sweep (needs a `matrix`): `sweep.<criterion>.passed_count` and
-    `.passed_fraction`, `sweep.<statistic>.min|median|max` across the points, and for every
-    statistic ending in `p` its Benjamini–Hochberg adjustment across the points,
-    `sweep.<statistic>.p_bh.min|median|max`."""
-
-    @field_validator("matrix")
-    @classmethod
-    def _matrix_keys(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        from harness.overrides import KEY_PATH
-
-        for key, values in value.items():
-            if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
-                raise FieldError(f"matrix.{key}", "must be a key path of the spec (not name, matrix or sweep_criteria)")
-            if not values:
-                raise FieldError(f"matrix.{key}", "needs at least one value")
-            for other in value:
-                if other != key and other.startswith(key + "."):
-                    raise FieldError(f"matrix.{other}", f"lies inside matrix key {key!r}: set it in that key's values")
-        if math.prod(len(values) for values in value.values()) > MAX_POINTS:
-            raise FieldError("matrix", f"more than {MAX_POINTS} points")
-        return value
+    """Criteria over the points: `sweep.<criterion>.passed_count`, `sweep.<stat>.median`, `sweep.<p>.p_bh.max`..."""
 
     @field_validator("models", "conditions")
     @classmethod
@@ -386,14 +397,7 @@ class Spec(StrictModel):
                 check_criterion(expr, self.statistic_vocabulary())
             except ValueError as exc:
                 raise FieldError(f"criteria.{crit_name}", str(exc)) from None
-        if self.sweep_criteria and not self.matrix:
-            raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
-        sweep_words = self.statistic_vocabulary() | SWEEP_KEYWORDS | {word for name in self.criteria for word in name.split(".")}
-        for crit_name, expr in self.sweep_criteria.items():
-            try:
-                check_criterion(expr, sweep_words)
-            except ValueError as exc:
-                raise FieldError(f"sweep_criteria.{crit_name}", str(exc)) from None
+        _check_sweep_criteria(self)
         return self
 
     def statistic_vocabulary(self) -> set[str]:

@@ -18,7 +18,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from harness.errors import InputError
 from harness.overrides import Override, flow
+from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import criteria as criteria_stage
@@ -148,12 +149,12 @@ def run_sweep(
     from harness import runner
 
     started = time.perf_counter()
-    with runner.logged_warnings(log):
+    with logged_warnings(log):
         plans = [
             runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id, point.run_label(tag))
             for point in sweep.points
         ]
-        keys = [runner.stage_keys(plan) for plan in plans]
+        keys = [stage_keys(plan) for plan in plans]
         for (i, a), (j, b) in itertools.combinations(enumerate(keys), 2):
             if a == b:
                 raise InputError(
@@ -171,6 +172,19 @@ def run_sweep(
 
     sweep_dir, results = write_sweep(sweep, outcomes, Path(runs_dir), tag)
     return SweepOutcome(outcomes, sweep_dir, results, time.perf_counter() - started)
+
+
+def stage_keys(plan) -> dict[str, str]:
+    """Every stage's cache key, computing nothing: each stage's output is stood in for by its
+    placeholder, so two plans with the same keys would compute the same numbers."""
+    from harness import rundir, runner
+    from harness.stages.stats import StatsStage
+
+    planning = replace(plan, executor=replace(plan.executor, planning=True, keys={}, log=lambda line: None))
+    _, measured = runner.texts_and_measures(planning)
+    planning.executor.run(StatsStage(rundir.per_sample_csv(plan.spec.layer_metric_names, measured), plan.spec))
+    return planning.executor.keys
+
 
 
 # --- sweep statistics ---------------------------------------------------------------------
