@@ -149,8 +149,10 @@ def _without_union_tags(loc: tuple) -> tuple:
 
 
 def dump_spec(spec: Spec) -> str:
-    """The resolved spec as YAML (what `validate` shows and runs/ records)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    """The resolved spec as YAML (what `validate` shows and runs/ records); a spec without a
+    matrix (a matrix point's included) says nothing of sweeps."""
+    sweepless = {"matrix", "sweep_criteria"} if not spec.matrix else None
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude=sweepless), sort_keys=False)
 
 
 def spec_json_schema() -> dict:

@@ -211,8 +211,14 @@ def test_last_failed_reruns_only_the_failed_items(swept):
 
 def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path, tiny_model_dir):
     spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {dataset.n_samples: [5, 6], stats.ddof: [0, 1]}\n")
-    result = harness_cli("validate", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0 and f"ok     {spec}  (tiny, 4 points)" in result.stdout, result.stdout + result.stderr
+    result = harness_cli("validate", str(spec), cwd=tmp_path)
+    headers = [line for line in result.stdout.splitlines() if line.startswith("# ")]
+    assert result.returncode == 0 and headers == [
+        f"# {spec}::tiny[n_samples={n},ddof={ddof}] (resolved)" for n in (5, 6) for ddof in (0, 1)], result.stdout
+    assert "\nmatrix:" not in result.stdout  # each point is an ordinary spec
+    (tmp_path / "other.yaml").write_text("extends: tiny.yaml\nname: other\nmatrix: null\n")
+    listed = harness_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert f"ok     {spec}  (tiny, 4 points)" in listed.stdout and "2 valid, 0 invalid" in listed.stdout, listed.stdout
     schema = json.loads(harness_cli("schema", cwd=tmp_path).stdout)
     for key in ("matrix", "sweep_criteria"):
         assert "description" in schema["properties"][key]
