@@ -11,7 +11,7 @@ IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 class StrictModel(BaseModel):
     """Unknown keys are errors: a typo in a spec must never be silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)  # docstrings: schema descriptions
 
 
 class FieldError(ValueError):

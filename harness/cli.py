@@ -1,4 +1,4 @@
-"""`harness` command line: run, validate, schema, compare, directions.
+"""`harness` command line: run, validate, ls, schema, compare, directions.
 
 Exit codes (pytest-style, `harness.errors.ExitCode`): 0 every criterion passed, 1 some
 criterion failed, 2 bad input or usage, 3 runtime error, 130 interrupted, 143 terminated.
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.errors import ExitCode, HarnessError, InputError
+from harness.select import keyword_matches
 
 
 def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
@@ -31,77 +32,34 @@ def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
         else:
             raise InputError(f"{path}: no such file or folder")
     if select:
-        found = [p for p in found if _selected(p.stem, select)]
+        found = [p for p in found if keyword_matches(p.stem, select)]
     return found
 
 
-def _selected(name: str, expression: str) -> bool:
-    """pytest's -k: words match as substrings of the spec's file name; `and`, `or`, `not`, ()."""
-    tokens = re.findall(r"\(|\)|[^\s()]+", expression)
-    position = 0
-
-    def peek() -> str | None:
-        return tokens[position] if position < len(tokens) else None
-
-    def take() -> str:
-        nonlocal position
-        if peek() is None:
-            raise InputError(f"-k: incomplete expression {expression!r}")
-        position += 1
-        return tokens[position - 1]
-
-    def either() -> bool:
-        value = both()
-        while peek() == "or":
-            take()
-            value = both() or value
-        return value
-
-    def both() -> bool:
-        value = single()
-        while peek() == "and":
-            take()
-            value = single() and value
-        return value
-
-    def single() -> bool:
-        token = take()
-        if token == "not":
-            return not single()
-        if token == "(":
-            value = either()
-            if take() != ")":
-                raise InputError(f"-k: unbalanced parentheses in {expression!r}")
-            return value
-        if token in ("and", "or", ")"):
-            raise InputError(f"-k: unexpected {token!r} in {expression!r}")
-        return token in name
-
-    value = either()
-    if peek() is not None:
-        raise InputError(f"-k: unexpected {peek()!r} in {expression!r}")
-    return value
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from harness.spec import dump_spec, load_spec
+    from harness.overrides import command_line
+    from harness.spec import dump_spec
+    from harness.sweep import expand
 
     files = spec_files(args.paths)
     if not files:
         raise InputError(f"{' '.join(args.paths)}: no spec files found")
+    overrides = command_line(args.set, args.limit, args.device)
     bad = 0
     for path in files:
         try:
-            spec = load_spec(path)
+            sweep = expand(path, overrides)  # a matrix: every point, validated like a file
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             bad += 1
             continue
         if args.show or len(files) == 1:
-            print(f"# {path} (resolved)")
-            print(dump_spec(spec))
+            for point in sweep.points:
+                print(f"# {path}{'::' + point.id if sweep.is_matrix else ''} (resolved)")
+                print(dump_spec(point.spec))
         else:
-            print(f"ok     {path}  ({spec.name})")
+            points = f", {len(sweep.points)} points" if sweep.is_matrix else ""
+            print(f"ok     {path}  ({sweep.name}{points})")
     print(f"{len(files) - bad} valid, {bad} invalid")
     return ExitCode.INPUT if bad else ExitCode.PASSED
 
@@ -116,7 +74,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import compare_runs
 
-    markdown = compare_runs(Path(args.run_a), Path(args.run_b))
+    markdown = compare_runs([Path(run) for run in args.runs])
     print(markdown)
     if args.output:
         from harness.artifacts import write_text
@@ -138,29 +96,64 @@ def cmd_directions(args: argparse.Namespace) -> int:
     return ExitCode.PASSED
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    from harness import listing
+
+    if args.what == "stats":
+        if len(args.paths) != 1:
+            raise InputError("ls stats: name one spec file, run folder or sweep folder")
+        rows = listing.stats(Path(args.paths[0]))
+    elif args.what == "specs":
+        rows = listing.specs(spec_files(args.paths or ["specs"]))
+    else:
+        if args.paths:
+            raise InputError(f"ls {args.what}: takes no path")
+        rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites}[args.what]()
+    print("\n".join(rows))
+    return ExitCode.PASSED
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.overrides import command_line
     from harness.stages.criteria import format_result, summary_line
-    from harness.spec import load_spec
+    from harness.sweep import expand
     from harness.writing import check_writable_folder, disk_errors_named
 
     files = spec_files(args.paths, args.select)
     if not files:
         raise InputError(f"{' '.join(args.paths)}: no spec files selected")
-    for path in files:  # every spec must be valid before anything runs or is written
-        load_spec(path)
+    overrides = command_line(args.set, args.limit, args.device)
+    sweeps = [expand(path, overrides) for path in files]  # every spec and point valid before anything runs
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
     if os.environ.get("HARNESS_CACHE_DIR"):
         check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
 
     from harness.runner import run_spec
+    from harness.sweep import run_sweep
+
+    def report(header: str, outcome) -> None:
+        print(f"\n{header}  →  {outcome.run_dir}")
+        for result in outcome.results:
+            print(format_result(result))
+
+    def report_point(point, outcome) -> None:
+        if outcome.run_dir is not None:  # None: a helper process under accelerate launch
+            report(point.id, outcome)
 
     _quiet_libraries()
     outcomes, totals, worst = [], [], ExitCode.PASSED
-    for path in files:
+    for sweep in sweeps:
+        path = sweep.path
+        if args.exitfirst and worst != ExitCode.PASSED:
+            print(f"\nstopped after the first failure (-x): {path} and the specs after it not run")
+            break
         try:
             with disk_errors_named(runs_dir):
-                outcome = run_spec(path, runs_dir, use_cache=not args.no_cache)
+                if sweep.is_matrix:
+                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
+                else:
+                    outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
         except InputError:
             raise
         except HarnessError as exc:
@@ -171,19 +164,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         if outcome.run_dir is None:  # a helper process under accelerate launch
             continue
-        print(f"\n{path}  →  {outcome.run_dir}")
-        for result in outcome.results:
-            print(format_result(result))
-        print(f"{summary_line(outcome.results)} in {outcome.seconds:.1f}s")
-        outcomes.append((path, outcome))
-        totals.extend(outcome.results)
-        worst = max(worst, outcome.exit_code)
+        if sweep.is_matrix:
+            report(f"{path}: sweep of {len(sweep.points)} points", outcome)
+            results = outcome.all_results
+            outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
+        else:
+            report(str(path), outcome)
+            results = outcome.results
+            outcomes.append((path, outcome))
+        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
+        totals.extend(results)
+        worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
     if args.junitxml:
         from harness.junit import write_junit
 
         write_junit(Path(args.junitxml), outcomes)
     if len(files) > 1:
-        print(f"\n{len(outcomes)} specs run")
+        print(f"\n{len(outcomes)} specs and points run")
         print(summary_line(totals))
     return worst
 
@@ -196,29 +193,59 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+ENVIRONMENT = {
+    "HARNESS_CACHE_DIR": "the stage cache (default: <runs dir>/.cache)",
+    "HARNESS_MODEL_CACHE": "converted GGUF weights and file hashes (default: ~/.cache/harness)",
+    "HARNESS_DEBUG": "1: print the traceback of an unexpected error",
+}
+"""Environment variables the harness reads, listed in `harness --help`."""
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """--set/--limit/--device: what `run` and `validate` apply over every spec."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="set a spec key (YAML value; repeatable), e.g. conditions.model.generation.temperature=0.7")
+    parser.add_argument("--limit", type=int, metavar="N", help="shorthand for --set dataset.n_samples=N")
+    parser.add_argument("--device", help="placement of every model (models.*.device_map), e.g. cpu or cuda:0")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    import harness
+
+    parser = argparse.ArgumentParser(
+        prog="harness", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment variables:\n" + "\n".join(f"  {name:<22}{text}" for name, text in ENVIRONMENT.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"harness {harness.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run specs (files or folders) and check their criteria")
     run.add_argument("paths", nargs="+")
     run.add_argument("-k", dest="select", help="only specs whose name matches (substrings, `or`, `not`)")
+    run.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first spec with a failed criterion or error")
+    run.add_argument("--tag", type=_tag, help="name the run: its folder is runs/<name>/<time>-<tag>")
+    _add_overrides(run)
     run.add_argument("--no-cache", action="store_true", help="recompute every stage")
     run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
     run.add_argument("--junitxml", help="also write criteria results as JUnit XML")
     run.set_defaults(handler=cmd_run)
 
-    validate = commands.add_parser("validate", help="parse and validate specs; run nothing")
+    validate = commands.add_parser("validate", help="parse and validate specs (every matrix point); run nothing")
     validate.add_argument("paths", nargs="+")
     validate.add_argument("--show", action="store_true", help="print each resolved spec")
+    _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
+
+    ls = commands.add_parser("ls", help="list specs, metrics, condition sources, capture sites, or statistic names")
+    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "stats"])
+    ls.add_argument("paths", nargs="*", help="specs: files or folders (default: specs/); stats: a spec, run or sweep folder")
+    ls.set_defaults(handler=cmd_ls)
 
     schema = commands.add_parser("schema", help="print the spec's JSON Schema")
     schema.set_defaults(handler=cmd_schema)
 
-    compare = commands.add_parser("compare", help="key statistics of two runs side by side")
-    compare.add_argument("run_a")
-    compare.add_argument("run_b")
+    compare = commands.add_parser("compare", help="key statistics of runs (or a sweep folder's points) side by side")
+    compare.add_argument("runs", nargs="+", help="run folders or sweep folders")
     compare.add_argument("-o", "--output", help="also write the markdown table here")
     compare.set_defaults(handler=cmd_compare)
 
@@ -236,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     directions.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     directions.set_defaults(handler=cmd_directions)
     return parser
+
+
+def _tag(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=,-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: 1 to 64 letters, digits, '_', '.', '=', ',' or '-'")
+    return text
 
 
 def _terminate(signum, frame) -> None:

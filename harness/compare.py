@@ -1,4 +1,4 @@
-"""`harness compare RUN_A RUN_B`: the key statistics of two runs side by side."""
+"""`harness compare RUN_A RUN_B ...`: the key statistics of runs (or a sweep's points) side by side."""
 
 from __future__ import annotations
 
@@ -24,23 +24,37 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return read_stats(run_dir), read_criteria(run_dir)
 
 
-def compare_runs(run_a: Path, run_b: Path) -> str:
-    """Markdown: one row per key statistic present in either run, then the criteria outcomes."""
-    stats_a, criteria_a = _load_run(run_a)
-    stats_b, criteria_b = _load_run(run_b)
-    names = [n for n in dict.fromkeys([*stats_a, *stats_b]) if KEY_STATISTICS.match(n)]
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders named: a sweep folder stands for its points' runs."""
+    from harness.sweep_report import is_sweep_dir, point_runs
+
+    return [run for path in paths for run in (point_runs(path) if is_sweep_dir(path) else [path])]
+
+
+def compare_runs(paths: list[Path]) -> str:
+    """Markdown: one row per key statistic present in any run (a column per run, and B − A for
+    two), then the criteria outcomes."""
+    runs = run_folders(paths)
+    if len(runs) < 2:
+        raise InputError(f"{paths[0]}: compare needs two runs or a sweep folder with two points or more")
+    loaded = [_load_run(run) for run in runs]
+    names = [n for n in dict.fromkeys(name for stats, _ in loaded for name in stats) if KEY_STATISTICS.match(n)]
+    letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(runs))]
+    pair = len(runs) == 2
     lines = [
-        f"| statistic | A: {run_a} | B: {run_b} | B − A |",
-        "|---|---:|---:|---:|",
+        "| statistic |" + "".join(f" {letter}: {run} |" for letter, run in zip(letters, runs)) + (" B − A |" if pair else ""),
+        "|---|" + "---:|" * (len(runs) + pair),
     ]
     for name in names:
-        a, b = stats_a.get(name), stats_b.get(name)
-        delta = b - a if a is not None and b is not None else None
-        lines.append(f"| {name} | {format_number(a)} | {format_number(b)} | {format_number(delta)} |")
-    lines += ["", "| criterion | A | B |", "|---|---|---|"]
-    outcome_a = {c["name"]: c["passed"] for c in criteria_a}
-    outcome_b = {c["name"]: c["passed"] for c in criteria_b}
+        values = [stats.get(name) for stats, _ in loaded]
+        cells = [format_number(value) for value in values]
+        if pair:
+            a, b = values
+            cells.append(format_number(b - a if a is not None and b is not None else None))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| criterion |" + "".join(f" {letter} |" for letter in letters), "|---|" + "---|" * len(runs)]
+    outcomes = [{c["name"]: c["passed"] for c in criteria} for _, criteria in loaded]
     word = {True: "PASSED", False: "FAILED", None: "—"}
-    for name in dict.fromkeys([*outcome_a, *outcome_b]):
-        lines.append(f"| {name} | {word[outcome_a.get(name)]} | {word[outcome_b.get(name)]} |")
+    for name in dict.fromkeys(name for outcome in outcomes for name in outcome):
+        lines.append(f"| {name} | " + " | ".join(word[outcome.get(name)] for outcome in outcomes) + " |")
     return "\n".join(lines)

@@ -60,6 +60,12 @@ class Stage:
         """The detail at the end of the stage's log line."""
         return ""
 
+    def placeholder(self, key: str) -> Any:
+        """What stands in for the output in a plan that only computes cache keys (`Executor.planning`):
+        the output's shape with every text or number derived from `key`, so each later stage's key
+        differs exactly when this one's does."""
+        raise NotImplementedError
+
 
 @dataclass
 class CompiledCalls:
@@ -116,10 +122,14 @@ class Executor:
     """Per stage: its cache key."""
     header: str = ""
     """Logged with the first stage line, so a bad input found by the first stage prints only its error."""
+    planning: bool = False
+    """Compute every stage's key and nothing else: `run` returns the stage's placeholder."""
 
     def run(self, stage: Stage) -> Any:
         key = content_hash({"v": stage.version, **stage.inputs()})
         self.keys[stage.name] = key
+        if self.planning:
+            return stage.placeholder(key)
         resumed = 0
         with self.timed(stage.name):
             output = self.cache.get(stage.kind, key)

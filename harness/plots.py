@@ -42,6 +42,23 @@ def effect_by_layer(effect: pd.DataFrame, metric: str, comparison: str, path: Pa
     return _save(fig, path)
 
 
+def effect_by_relative_depth(effects: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Per-layer paired Cohen's d against relative depth (layer / number of layers), a line per
+    sweep point, so models of different depth share one axis. ``effects`` has columns point,
+    relative_depth, d."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
+    for point, rows in effects.groupby("point", sort=False):
+        ax.plot(rows["relative_depth"], rows["d"], marker="o", markersize=3, label=point)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("relative depth (layer / number of layers)")
+    ax.set_ylabel(f"paired Cohen's d ({metric})")
+    ax.set_title(f"{metric}: effect size by relative depth")
+    ax.grid(alpha=0.3)
+    ax.legend(title="point", fontsize="small")
+    return _save(fig, path)
+
+
 def means_by_layer(means: pd.DataFrame, metric: str, path: Path) -> Path:
     """Per-layer mean of the metric, a line per condition. ``means`` has columns condition, layer, mean."""
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")

@@ -1,6 +1,7 @@
 """pytest plugin: `pytest specs/gemma3-270m.yaml` runs the experiment, one test per criterion.
 
-Registered through the `pytest11` entry point. A YAML file is collected when it is a spec
+Registered through the `pytest11` entry point. A spec with a `matrix:` gives one node per
+point (`spec.yaml::name[temperature=0.7]::criterion`) and one for its sweep criteria. A YAML file is collected when it is a spec
 (it has `conditions` or `extends`) or does not parse at all, and pytest was pointed at it or
 at its folder; a spec that does not load is a collection error with the one line `harness
 validate` prints, and never stops its siblings from being collected. The experiment runs
@@ -40,19 +41,26 @@ class SpecError(Exception):
 
 
 class SpecFile(pytest.File):
-    """A spec file: its criteria are the tests."""
+    """A spec file: its criteria are the tests; with a matrix, one node per point (its criteria
+    below it, ids `file::name[key=value]::criterion`) and a `sweep` node for the sweep criteria."""
 
     outcome = None
 
     def collect(self):
-        from harness.spec import load_spec
+        from harness.sweep import expand
 
         try:
-            spec = load_spec(self._as_typed())
+            self.sweep = expand(self._as_typed())
         except HarnessError as exc:
             raise self.CollectError(f"error: {exc}") from None
-        for name in spec.criteria:
-            yield CriterionItem.from_parent(self, name=name)
+        if not self.sweep.is_matrix:
+            for name in self.sweep.points[0].spec.criteria:
+                yield CriterionItem.from_parent(self, name=name)
+            return
+        self.points = [PointNode.from_parent(self, name=point.id, point=point) for point in self.sweep.points]
+        yield from self.points
+        if self.sweep.criteria:
+            yield SweepNode.from_parent(self, name="sweep")
 
     def _as_typed(self) -> Path:
         """The path as `harness validate` names it when given this folder: relative to the working dir."""
@@ -61,20 +69,73 @@ class SpecFile(pytest.File):
         except ValueError:
             return self.path
 
-    def run_once(self):
-        if self.outcome is None:
-            from harness.runner import run_spec
-            from harness.writing import check_writable_folder
+    def runs_dir(self) -> Path:
+        from harness.writing import check_writable_folder
 
-            runs_dir = Path(self.config.getoption("harness_runs_dir"))
-            try:
-                check_writable_folder(runs_dir, "--harness-runs-dir")
-                self.outcome = run_spec(self.path, runs_dir)
-            except HarnessError as exc:
-                self.outcome = exc
-        if isinstance(self.outcome, Exception):
-            raise SpecError(str(self.outcome))
-        return self.outcome
+        runs_dir = Path(self.config.getoption("harness_runs_dir"))
+        check_writable_folder(runs_dir, "--harness-runs-dir")
+        return runs_dir
+
+    def run_once(self):
+        """The spec's run (a spec without a matrix), run when its first criterion is checked."""
+        return _once(self, lambda: _run_point(self, self.sweep.points[0]))
+
+
+class PointNode(pytest.Collector):
+    """One point of a matrix spec: its run, and its criteria as items."""
+
+    outcome = None
+
+    def __init__(self, *, point, **kwargs):
+        super().__init__(**kwargs)
+        self.point = point
+
+    def collect(self):
+        for name in self.point.spec.criteria:
+            yield CriterionItem.from_parent(self, name=name)
+
+    def run_once(self):
+        return _once(self, lambda: _run_point(self.parent, self.point))
+
+
+class SweepNode(pytest.Collector):
+    """The sweep criteria of a matrix spec: every point runs (once), then the sweep folder is written."""
+
+    outcome = None
+
+    def collect(self):
+        for name in self.parent.sweep.criteria:
+            yield CriterionItem.from_parent(self, name=name)
+
+    def run_once(self):
+        def run_sweep():
+            from harness.sweep import SweepOutcome
+            from harness.sweep_report import write_sweep
+
+            spec_file = self.parent
+            outcomes = [(node.point, node.run_once()) for node in spec_file.points]
+            sweep_dir, results = write_sweep(spec_file.sweep, outcomes, spec_file.runs_dir())
+            return SweepOutcome(outcomes, sweep_dir, results, sum(outcome.seconds for _, outcome in outcomes))
+
+        return _once(self, run_sweep)
+
+
+def _run_point(spec_file: SpecFile, point):
+    from harness.runner import run_spec
+
+    return run_spec(spec_file.path, spec_file.runs_dir(), overrides=point.overrides, point=point if point.values else None)
+
+
+def _once(node, run):
+    """`node.outcome`: the run's outcome, or the error it ended in (raised as SpecError on every item)."""
+    if node.outcome is None:
+        try:
+            node.outcome = run()
+        except HarnessError as exc:
+            node.outcome = exc
+    if isinstance(node.outcome, Exception):
+        raise SpecError(str(node.outcome))
+    return node.outcome
 
 
 class CriterionFailed(Exception):
@@ -98,6 +159,27 @@ class CriterionItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, self.name
+
+
+_KEYWORD = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest's -k grammar has no `=`, which a matrix point's id has (`temperature=0.7`): such an
+    # expression is matched here instead, with the same words (substrings, and/or/not) on node ids
+    if "=" in (config.option.keyword or ""):
+        config.stash[_KEYWORD] = config.option.keyword
+        config.option.keyword = ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    expression = config.stash.get(_KEYWORD, None)
+    if expression:
+        from harness.select import keyword_matches
+
+        selected = [item for item in items if keyword_matches(item.nodeid, expression)]
+        config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+        items[:] = selected
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -18,20 +18,23 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import number, read_json, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import content_hash, number, read_json, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
 from harness.errors import InputError
 from harness.schema import Spec
 from harness.spec import dump_spec
+
+if TYPE_CHECKING:
+    from harness.runner import Plan
 
 FORMAT_VERSION = 1
 """Version of the run-folder format (the manifest's `format_version`)."""
@@ -86,6 +89,37 @@ class Manifest(StrictModel):
     directions: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per direction set: its file, tensor key, sha256, shape and the file's metadata (for a
     file written by `harness directions`: the run, conditions and samples that built it)."""
+    overrides: list[str] = Field(default_factory=list)
+    """Settings from the command line (`--set`, `--limit`, `--device`) and a matrix point's
+    values, as written, in the order they were applied."""
+    point: str | None = None
+    """The matrix point this run is (`name[key=value,...]`), or None."""
+
+
+def build_manifest(plan: Plan, run_id: str) -> Manifest:
+    """The manifest of a run of `plan`, as its folder `run_id` records it."""
+    spec, executor = plan.spec, plan.executor
+    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
+    return Manifest(
+        harness_version=harness.__version__,
+        spec_name=spec.name,
+        spec_file=str(absolute),
+        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
+        spec_hash=content_hash(spec.model_dump(mode="json")),
+        run_id=run_id,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+        packages=package_versions(),
+        models=plan.pool.provenance(),
+        processes=executor.shard.world,
+        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
+        cache_keys=dict(executor.keys),
+        timings=dict(executor.timings),
+        cache=dict(executor.reuse),
+        directions={name: direction.record() for name, direction in plan.directions.items()},
+        overrides=[override.origin for override in plan.overrides],
+        point=plan.point,
+    )
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -94,11 +128,11 @@ class Manifest(StrictModel):
 class RunFolder:
     """A run folder being assembled: `path` to write into, then `commit` or `discard`."""
 
-    def __init__(self, runs_dir: Path, spec_name: str):
+    def __init__(self, runs_dir: Path, spec_name: str, label: str | None = None):
         self.parent = Path(runs_dir) / spec_name
         self.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.parent)
-        stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S"), 1
+        stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""), 1
         while True:
             self.run_id = stamp if suffix == 1 else f"{stamp}-{suffix}"
             self.path = self.parent / f".{self.run_id}.partial"

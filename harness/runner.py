@@ -10,27 +10,28 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import harness
 from harness import rundir
-from harness.artifacts import content_hash, number
+from harness.artifacts import number
 from harness.cache import StageCache
 from harness.directions import DirectionSet, held_out_columns, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
+from harness.overrides import Override
 from harness.pool import ModelPool
+from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
+from harness.sweep import Point
 from harness.templates import find_template
 from harness.writing import check_writable_folder
 
@@ -58,11 +59,17 @@ class Plan:
     pool: ModelPool
     directions: dict[str, DirectionSet] = field(default_factory=dict)
     """The spec's direction sets, read and checked against the capture model."""
+    overrides: tuple[Override, ...] = ()
+    """Command-line settings (and a matrix point's values), recorded in the manifest."""
+    point: str | None = None
+    """The matrix point's id (`name[key=value,...]`); `label` ends the run id (a --tag, a point's values)."""
+    label: str | None = None
 
 
-def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None]) -> Plan:
+def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
+            overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None) -> Plan:
     """Every check that can fail on the user's input, before anything runs or is written."""
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides, point=point is not None)
     template = find_template(spec, spec_path)
     cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
     check_writable_folder(runs_dir, "--runs-dir")
@@ -86,7 +93,7 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     executor.header = (
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
-    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions)
+    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
 
 
 def models_used(spec: Spec) -> set[str]:
@@ -95,22 +102,32 @@ def models_used(spec: Spec) -> set[str]:
     }
 
 
-def execute(plan: Plan, started: float) -> RunOutcome:
+def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """The data, conditions and capture stages: every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
     texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
-    measured = measure(plan, texts)
+    return texts, measure(plan, texts)
+
+
+def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
+    """per_sample.csv: what the stats stage reads."""
+    names = plan.spec.layer_metric_names + plan.spec.window_metric_names
+    return rundir.per_sample_csv(names, measured, held_out_columns(plan.spec, plan.directions))
+
+
+def execute(plan: Plan, started: float) -> RunOutcome:
+    spec, executor = plan.spec, plan.executor
+    texts, measured = texts_and_measures(plan)
     if executor.shard.rank != 0:
         return RunOutcome(None, [], time.perf_counter() - started)
 
-    folder = rundir.RunFolder(plan.runs_dir, spec.name)
+    folder = rundir.RunFolder(plan.runs_dir, spec.name, plan.label)
     try:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
             rundir.write_texts(folder.path, texts, measured)
-            table = rundir.per_sample_csv(
-                spec.layer_metric_names + spec.window_metric_names, measured, held_out_columns(spec, plan.directions)
-            )
+            table = per_sample_table(plan, measured)
             rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])
@@ -119,7 +136,7 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         rundir.write_stats(folder.path, statistics)
         results = criteria.evaluate_criteria(spec.criteria, statistics)
         rundir.write_criteria(folder.path, criteria.to_json(results))
-        manifest = build_manifest(plan, folder.run_id)
+        manifest = rundir.build_manifest(plan, folder.run_id)
         rundir.write_manifest(folder.path, manifest)
         with executor.timed("report"):
             render_report(folder.path, plan.template)
@@ -150,49 +167,18 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
     }
 
 
-def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
-    spec, executor = plan.spec, plan.executor
-    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
-    return rundir.Manifest(
-        harness_version=harness.__version__,
-        spec_name=spec.name,
-        spec_file=str(absolute),
-        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
-        spec_hash=content_hash(spec.model_dump(mode="json")),
-        run_id=run_id,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        git_commit=rundir.git_commit(),
-        packages=rundir.package_versions(),
-        models=plan.pool.provenance(),
-        processes=executor.shard.world,
-        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
-        cache_keys=dict(executor.keys),
-        timings=dict(executor.timings),
-        cache=dict(executor.reuse),
-        directions={name: direction.record() for name, direction in plan.directions.items()},
-    )
-
-
 def run_spec(
     spec_path: Path,
     runs_dir: Path = Path("runs"),
     use_cache: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    overrides: Sequence[Override] = (),
+    tag: str | None = None,
+    point: Point | None = None,
 ) -> RunOutcome:
-    """Run one spec end to end; returns the criteria results and the run folder."""
+    """Run one spec (a matrix's `point`; harness.sweep runs a whole matrix) end to end; returns the results and run folder."""
     started = time.perf_counter()
-    handler = _LogHandler(log)  # a stage's warnings (an out-of-memory retry, say) go to the run log
-    logging.getLogger("harness").addHandler(handler)
-    try:
-        return execute(collect(Path(spec_path), Path(runs_dir), use_cache, log), started)
-    finally:
-        logging.getLogger("harness").removeHandler(handler)
-
-
-class _LogHandler(logging.Handler):
-    def __init__(self, log: Callable[[str], None]):
-        super().__init__(logging.INFO)
-        self.log = log
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.log(f"  {record.getMessage()}")
+    with logged_warnings(log):
+        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id,
+                       point.run_label(tag) if point else tag)
+        return execute(plan, started)

@@ -7,19 +7,23 @@ naming the file and field.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.stages.sites import DEFAULT_SITE, SITES, metric_columns
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, TEXT_METRIC_NAMES, WINDOW_SCOPE, window_name
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, WINDOW_SCOPE, window_name
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
+
+MAX_POINTS = 256
+"""Points of a matrix at most: each is a run; a mistyped list should not start thousands."""
 
 
 class GGUFSource(StrictModel):
@@ -264,6 +268,40 @@ class DirectionSpec(StrictModel):
     direction on samples it has not seen."""
 
 
+def _check_matrix(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    from harness.overrides import KEY_PATH
+
+    for key, values in value.items():
+        if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
+            raise FieldError(f"matrix.{key}", "must be a key path of the spec (not name, matrix or sweep_criteria)")
+        if not values:
+            raise FieldError(f"matrix.{key}", "needs at least one value")
+        for other in value:
+            if other != key and other.startswith(key + "."):
+                raise FieldError(f"matrix.{other}", f"lies inside matrix key {key!r}: set it in that key's values")
+    if math.prod(len(values) for values in value.values()) > MAX_POINTS:
+        raise FieldError("matrix", f"more than {MAX_POINTS} points")
+    return value
+
+
+Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
+"""See `Spec.matrix`."""
+
+
+def _check_sweep_criteria(spec: "Spec") -> None:
+    """Sweep criteria name sweep statistics: `sweep.` then a criterion or a statistic of a point."""
+    from harness.stages.criteria import check_criterion
+
+    if spec.sweep_criteria and not spec.matrix:
+        raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
+    words = spec.statistic_vocabulary() | SWEEP_KEYWORDS | {word for name in spec.criteria for word in name.split(".")}
+    for name, expr in spec.sweep_criteria.items():
+        try:
+            check_criterion(expr, words)
+        except ValueError as exc:
+            raise FieldError(f"sweep_criteria.{name}", str(exc)) from None
+
+
 class Spec(StrictModel):
     """One experiment."""
 
@@ -291,6 +329,10 @@ class Spec(StrictModel):
     1-100 letters, digits, `_`, `-` or `.`: each prints on one result line and in RESULTS.md."""
     report: ReportSpec = ReportSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    matrix: Matrix = {}
+    """pytest's `parametrize`: key path (as `--set` takes it) -> values; a run per point, one report."""
+    sweep_criteria: dict[str, str] = {}
+    """Criteria over the points: `sweep.<criterion>.passed_count`, `sweep.<stat>.median`, `sweep.<p>.p_bh.max`..."""
 
     @field_validator("models", "conditions")
     @classmethod
@@ -302,7 +344,7 @@ class Spec(StrictModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("criteria")
+    @field_validator("criteria", "sweep_criteria")
     @classmethod
     def _criterion_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
@@ -404,6 +446,7 @@ class Spec(StrictModel):
                 check_criterion(expr, self.statistic_vocabulary())
             except ValueError as exc:
                 raise FieldError(f"criteria.{crit_name}", str(exc)) from None
+        _check_sweep_criteria(self)
         return self
 
     def statistic_vocabulary(self) -> set[str]:

@@ -9,13 +9,14 @@ field it is about.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from pydantic import ValidationError
 
 from harness.base import FieldError
 from harness.errors import InputError
+from harness.overrides import Override, apply
 from harness.schema import Spec
 from harness.stages.conditions import SOURCES
 from harness.templates import find_template
@@ -100,31 +101,46 @@ def _anchor_paths(data: dict, folder: Path) -> None:
             entry["path"] = str(folder / entry["path"])
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Load and validate a spec; raise InputError with one line naming file and field."""
+def load_spec(path: str | Path, overrides: Sequence[Override] = (), point: bool = False) -> Spec:
+    """Load and validate a spec; raise InputError with one line naming file and field.
+
+    `overrides` are set over the resolved file (`harness.overrides`); an error they cause
+    names the override. `point`: the spec of one point of the file's matrix (its values are
+    among `overrides`): `matrix` and `sweep_criteria` belong to the sweep, not to the point.
+    """
     path = Path(path)
     data, extended = _read_yaml(path, ())
+    data = apply(data, overrides)
+    if point:
+        data = {key: value for key, value in data.items() if key not in ("matrix", "sweep_criteria")}
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()  # of a union's failed branches, the deepest error says most
-        err = max((e for e in errors if e["loc"][:2] == errors[0]["loc"][:2]), key=lambda e: len(e["loc"]))
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, FieldError):
-            raise InputError(f"{path}: {ctx_error.field}: {ctx_error}") from None
-        field = ".".join(str(p) for p in _without_union_tags(err["loc"]) if "[" not in str(p)) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
-            field += ".source"
-            known = ", ".join(SOURCES)
-            message = f"missing: one of {known}" if err["type"] == "union_tag_not_found" else (
-                f"must be one of {known}, not {err['input'].get('source')!r}"
-            )
-        raise InputError(f"{path}: {field}: {message}") from None
+        field, message = _first_error(exc)
+        culprit = next((o.origin + ": " for o in reversed(overrides) if o.touches(field)), "")
+        raise InputError(f"{path}: {culprit}{field}: {message}") from None
     find_template(spec, path, extended)  # a spec is data: its template must not be code from elsewhere
     return spec
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    """The field (dotted) and message of a validation error, as one line says it."""
+    errors = exc.errors()  # of a union's failed branches, the deepest error says most
+    err = max((e for e in errors if e["loc"][:2] == errors[0]["loc"][:2]), key=lambda e: len(e["loc"]))
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, FieldError):
+        return ctx_error.field, str(ctx_error)
+    field = ".".join(str(p) for p in _without_union_tags(err["loc"]) if "[" not in str(p)) or "(top level)"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        field += ".source"
+        known = ", ".join(SOURCES)
+        message = f"missing: one of {known}" if err["type"] == "union_tag_not_found" else (
+            f"must be one of {known}, not {err['input'].get('source')!r}"
+        )
+    return field, message
 
 
 def _without_union_tags(loc: tuple) -> tuple:
@@ -135,8 +151,10 @@ def _without_union_tags(loc: tuple) -> tuple:
 
 
 def dump_spec(spec: Spec) -> str:
-    """The resolved spec as YAML (what `validate` shows and runs/ records)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    """The resolved spec as YAML (what `validate` shows and runs/ records); a spec without a
+    matrix (a matrix point's included) says nothing of sweeps."""
+    sweepless = {"matrix", "sweep_criteria"} if not spec.matrix else None
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude=sweepless), sort_keys=False)
 
 
 def spec_json_schema() -> dict:

@@ -60,3 +60,13 @@ def window_name(start: int, end: int) -> str:
 
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""
+
+SWEEP = "sweep"
+"""First word of every sweep-level statistic (`sweep_criteria:` of a spec with a `matrix:`)."""
+SWEEP_CRITERION_STATS = ("passed_count", "passed_fraction")
+"""Per point criterion: `sweep.<criterion>.passed_count`, `.passed_fraction`."""
+SWEEP_SUMMARIES = ("min", "median", "max")
+"""Per statistic across the points: `sweep.<statistic>.min`, ..."""
+SWEEP_ADJUSTED_P = "p_bh"
+"""Per `…p` statistic, Benjamini–Hochberg adjusted across the points: `sweep.<statistic>.p_bh.max`, ..."""
+SWEEP_KEYWORDS: frozenset[str] = frozenset({SWEEP, SWEEP_ADJUSTED_P, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES})

@@ -264,6 +264,12 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "criterion_name_newline": "criteria: name 'smoother\\nPASSED all' must be 1 to 100 letters",
     "criterion_name_html": "criteria: name '<script>alert(1)</script>' must be 1 to 100 letters",
     "criterion_name_too_long": "criteria: name 'nnnnnnnn",
+    # sweeps: every matrix point is validated like a file, its error names the key and value
+    "matrix_bad_point": "matrix: conditions.model.generation.temperature=-1: conditions.model.generation.temperature: Input should be greater than or equal to 0",
+    "matrix_empty_values": "matrix.conditions.model.generation.temperature: needs at least one value",
+    "matrix_unknown_key": "matrix: conditions.model.generation.temprature=0: conditions.model.generation.temprature: unknown key",
+    "sweep_criterion_unknown_name": "sweep_criteria.replicates: unknown name 'p_fdr'",
+    "sweep_criteria_without_matrix": "sweep_criteria: needs a matrix",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):

@@ -340,3 +340,8 @@ def summary_line(results: list[CriterionResult]) -> str:
 def to_json(results: list[CriterionResult]) -> list[dict]:
     """criteria.json rows: name, expr, passed, values, error (None for a statistic not computed)."""
     return [asdict(result) for result in results]
+
+
+def from_json(row: dict) -> CriterionResult:
+    """A criteria.json row read back."""
+    return CriterionResult(row["name"], row["expr"], bool(row["passed"]), row["values"], row.get("error"))

@@ -185,3 +185,6 @@ class DataStage(Stage):
 
     def describe(self, output: list[dict]) -> str:
         return f"{len(output)} samples"
+
+    def placeholder(self, key: str) -> list[dict]:
+        return [Sample(i, i, f"{key}:{i}:prompt", f"{key}:{i}:human", 0).to_dict() for i in range(self.spec.dataset.n_samples)]

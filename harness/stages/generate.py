@@ -265,6 +265,9 @@ class GenerateStage(Stage):
     def check(self, output: list[dict]) -> str | None:
         return None if len(output) == len(self.prompts) else f"{len(output)} continuations for {len(self.prompts)} prompts"
 
+    def placeholder(self, key: str) -> list[dict]:
+        return [{"response": f"{key}:{i}", "n_new_tokens": 0, "stopped_early": False} for i in range(len(self.prompts))]
+
     def describe(self, output: list[dict]) -> str:
         computed = f", batches of {self.batch_size}, {self.report.summary()}" if self.report.run_seconds or self.report.graphs else ""
         return f"{self.alias}, {len(output)} continuations{computed}"

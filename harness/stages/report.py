@@ -20,7 +20,7 @@ from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.rundir import RunRecord, load_run, write_report
 from harness.schema import Comparison
-from harness.stages.criteria import CriterionResult, outcome, summary_line
+from harness.stages.criteria import from_json, outcome, summary_line
 from harness.statnames import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, TEXT_METRIC_NAMES
 from harness.templates import explicit_template, find_template, render_template
 
@@ -166,7 +166,7 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "conditions": list(spec.conditions),
         "primary": {"name": name, "a": comparison.a, "b": comparison.b},
         "criteria": _criteria(run.criteria),
-        "criteria_summary": summary_line([_criterion(row) for row in run.criteria]),
+        "criteria_summary": summary_line([from_json(row) for row in run.criteria]),
         "summary_rows": _summary_rows(run, name),
         "correlations": _correlation_rows(run, name, comparison),
         "layer_rows": layer_rows(run),
@@ -188,13 +188,9 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
     }
 
 
-def _criterion(row: dict) -> CriterionResult:
-    return CriterionResult(row["name"], row["expr"], bool(row["passed"]), row["values"], row.get("error"))
-
-
 def _criteria(rows: list[dict]) -> list[dict]:
     return [
-        {"outcome": outcome(_criterion(row)), "name": row["name"], "expr": row["expr"],
+        {"outcome": outcome(from_json(row)), "name": row["name"], "expr": row["expr"],
          "stat_values": row["values"], "error": row.get("error")}
         for row in rows
     ]
@@ -469,7 +465,8 @@ def _control_threat(run: RunRecord) -> dict:
 
 def _manifest(manifest: dict) -> dict:
     """The manifest fields the report shows (a missing one is None), and per stage its time and cache use."""
-    keys = ("harness_version", "spec_file", "spec_hash", "run_id", "started", "git_commit", "models", "packages")
+    keys = ("harness_version", "spec_file", "spec_hash", "run_id", "started", "git_commit", "models", "packages",
+            "overrides", "point")
     timings, cache = manifest.get("timings") or {}, manifest.get("cache") or {}
     stages = [{"stage": stage, "seconds": timings.get(stage), "cache": cache.get(stage)} for stage in {**timings, **cache}]
     return {**{key: manifest.get(key) for key in keys}, "stages": stages}

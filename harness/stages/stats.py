@@ -452,3 +452,6 @@ class StatsStage(Stage):
 
     def describe(self, output: dict) -> str:
         return f"{len(output)} statistics"
+
+    def placeholder(self, key: str) -> dict:
+        return {}

@@ -1,0 +1,107 @@
+"""`harness ls`: what a spec may name, without reading the README or a stats.json.
+
+`ls stats` of a spec runs the stats stage's own code on a small synthetic table shaped like
+the spec's run (its conditions, metrics, comparisons), so the names listed are the names a
+run writes; per-layer names are shown once, as `layer<N>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.errors import InputError
+from harness.statnames import LAYER_SCOPE, SWEEP, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES
+
+SYNTHETIC_SAMPLES = 4
+SYNTHETIC_LAYERS = 2
+
+
+def first_line(text: str | None) -> str:
+    return ((text or "").strip().splitlines() or [""])[0]
+
+
+def metrics() -> list[str]:
+    from metrics import LAYER_METRICS, METRIC_OPTIONS, TEXT_METRICS
+
+    rows = [f"{name:<26} per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}"
+            for name, fn in LAYER_METRICS.items()]
+    return rows + [f"{name:<26} per text: {first_line(fn.__doc__)}" for name, fn in TEXT_METRICS.items()]
+
+
+def sources() -> list[str]:
+    from harness.stages.conditions import SOURCES
+
+    return [f"{name:<26} {first_line(source.spec_model.__doc__)}" for name, source in SOURCES.items()]
+
+
+def sites() -> list[str]:
+    from harness.stages.sites import SITES
+
+    return [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
+
+
+def specs(files: list[Path]) -> list[str]:
+    from harness.sweep import expand
+
+    rows = []
+    for path in files:
+        try:
+            sweep = expand(path)
+        except InputError as exc:
+            rows.append(f"{str(path):<44} invalid: {exc}")
+            continue
+        points = f", {len(sweep.points)} points" if sweep.is_matrix else ""
+        rows.append(f"{str(path):<44} {sweep.name}{points}: {first_line(sweep.points[0].spec.description)}")
+    return rows
+
+
+def stats(target: Path) -> list[str]:
+    """Statistic names of a finished run, a sweep folder, or a spec (what its run will write)."""
+    from harness.rundir import is_run_dir, read_stats
+    from harness.sweep_report import SWEEP_FILE, is_sweep_dir
+
+    if target.is_dir():
+        if is_sweep_dir(target):
+            from harness.artifacts import read_json
+
+            return collapse(read_json(target / SWEEP_FILE)["statistics"])
+        if not is_run_dir(target):
+            raise InputError(f"{target}: neither a finished run folder, a sweep folder nor a spec")
+        return collapse(read_stats(target))
+    from harness.sweep import expand
+
+    sweep = expand(target)
+    names = collapse(synthetic_stats(sweep.points[0].spec))
+    if sweep.is_matrix:
+        names += [f"{SWEEP}.{name}.{'|'.join(SWEEP_CRITERION_STATS)}" for name in sweep.points[0].spec.criteria]
+        names += [f"{SWEEP}.<statistic above>.{'|'.join(SWEEP_SUMMARIES)}",
+                  f"{SWEEP}.<statistic above ending in p>.{SWEEP_ADJUSTED_P}.{'|'.join(SWEEP_SUMMARIES)}"]
+    return names
+
+
+def collapse(names) -> list[str]:
+    """Names in order, each per-layer name once with `layer<N>`."""
+    return list(dict.fromkeys(LAYER_SCOPE.sub("layer<N>", name) for name in names))
+
+
+def synthetic_stats(spec) -> dict[str, float]:
+    """The stats stage on random numbers shaped like the spec's per-sample table."""
+    import io
+    import warnings
+
+    import numpy as np
+
+    from harness.stages.stats import compute_stats, load_table
+    from harness.statnames import TEXT_METRIC_NAMES
+
+    rng = np.random.default_rng(0)
+    lines = ["sample_id,condition,layer,metric,value"]
+    for sample in range(SYNTHETIC_SAMPLES):
+        for condition in spec.conditions:
+            lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
+            lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
+                      for metric in spec.layer_metric_names for layer in range(SYNTHETIC_LAYERS)]
+    quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})
+    with warnings.catch_warnings():  # random numbers make poor fits; only the names matter here
+        warnings.simplefilter("ignore")
+        return compute_stats(load_table(io.StringIO("\n".join(lines) + "\n")), quick)

@@ -1,0 +1,112 @@
+"""The sweep folder, `runs/<name>/<time>-sweep/`, beside the point runs: sweep.json, the
+relative-depth figure and RESULTS.md (reports/templates/sweep.md.j2), all from the point run
+folders, which is what makes `harness compare` of a sweep folder possible too."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness import plots
+from harness.artifacts import read_json, write_json, write_text
+from harness.errors import InputError
+from harness.rundir import RunFolder, read_criteria, read_stats
+from harness.stages import criteria as criteria_stage
+from harness.statnames import OVERALL
+from harness.sweep import FIGURE_FILE, SWEEP_FILE, Point, Sweep, sweep_statistics
+from harness.templates import TEMPLATES_DIR, render_template
+
+TEMPLATE = "sweep.md.j2"
+
+
+def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path, tag: str | None = None):
+    """Write the sweep folder; return it and the sweep criteria's verdicts."""
+    run_dirs = [outcome.run_dir for _, outcome in outcomes]
+    point_stats = [read_stats(run_dir) for run_dir in run_dirs]
+    point_criteria = [read_criteria(run_dir) for run_dir in run_dirs]
+    statistics = sweep_statistics(point_stats, point_criteria)
+    results = criteria_stage.evaluate_criteria(sweep.criteria, statistics)
+    folder = RunFolder(runs_dir, sweep.name, "-".join(filter(None, (tag, "sweep"))))
+    try:
+        write_json(folder.path / SWEEP_FILE, {
+            "spec_file": str(sweep.path.resolve()),
+            "points": [{"id": point.id, "values": point.values, "run": run_dir.name}
+                       for (point, _), run_dir in zip(outcomes, run_dirs)],
+            "statistics": statistics,
+            "criteria": criteria_stage.to_json(results),
+        })
+        spec = outcomes[0][0].spec
+        metric = spec.stats.correlate[1]
+        figure = None
+        if spec.report.plots:
+            effects = pd.DataFrame(_depth_rows([point.id for point, _ in outcomes], point_stats, metric))
+            figure = plots.effect_by_relative_depth(effects, metric, folder.path / FIGURE_FILE).name
+        context = {
+            "title": sweep.name,
+            "hypothesis": spec.report.hypothesis.strip(),
+            "run_id": folder.run_id,
+            "metric": metric,
+            "primary": next(iter(spec.comparisons.values())).model_dump(),
+            "criteria_names": list(spec.criteria),
+            "rows": [_row(point, run_dir, stats, rows, spec) for (point, _), run_dir, stats, rows
+                     in zip(outcomes, run_dirs, point_stats, point_criteria)],
+            "sweep_criteria": [
+                {"outcome": criteria_stage.outcome(r), "name": r.name, "expr": r.expr, "stat_values": r.values, "error": r.error}
+                for r in results
+            ],
+            "summary": criteria_stage.summary_line(results),
+            "figure": figure,
+        }
+        write_text(folder.path / "RESULTS.md", render_template(TEMPLATES_DIR / TEMPLATE, context))
+        return folder.commit(), results
+    except BaseException:
+        folder.discard()
+        raise
+
+
+def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], spec) -> dict:
+    """A point's line of the combined table: CE per condition, the effect, the correlation, the criteria."""
+    comparison = next(iter(spec.comparisons.values()))
+    metric = spec.stats.correlate[1]
+
+    def stat(name: str) -> float:
+        value = stats.get(name)
+        return float("nan") if value is None else value
+
+    return {
+        "id": point.id,
+        "report": f"../{run_dir.name}/RESULTS.md",
+        "ce_a": stat(f"ce_loss.{comparison.a}.mean"),
+        "ce_b": stat(f"ce_loss.{comparison.b}.mean"),
+        **{key: stat(f"{metric}.{OVERALL}.{key}") for key in ("d", "d_ci_low", "d_ci_high", "p")},
+        "r": stat("correlation.pooled.r"),
+        "outcomes": {row["name"]: criteria_stage.outcome(criteria_stage.from_json(row)) for row in criteria_rows},
+    }
+
+
+def _depth_rows(point_ids: list[str], point_stats: list[dict], metric: str) -> list[dict]:
+    """Per point and captured layer: relative depth and the primary comparison's d. The number
+    of layers is the highest captured layer + 1 (exact for `capture.layers: all`)."""
+    pattern = re.compile(rf"{re.escape(metric)}\.layer(\d+)\.d")
+    rows = []
+    for point_id, stats in zip(point_ids, point_stats):
+        layers = sorted(int(match[1]) for name in stats if (match := pattern.fullmatch(name)))
+        for layer in layers:
+            d = stats[f"{metric}.layer{layer}.d"]
+            rows.append({"point": point_id, "relative_depth": layer / (layers[-1] + 1), "d": float("nan") if d is None else d})
+    return rows
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / SWEEP_FILE).is_file()
+
+
+def point_runs(sweep_dir: Path) -> list[Path]:
+    """The run folders of a sweep folder's points (they lie beside it)."""
+    sweep_dir = Path(sweep_dir)
+    if not is_sweep_dir(sweep_dir):
+        raise InputError(f"{sweep_dir}: not a sweep folder (no {SWEEP_FILE})")
+    return [sweep_dir.parent / point["run"] for point in read_json(sweep_dir / SWEEP_FILE)["points"]]
