@@ -288,9 +288,16 @@ Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
 """See `Spec.matrix`."""
 
 
-def _check_sweep_criteria(spec: "Spec") -> None:
-    """Sweep criteria name sweep statistics: `sweep.` then a criterion or a statistic of a point."""
+def _check_criteria(spec: "Spec") -> None:
+    """Criteria name the spec's statistics; sweep criteria name sweep statistics: `sweep.` then
+    a criterion or a statistic of a point."""
     from harness.stages.criteria import check_criterion
+
+    for name, expr in spec.criteria.items():
+        try:
+            check_criterion(expr, spec.statistic_vocabulary())
+        except ValueError as exc:
+            raise FieldError(f"criteria.{name}", str(exc)) from None
 
     if spec.sweep_criteria and not spec.matrix:
         raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
@@ -439,14 +446,7 @@ class Spec(StrictModel):
             need("criterion", "report.verdict.columns", self.report.verdict.columns, self.criteria)
         if self.report.threats.scale_free_metric:
             need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, self.layer_metric_names)
-        from harness.stages.criteria import check_criterion
-
-        for crit_name, expr in self.criteria.items():
-            try:
-                check_criterion(expr, self.statistic_vocabulary())
-            except ValueError as exc:
-                raise FieldError(f"criteria.{crit_name}", str(exc)) from None
-        _check_sweep_criteria(self)
+        _check_criteria(self)
         return self
 
     def statistic_vocabulary(self) -> set[str]:
