@@ -21,10 +21,11 @@ def first_line(text: str | None) -> str:
 
 
 def metrics() -> list[str]:
-    from metrics import LAYER_METRICS, METRIC_OPTIONS, TEXT_METRICS
+    from metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
 
     rows = [f"{name:<26} per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}"
             for name, fn in LAYER_METRICS.items()]
+    rows += [f"{name:<26} per layer and direction set: {first_line(fn.__doc__)}" for name, fn in PROJECTION_METRICS.items()]
     return rows + [f"{name:<26} per text: {first_line(fn.__doc__)}" for name, fn in TEXT_METRICS.items()]
 
 
@@ -100,7 +101,7 @@ def synthetic_stats(spec) -> dict[str, float]:
         for condition in spec.conditions:
             lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
             lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
-                      for metric in spec.layer_metric_names for layer in range(SYNTHETIC_LAYERS)]
+                      for metric in spec.layer_metric_names + spec.window_metric_names for layer in range(SYNTHETIC_LAYERS)]
     quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})
     with warnings.catch_warnings():  # random numbers make poor fits; only the names matter here
         warnings.simplefilter("ignore")

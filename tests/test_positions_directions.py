@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from statsmodels.stats.multitest import multipletests
 
+from harness import listing
 from harness.runner import run_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +110,7 @@ def test_a_text_that_does_not_reach_a_window_has_no_value_there(probed_run):
 
 
 def test_window_and_direction_statistics_are_named_and_corrected_across_windows_and_layers(probed_run):
-    _, outcome = probed_run
+    folder, outcome = probed_run
     stats = json.loads((outcome.run_dir / "stats.json").read_text())
     for name in ("smoothness.window0_3.overall.d", "smoothness.window3_8.layer2.p", "projection_variance.probe.layer1.d",
                  "projection_mean.shared.window0_3.layer0.d", "projection_smoothness.probe.human.mean"):
@@ -120,6 +121,8 @@ def test_window_and_direction_statistics_are_named_and_corrected_across_windows_
     assert [stats[name.removesuffix(".p") + ".p_holm"] for name in family] == pytest.approx(holm, rel=1e-12)
     results = {result.name: result for result in outcome.results}
     assert results["early_window_defined"].passed and results["probe_moves"].error is None
+    # `harness ls stats` of the spec lists every name its run wrote
+    assert set(listing.stats(outcome.run_dir)) <= set(listing.stats(folder / "probed.yaml"))
 
 
 def test_direction_sha256_is_in_the_manifest_and_the_capture_key(probed_run, tiny_model_dir):
