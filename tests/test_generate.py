@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,3 +119,13 @@ def test_compiled_gemma2_within_its_window_compiles_one_decoding_graph(tiny_toke
     assert compiled == eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
     assert not any(layer.is_sliding for layer in model.harness_static_cache[1].layers)
+
+
+def test_compiled_generation_has_its_own_cache_key(prompts):
+    """Compiled decoding may pick other tokens in bf16, so its continuations are cached apart from eager ones."""
+    pool = SimpleNamespace(key=lambda alias: f"model:{alias}")
+    eager, compiled = (
+        generate.GenerateStage("generate[model]", prompts, "base", GREEDY, "auto", compile, pool).inputs()
+        for compile in (False, True)
+    )
+    assert "compile" not in eager and compiled == eager | {"compile": True}

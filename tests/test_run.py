@@ -238,14 +238,16 @@ def test_a_batch_beyond_free_memory_is_an_input_error_before_its_stage_computes(
 
 
 def test_compiled_run_matches_the_eager_run(first_run):
-    """runtime.compile end to end: the log names the compiled shapes, the numbers agree with the
-    eager run's within fp32 tolerance (greedy continuations identical)."""
+    """runtime.compile end to end: generation and capture run compiled (not reused from the eager
+    run's cache), the log names the compiled shapes, and the numbers agree with the eager run's
+    within fp32 tolerance (greedy continuations identical)."""
     folder, _, eager, _ = first_run
     spec = folder / "tiny_compiled.yaml"
     spec.write_text("extends: tiny.yaml\nname: tiny_compiled\nruntime: {compile: true}\n")
     log = Log()
     compiled = run_spec(spec, folder / "runs", log=log)
     assert any("capture[model]" in line and "compiled forward: " in line for line in log)
+    assert any(re.search(r"generate\[model\]\s+computed.*compiled \d+ graphs", line) for line in log)
     assert (compiled.run_dir / "texts.jsonl").read_text() == (eager.run_dir / "texts.jsonl").read_text()
     rows = [(compiled.run_dir / "per_sample.csv").read_text().splitlines(), (eager.run_dir / "per_sample.csv").read_text().splitlines()]
     assert len(rows[0]) == len(rows[1])

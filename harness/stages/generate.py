@@ -238,6 +238,8 @@ class GenerateStage(Stage):
             "model": self.pool.key(self.alias),
             "generation": self.settings.model_dump(mode="json"),
             "batch_size": self.batch_size,
+            # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
+            **({"compile": True} if self.compile else {}),
         }
 
     def units(self) -> list[list[int]]:
