@@ -144,11 +144,16 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
 
 
 def context_length(model_dir: Path) -> int | None:
-    """`max_position_embeddings` from a local or converted model folder's config.json (a
-    multimodal config keeps it under `text_config`); None when the config does not say."""
+    """`max_position_embeddings` from a local or converted model folder's config.json; None
+    when the config does not say."""
+    return _text_config_int(model_dir, "max_position_embeddings")
+
+
+def _text_config_int(model_dir: Path, key: str) -> int | None:
+    """An integer of a model folder's config.json (a multimodal config keeps it under `text_config`)."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    length = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
-    return length if isinstance(length, int) else None
+    value = config.get(key, (config.get("text_config") or {}).get(key))
+    return value if isinstance(value, int) else None
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -174,7 +179,10 @@ def config_folder(spec: ModelSpec, cache_dir: Path, where: str) -> Path | None:
     """The folder holding the model's config.json, without loading weights (a GGUF model is
     converted first); None for a hub model whose files are not in the local cache yet."""
     cache_dir = Path(cache_dir)
-    pretrained = _pretrained(_locate(spec, cache_dir, where), spec, cache_dir, where)
+    return _config_dir(_pretrained(_locate(spec, cache_dir, where), spec, cache_dir, where))
+
+
+def _config_dir(pretrained: _Pretrained) -> Path | None:
     if pretrained.commit is None:
         return Path(pretrained.location)
     try:
@@ -520,7 +528,10 @@ def _source_record(weights: _Weights, pretrained: _Pretrained, spec: ModelSpec, 
             gguf_sha256=_file_sha256(weights.path, cache_dir),
             converted=pretrained.location,
         )
-    record.update(dtype=spec.dtype, requested_device_map=spec.device_map)
+    folder = _config_dir(pretrained)
+    # the depth a layer index is relative to (a sweep compares models of different depth)
+    layers = _text_config_int(folder, "num_hidden_layers") if folder and (folder / "config.json").is_file() else None
+    record.update(dtype=spec.dtype, requested_device_map=spec.device_map, layers=layers)
     return record
 
 

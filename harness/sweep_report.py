@@ -42,7 +42,8 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
         metric = spec.stats.correlate[1]
         figure = None
         if spec.report.plots:
-            effects = pd.DataFrame(_depth_rows([point.id for point, _ in outcomes], point_stats, metric))
+            depths = [model_layers(run_dir, spec.capture_model) for run_dir in run_dirs]
+            effects = pd.DataFrame(_depth_rows([point.id for point, _ in outcomes], point_stats, depths, metric))
             figure = plots.effect_by_relative_depth(effects, metric, folder.path / FIGURE_FILE).name
         context = {
             "title": sweep.name,
@@ -87,16 +88,21 @@ def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], sp
     }
 
 
-def _depth_rows(point_ids: list[str], point_stats: list[dict], metric: str) -> list[dict]:
-    """Per point and captured layer: relative depth and the primary comparison's d. The number
-    of layers is the highest captured layer + 1 (exact for `capture.layers: all`)."""
+def model_layers(run_dir: Path, alias: str) -> int | None:
+    """The capture model's number of decoder blocks, as the run's manifest records it."""
+    return read_json(run_dir / "manifest.json")["models"].get(alias, {}).get("source", {}).get("layers")
+
+
+def _depth_rows(point_ids: list[str], point_stats: list[dict], depths: list[int | None], metric: str) -> list[dict]:
+    """Per point and captured layer: relative depth (layer / the model's number of layers; where
+    the manifest does not say, the highest captured layer + 1) and the primary comparison's d."""
     pattern = re.compile(rf"{re.escape(metric)}\.layer(\d+)\.d")
     rows = []
-    for point_id, stats in zip(point_ids, point_stats):
+    for point_id, stats, depth in zip(point_ids, point_stats, depths):
         layers = sorted(int(match[1]) for name in stats if (match := pattern.fullmatch(name)))
         for layer in layers:
             d = stats[f"{metric}.layer{layer}.d"]
-            rows.append({"point": point_id, "relative_depth": layer / (layers[-1] + 1), "d": float("nan") if d is None else d})
+            rows.append({"point": point_id, "relative_depth": layer / (depth or layers[-1] + 1), "d": float("nan") if d is None else d})
     return rows
 
 

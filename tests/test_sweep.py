@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from statsmodels.stats.multitest import multipletests
 
+from harness import sweep_report
 from harness.errors import InputError
 from harness.overrides import command_line, parse_set
 from harness.spec import load_spec
@@ -251,3 +252,15 @@ def test_exitfirst_stops_after_the_first_failing_spec(swept):
     assert result.returncode == 1
     assert "a_fails.yaml  →" in result.stdout and "b_fails.yaml  →" not in result.stdout
     assert "stopped after the first failure (-x)" in result.stdout
+
+
+def test_relative_depth_divides_by_the_models_number_of_layers(swept, tiny_model_dir):
+    """The manifest records the capture model's depth, so layers captured from a deep model's
+    first half sit in the first half of the relative-depth axis."""
+    _, _, outcome, _ = swept
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    run_dir = outcome.points[0][1].run_dir
+    assert sweep_report.model_layers(run_dir, "base") == config["num_hidden_layers"]
+    stats = {"smoothness.layer0.d": 0.5, "smoothness.layer2.d": 1.0}
+    rows = sweep_report._depth_rows(["deep", "unknown"], [stats, stats], [12, None], "smoothness")
+    assert [(row["point"], row["relative_depth"]) for row in rows] == [("deep", 0), ("deep", 2 / 12), ("unknown", 0), ("unknown", 2 / 3)]
