@@ -45,6 +45,7 @@ class SpecFile(pytest.File):
     below it, ids `file::name[key=value]::criterion`) and a `sweep` node for the sweep criteria."""
 
     outcome = None
+    points_checked = False
 
     def collect(self):
         from harness.sweep import expand
@@ -80,6 +81,15 @@ class SpecFile(pytest.File):
         """The spec's run (a spec without a matrix), run when its first criterion is checked."""
         return _once(self, lambda: _run_point(self, self.sweep.points[0]))
 
+    def check_points(self) -> None:
+        """A matrix's points all collected and compared before the first one runs, as `harness run`
+        does: identical points are an error on every point."""
+        if not self.points_checked:
+            from harness.sweep import collect_points
+
+            collect_points(self.sweep, self.runs_dir())
+            self.points_checked = True
+
 
 class PointNode(pytest.Collector):
     """One point of a matrix spec: its run, and its criteria as items."""
@@ -95,7 +105,11 @@ class PointNode(pytest.Collector):
             yield CriterionItem.from_parent(self, name=name)
 
     def run_once(self):
-        return _once(self, lambda: _run_point(self.parent, self.point))
+        def run():
+            self.parent.check_points()
+            return _run_point(self.parent, self.point)
+
+        return _once(self, run)
 
 
 class SweepNode(pytest.Collector):

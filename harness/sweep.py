@@ -150,17 +150,7 @@ def run_sweep(
 
     started = time.perf_counter()
     with logged_warnings(log):
-        plans = [
-            runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id, point.run_label(tag))
-            for point in sweep.points
-        ]
-        keys = [stage_keys(plan) for plan in plans]
-        for (i, a), (j, b) in itertools.combinations(enumerate(keys), 2):
-            if a == b:
-                raise InputError(
-                    f"{sweep.path}: matrix: points {i + 1} and {j + 1} are identical ({sweep.points[i].id} and "
-                    f"{sweep.points[j].id}): every stage has the same inputs; vary a key that changes what is computed"
-                )
+        plans = collect_points(sweep, runs_dir, use_cache, log, tag)
         outcomes = []
         for point, plan in zip(sweep.points, plans):
             outcome = runner.execute(plan, time.perf_counter())
@@ -172,6 +162,28 @@ def run_sweep(
 
     sweep_dir, results = write_sweep(sweep, outcomes, Path(runs_dir), tag)
     return SweepOutcome(outcomes, sweep_dir, results, time.perf_counter() - started)
+
+
+def collect_points(
+    sweep: Sweep, runs_dir: Path, use_cache: bool = True, log: Callable[[str], None] = lambda line: None,
+    tag: str | None = None,
+) -> list:
+    """Every point's plan (`harness.runner.collect`: all checks first); InputError when two
+    points would compute the same (every stage's key equal)."""
+    from harness import runner
+
+    plans = [
+        runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id, point.run_label(tag))
+        for point in sweep.points
+    ]
+    keys = [stage_keys(plan) for plan in plans]
+    for (i, a), (j, b) in itertools.combinations(enumerate(keys), 2):
+        if a == b:
+            raise InputError(
+                f"{sweep.path}: matrix: points {i + 1} and {j + 1} are identical ({sweep.points[i].id} and "
+                f"{sweep.points[j].id}): every stage has the same inputs; vary a key that changes what is computed"
+            )
+    return plans
 
 
 def stage_keys(plan) -> dict[str, str]:

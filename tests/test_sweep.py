@@ -117,6 +117,14 @@ def test_identical_points_are_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(InputError, match=r"points 1 and 2 are identical"):
         run_sweep(expand(spec), tmp_path / "runs", log=Log())
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+    # pytest too: every point's items fail on it before either point runs
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "pytest", spec.name, "--harness-runs-dir", "runs", "-p", "no:cacheprovider", "-k", "two"]
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    failed = re.findall(r"^FAILED \S+\[description=two\]::\w+", result.stdout, re.MULTILINE)
+    assert result.returncode == 1 and len(failed) == len(load_spec(spec).criteria), result.stdout[-2000:]
+    assert "points 1 and 2 are identical" in result.stdout
+    assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
 
 
 def test_an_invalid_point_names_its_key_and_value(tmp_path, tiny_model_dir):
