@@ -81,7 +81,7 @@ def held_out_columns(spec: Spec, directions: dict[str, DirectionSet]) -> dict[st
     return {
         column: set(directions[name].built_from or [])
         for name in spec.held_out_directions
-        for column in spec.layer_metric_names + spec.window_metric_names
+        for column in spec.per_layer_columns
         if column.split(".")[1:2] == [name]
     }
 

@@ -101,7 +101,7 @@ def synthetic_stats(spec) -> dict[str, float]:
         for condition in spec.conditions:
             lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
             lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
-                      for metric in spec.layer_metric_names + spec.window_metric_names for layer in range(SYNTHETIC_LAYERS)]
+                      for metric in spec.per_layer_columns for layer in range(SYNTHETIC_LAYERS)]
     quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})
     with warnings.catch_warnings():  # random numbers make poor fits; only the names matter here
         warnings.simplefilter("ignore")

@@ -112,8 +112,7 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
 
 def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
     """per_sample.csv: what the stats stage reads."""
-    names = plan.spec.layer_metric_names + plan.spec.window_metric_names
-    return rundir.per_sample_csv(names, measured, held_out_columns(plan.spec, plan.directions))
+    return rundir.per_sample_csv(plan.spec.per_layer_columns, measured, held_out_columns(plan.spec, plan.directions))
 
 
 def execute(plan: Plan, started: float) -> RunOutcome:

@@ -376,9 +376,11 @@ class Spec(StrictModel):
         return {name for name, entry in self.directions.items() if entry.evaluate_on == "held_out"}
 
     @property
-    def window_metric_names(self) -> list[str]:
-        """Every per-window column, `<column>.<window>` (`smoothness.window0_5`), window by window per column."""
-        return [f"{column}.{window}" for column in self.layer_metric_names for window in self.stats.window_names]
+    def per_layer_columns(self) -> list[str]:
+        """Every per-layer metric of per_sample.csv: the metric columns, then each column per
+        window, `<column>.<window>` (`smoothness.window0_5`)."""
+        windows = [f"{column}.{window}" for column in self.layer_metric_names for window in self.stats.window_names]
+        return self.layer_metric_names + windows
 
     @field_validator("metric_options")
     @classmethod
