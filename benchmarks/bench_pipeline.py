@@ -502,7 +502,7 @@ def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = Fals
     def time_part(name: str, run: Callable[[Sequence], Any], items: Sequence, compiled: bool = False) -> Any:
         # The batched parts meet their shapes only on the full set; the seed style's batch-1 and
         # batch-8 shapes are warm after a few items.
-        warm_all = work.device.type == "cuda" and not name.startswith("seed")
+        warm_all = work.device.type == "cuda" and name not in SEED_PARTS
         parts[name], result = timed(name, run, items, work.device, compiled, warm_all)
         compile_note = f" (compile {parts[name].compile_seconds:.2f} s)" if compiled else ""
         print(f"  {name}: {parts[name].seconds:.2f} s{compile_note}", file=sys.stderr, flush=True)  # a long run's progress
