@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import make_random_gemma2  # noqa: E402
 
+from harness.grid import Grid  # noqa: E402
 from harness.stages import capture, data, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
@@ -277,10 +278,8 @@ def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized], comp
     layers = capture.resolve_layers(work.model, "all")
     records: dict[int, dict] = {}
     for unit in capture_batches(work, tokenized):
-        batch = capture.measure_batch(
-            work.model, work.device, work.tokenizer.pad_token_id, [tokenized[i] for i in unit], layers,
-            work.metrics, capture.report_layers(layers), compile=compile,
-        )
+        measurement = capture.Measurement(Grid(tuple(work.metrics)), layers, capture.report_layers(layers), compile=compile)
+        batch = capture.measure_batch(work.model, work.device, work.tokenizer.pad_token_id, [tokenized[i] for i in unit], measurement)
         records.update(zip(unit, batch))
     return [records[i] for i in range(len(tokenized))]
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from harness.errors import InputError
 from harness.numbers import format_number
 from harness.rundir import is_run_dir, read_criteria, read_stats
-
-KEY_STATISTICS = re.compile(
-    r"^(ce_loss(_response)?\.[A-Za-z0-9_]+\.mean"
-    r"|[A-Za-z0-9_]+\.overall\.(d|p|mean_diff)"
-    r"|correlation\.[A-Za-z0-9_]+\.r"
-    r"|mixedlm\.(x_coef|x_p))$"
-)
-"""Unprefixed names: the primary comparison's effects, CE per condition, correlations."""
+from harness.statnames import KEY_STATISTICS
 
 
 def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:

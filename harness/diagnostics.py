@@ -60,7 +60,7 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
     studied trajectory metric (``stats.correlate[1]``) within the condition. The result is
     JSON-serialisable; undefined numbers (e.g. r of a constant) are None.
     """
-    metric = spec.stats.correlate[1]
+    metric, grid = spec.stats.correlate[1], spec.grid
     frame = _text_frame(texts)
     overall = overall_metric(table, metric).rename(columns={"value": metric})
     conditions = {}
@@ -85,7 +85,7 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
         "conditions": conditions,
         # a held-out direction's columns lack the samples that built it by design, not for their length
         "dropped": dropped_texts(texts, table, [*TEXT_METRIC_NAMES, *(
-            column for column in spec.primary_site_columns if not set(column.split(".")[1:2]) & spec.held_out_directions
+            column.name for column in grid.primary_columns() if column.direction not in grid.held_out
         )]),
     }
 

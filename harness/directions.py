@@ -75,17 +75,6 @@ def load_direction_sets(spec: Spec, spec_path: Path, model: torch.nn.Module) -> 
     return sets
 
 
-def held_out_columns(spec: Spec, directions: dict[str, DirectionSet]) -> dict[str, set[int]]:
-    """Per column of a direction set evaluated on held-out samples, the samples that built it
-    (left out of per_sample.csv, so its statistics use only the others)."""
-    return {
-        column: set(directions[name].built_from or [])
-        for name in spec.held_out_directions
-        for column in spec.per_layer_columns
-        if column.split(".")[1:2] == [name]
-    }
-
-
 def read_direction_file(path: Path, key: str | None, where: str) -> tuple[torch.Tensor, dict[str, str]]:
     """The tensor (and the file's metadata) in a safetensors, `.pt` or `.npy` file."""
     if not path.is_file():

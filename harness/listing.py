@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.statnames import LAYER_SCOPE, SWEEP, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES
+from harness.statnames import LAYER_SCOPE, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
 
 SYNTHETIC_SAMPLES = 4
 SYNTHETIC_LAYERS = 2
@@ -74,9 +74,9 @@ def stats(target: Path) -> list[str]:
     sweep = expand(target)
     names = collapse(synthetic_stats(sweep.points[0].spec))
     if sweep.is_matrix:
-        names += [f"{SWEEP}.{name}.{'|'.join(SWEEP_CRITERION_STATS)}" for name in sweep.points[0].spec.criteria]
-        names += [f"{SWEEP}.<statistic above>.{'|'.join(SWEEP_SUMMARIES)}",
-                  f"{SWEEP}.<statistic above ending in p>.{SWEEP_ADJUSTED_P}.{'|'.join(SWEEP_SUMMARIES)}"]
+        names += [sweep_name(name, "|".join(SWEEP_CRITERION_STATS)) for name in sweep.points[0].spec.criteria]
+        names += [sweep_name("<statistic above>", "|".join(SWEEP_SUMMARIES)),
+                  sweep_name("<statistic above ending in p>", SWEEP_ADJUSTED_P, "|".join(SWEEP_SUMMARIES))]
     return names
 
 
@@ -97,11 +97,12 @@ def synthetic_stats(spec) -> dict[str, float]:
 
     rng = np.random.default_rng(0)
     lines = ["sample_id,condition,layer,metric,value"]
+    columns = [column.name for column in spec.grid.per_layer_columns()]
     for sample in range(SYNTHETIC_SAMPLES):
         for condition in spec.conditions:
             lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
             lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
-                      for metric in spec.per_layer_columns for layer in range(SYNTHETIC_LAYERS)]
+                      for metric in columns for layer in range(SYNTHETIC_LAYERS)]
     quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})
     with warnings.catch_warnings():  # random numbers make poor fits; only the names matter here
         warnings.simplefilter("ignore")

@@ -21,7 +21,7 @@ import harness
 from harness import rundir
 from harness.artifacts import number
 from harness.cache import StageCache
-from harness.directions import DirectionSet, held_out_columns, load_direction_sets
+from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
 from harness.overrides import Override
@@ -112,7 +112,9 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
 
 def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
     """per_sample.csv: what the stats stage reads."""
-    return rundir.per_sample_csv(plan.spec.per_layer_columns, measured, held_out_columns(plan.spec, plan.directions))
+    grid = plan.spec.grid
+    left_out = grid.held_out_samples({name: direction.built_from or [] for name, direction in plan.directions.items()})
+    return rundir.per_sample_csv([column.name for column in grid.per_layer_columns()], measured, left_out)
 
 
 def execute(plan: Plan, started: float) -> RunOutcome:
@@ -155,12 +157,12 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
         pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
         texts, spec.capture.length_matching, spec.capture.response_tokenization,
     )
+    settings = capture.CaptureSettings.from_spec(spec, plan.directions)
     return {
         name: plan.executor.run(capture.CaptureStage(
             f"capture[{name}]",
             [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
-            spec.capture_model, spec.capture, spec.metrics, spec.metric_options, spec.runtime.token_budget,
-            spec.runtime.compile, pool, [tuple(window) for window in spec.stats.positions], plan.directions,
+            settings, pool,
         ))
         for name, rows in texts.items()
     }

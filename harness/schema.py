@@ -7,17 +7,30 @@ naming the file and field.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
-from harness.stages.sites import DEFAULT_SITE, SITES, metric_columns
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, WINDOW_SCOPE, window_name
+from harness.grid import WINDOW_WORD, Column, Grid
+from harness.stages.sites import DEFAULT_SITE, SITES
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
+
+logger = logging.getLogger(__name__)
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
@@ -65,6 +78,21 @@ FirstSentenceRule = Literal["next", "skip"]
 """See `DatasetSpec.first_sentence`."""
 ResponseTokenization = Literal["joint", "separate"]
 """See `CaptureSpec.response_tokenization`."""
+
+
+def _check_windows(value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    for start, end in value:
+        if end <= start:
+            raise ValueError(f"window [{start}, {end}] must end after it starts")
+    if len(set(value)) != len(value):
+        raise ValueError("lists a window twice")
+    return value
+
+
+Windows = Annotated[
+    list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]], AfterValidator(_check_windows)
+]
+"""See `CaptureSpec.windows`."""
 
 
 class DatasetSpec(StrictModel):
@@ -118,6 +146,13 @@ class CaptureSpec(StrictModel):
     `<metric>_<site>`; token deltas and saved activations are the first site's."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""
+    windows: Windows = []
+    """Windows `[start, end]` of response tokens (`start <= i < end`, e.g. `[[0, 5], [50, 100]]`):
+    every trajectory and projection metric is also computed on each window's tokens alone
+    (smoothness: the steps between two tokens of the window), in the same forward, and
+    tested per window and layer (`smoothness.window0_5.overall.d`; Holm/BH across the
+    windows x layers of a metric). A response that does not reach a window has no value there.
+    (Formerly `stats.positions`, still accepted with a note.)"""
     response_tokenization: ResponseTokenization = "joint"
     """`joint`: prompt + " " + response tokenized as one text, as the model would read it;
     `separate` (the reference's): the prompt (with BOS) and the response (no special tokens, no
@@ -167,26 +202,6 @@ class StatsSpec(StrictModel):
     """Text metric and trajectory metric whose relation is tested."""
     mixed_model: bool = True
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
-    positions: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]] = []
-    """Windows `[start, end]` of response tokens (`start <= i < end`, e.g. `[[0, 5], [50, 100]]`):
-    every trajectory and projection metric is also computed on each window's tokens alone
-    (smoothness: the steps between two tokens of the window), in the same forward, and
-    tested per window and layer (`smoothness.window0_5.overall.d`; Holm/BH across the
-    windows x layers of a metric). A response that does not reach a window has no value there."""
-
-    @field_validator("positions")
-    @classmethod
-    def _windows(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        for start, end in value:
-            if end <= start:
-                raise ValueError(f"window [{start}, {end}] must end after it starts")
-        if len(set(value)) != len(value):
-            raise ValueError("lists a window twice")
-        return value
-
-    @property
-    def window_names(self) -> list[str]:
-        return [window_name(start, end) for start, end in self.positions]
 
 
 class VerdictSpec(StrictModel):
@@ -293,18 +308,19 @@ def _check_criteria(spec: "Spec") -> None:
     a criterion or a statistic of a point."""
     from harness.stages.criteria import check_criterion
 
+    vocabulary = spec.grid.statistic_vocabulary()
     for name, expr in spec.criteria.items():
         try:
-            check_criterion(expr, spec.statistic_vocabulary())
+            check_criterion(expr, vocabulary)
         except ValueError as exc:
             raise FieldError(f"criteria.{name}", str(exc)) from None
 
     if spec.sweep_criteria and not spec.matrix:
         raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
-    words = spec.statistic_vocabulary() | SWEEP_KEYWORDS | {word for name in spec.criteria for word in name.split(".")}
+    sweep_vocabulary = vocabulary | SWEEP_KEYWORDS | {word for name in spec.criteria for word in words(name)}
     for name, expr in spec.sweep_criteria.items():
         try:
-            check_criterion(expr, words)
+            check_criterion(expr, sweep_vocabulary)
         except ValueError as exc:
             raise FieldError(f"sweep_criteria.{name}", str(exc)) from None
 
@@ -341,6 +357,17 @@ class Spec(StrictModel):
     sweep_criteria: dict[str, str] = {}
     """Criteria over the points: `sweep.<criterion>.passed_count`, `sweep.<stat>.median`, `sweep.<p>.p_bh.max`..."""
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _positions_alias(cls, data: Any, handler: ModelWrapValidatorHandler["Spec"]) -> "Spec":
+        """`stats.positions`, the old name of `capture.windows`, is accepted, with a note once
+        the spec is valid (a bad spec gets its one error line only)."""
+        data, renamed = _windows_from_positions(data)
+        spec = handler(data)
+        if renamed:
+            _note_renamed("stats.positions", "capture.windows")
+        return spec
+
     @field_validator("models", "conditions")
     @classmethod
     def _identifiers(cls, value: dict) -> dict:
@@ -360,27 +387,9 @@ class Spec(StrictModel):
         return value
 
     @property
-    def layer_metric_names(self) -> list[str]:
-        """Every trajectory and projection metric column: each metric at each capture site, site
-        by site (`harness.stages.sites.metric_columns`)."""
-        return [column for site in self.capture.sites for column in metric_columns(self.metrics, site, list(self.directions))]
-
-    @property
-    def primary_site_columns(self) -> list[str]:
-        """The metric columns of the first capture site, whole responses only: what the report summarises."""
-        return metric_columns(self.metrics, self.capture.sites[0], list(self.directions))
-
-    @property
-    def held_out_directions(self) -> set[str]:
-        """Direction sets tested only on the samples that did not build them."""
-        return {name for name, entry in self.directions.items() if entry.evaluate_on == "held_out"}
-
-    @property
-    def per_layer_columns(self) -> list[str]:
-        """Every per-layer metric of per_sample.csv: the metric columns, then each column per
-        window, `<column>.<window>` (`smoothness.window0_5`)."""
-        windows = [f"{column}.{window}" for column in self.layer_metric_names for window in self.stats.window_names]
-        return self.layer_metric_names + windows
+    def grid(self) -> Grid:
+        """What the run measures: metric x site x direction set x window (`harness.grid`)."""
+        return Grid.from_spec(self)
 
     @field_validator("metric_options")
     @classmethod
@@ -438,23 +447,50 @@ class Spec(StrictModel):
             need("condition", f"stats.comparisons.{cmp_name}.b", cmp.b, self.conditions)
             if cmp.a == cmp.b:
                 raise FieldError(f"stats.comparisons.{cmp_name}", "compares a condition with itself")
+        grid = self.grid
+        for column in grid.whole_columns():
+            if Column.parse(column.name) != column:
+                raise FieldError("metrics", f"{column.metric!r} at site {column.site!r} is named {column.name!r}, "
+                                            "which reads as another metric at another site: rename the metric")
+        whole_columns = [column.name for column in grid.whole_columns()]
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
-        need("metric", "stats.correlate", y, self.layer_metric_names)
+        need("metric", "stats.correlate", y, whole_columns)
         if self.runtime.compile and self.capture.sites != [DEFAULT_SITE]:
             raise FieldError("runtime.compile", f"needs capture.sites: [{DEFAULT_SITE}] (sublayer hooks inside a compiled block)")
         if self.report.verdict:
             need("criterion", "report.verdict.rows", self.report.verdict.rows, self.criteria)
             need("criterion", "report.verdict.columns", self.report.verdict.columns, self.criteria)
         if self.report.threats.scale_free_metric:
-            need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, self.layer_metric_names)
+            need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, whole_columns)
         _check_criteria(self)
         return self
 
-    def statistic_vocabulary(self) -> set[str]:
-        """Every word that may appear between the dots of a statistic name."""
-        words = {word for column in self.layer_metric_names for word in column.split(".")} | set(self.stats.window_names)
-        return words | set(TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
+
+def _windows_from_positions(data: Any) -> tuple[Any, bool]:
+    """A spec's mapping with `stats.positions` moved to `capture.windows`, and whether it had
+    windows there; an empty list (the old default, as every run folder's spec.yaml from before
+    the rename holds) is dropped."""
+    stats = data.get("stats") if isinstance(data, dict) else None
+    if not isinstance(stats, dict) or "positions" not in stats:
+        return data, False
+    positions, capture = stats["positions"], data.get("capture")
+    data = {**data, "stats": {key: value for key, value in stats.items() if key != "positions"}}
+    if not positions:
+        return data, False
+    if isinstance(capture, dict) and "windows" in capture:
+        raise FieldError("stats.positions", "is the old name of capture.windows; give only capture.windows")
+    try:
+        windows = TypeAdapter(Windows).validate_python(positions)
+    except ValidationError as exc:
+        raise FieldError("stats.positions", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return {**data, "capture": {**(capture if isinstance(capture, dict) else {}), "windows": windows}}, True
+
+
+@functools.cache
+def _note_renamed(old: str, new: str) -> None:
+    """One line (once per process) on a field given under its old name."""
+    logger.warning(f"note: {old} is deprecated: it is now {new}, same meaning (rename it in the spec)")
 
 
 def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -482,12 +518,12 @@ def _check_names(spec: Spec) -> None:
     from metrics import LAYER_METRICS, PROJECTION_METRICS
 
     reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
-    reserved |= {column.split(".")[0] for column in spec.layer_metric_names}
+    reserved |= {column.metric_at_site for column in spec.grid.whole_columns()}
     for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
                         ("directions", spec.directions)):
         taken = reserved | (set(spec.conditions) | set(spec.stats.comparisons or {}) if kind == "directions" else set())
         for name in names:
             if kind == "directions" and not re.fullmatch(IDENTIFIER, name):
                 raise FieldError(f"directions.{name}", f"name {quoted(name)} must be an identifier (letters, digits, _)")
-            if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_SCOPE.fullmatch(name):
+            if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_WORD.fullmatch(name):
                 raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")

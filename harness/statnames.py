@@ -2,12 +2,16 @@
 
 Used both by spec validation (which words a criterion may use) and by the stats stage
 (which names it writes), so neither imports the other. A name is words joined by dots, e.g.
-``human_vs_model.smoothness.layer3.p_holm``; see ``harness.stages.stats`` for the grammar.
+``human_vs_model.smoothness.layer3.p_holm``; see ``harness.stages.stats`` for the grammar. The
+functions below build every statistic name (and split one into its words): nothing else
+joins or splits them. A column (``smoothness``, ``projection_mean.refusal.window0_5``) is
+named by ``harness.grid``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 COLUMNS = ("sample_id", "condition", "layer", "metric", "value")
 """Columns of per_sample.csv."""
@@ -47,16 +51,8 @@ STAT_KEYWORDS: frozenset[str] = frozenset(
 """Every word of a statistic name that does not come from the spec (metric, condition and
 comparison names, and ``layer<N>``)."""
 
-LAYER_SCOPE = re.compile(r"layer\d+")
+LAYER_SCOPE = re.compile(r"layer(\d+)")
 """Per-layer statistics (``smoothness.layer12.d``) are accepted for any layer number."""
-
-WINDOW_SCOPE = re.compile(r"window(\d+)_(\d+)")
-"""A position window's word: ``window5_20`` covers response tokens 5 to 19 (``stats.positions``)."""
-
-
-def window_name(start: int, end: int) -> str:
-    """The word naming the window of response tokens ``start <= i < end``, e.g. ``window0_5``."""
-    return f"window{start}_{end}"
 
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""
@@ -70,3 +66,71 @@ SWEEP_SUMMARIES = ("min", "median", "max")
 SWEEP_ADJUSTED_P = "p_bh"
 """Per `…p` statistic, Benjamini–Hochberg adjusted across the points: `sweep.<statistic>.p_bh.max`, ..."""
 SWEEP_KEYWORDS: frozenset[str] = frozenset({SWEEP, SWEEP_ADJUSTED_P, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES})
+
+
+def layer_scope(layer: int) -> str:
+    """The scope word of one layer's statistics: ``layer12``."""
+    return f"layer{layer}"
+
+
+def _joined(*words: str | None) -> str:
+    return ".".join(word for word in words if word is not None)
+
+
+def paired_name(column: str, scope: str, stat: str, comparison: str | None = None) -> str:
+    """A paired statistic, ``[<comparison>.]<column>.<scope>.<stat>`` (``smoothness.layer3.d``);
+    without `comparison`, the primary comparison's unprefixed name."""
+    return _joined(comparison, column, scope, stat)
+
+
+def descriptive_name(column: str, condition: str, stat: str, scope: str | None = None) -> str:
+    """A condition's descriptive statistic, ``<column>.<condition>[.<scope>].<stat>``
+    (``ce_loss.human.mean``, ``smoothness.human.layer3.mean``)."""
+    return _joined(column, condition, scope, stat)
+
+
+def correlation_name(scope: str, stat: str, comparison: str | None = None) -> str:
+    """``[<comparison>.]correlation.<scope>.<stat>`` (scope: pooled, a condition, difference)."""
+    return _joined(comparison, "correlation", scope, stat)
+
+
+def mixedlm_name(stat: str, comparison: str | None = None) -> str:
+    """``[<comparison>.]mixedlm.<stat>``."""
+    return _joined(comparison, "mixedlm", stat)
+
+
+def prefixed(comparison: str, name: str) -> str:
+    """A comparison's unprefixed statistic `name` under its comparison's name."""
+    return _joined(comparison, name)
+
+
+def sweep_name(*words: str) -> str:
+    """A sweep-level statistic: ``sweep.<criterion>.passed_count``, ``sweep.<statistic>.p_bh.max``."""
+    return _joined(SWEEP, *words)
+
+
+def words(name: str) -> list[str]:
+    """The words of a statistic (or criterion) name."""
+    return name.split(".")
+
+
+def per_layer_names(names: Iterable[str], column: str, stat: str, comparison: str | None = None) -> dict[int, str]:
+    """Of `names`, the per-layer `paired_name`s of `column` and `stat`, by layer number."""
+    head = words(paired_name(column, layer_scope(0), stat, comparison))[:-2]
+    found = {}
+    for name in names:
+        parts = words(name)
+        match = LAYER_SCOPE.fullmatch(parts[-2]) if len(parts) == len(head) + 2 else None
+        if match and parts[-1] == stat and parts[:-2] == head:
+            found[int(match[1])] = name
+    return found
+
+
+KEY_STATISTICS = re.compile(
+    r"^(ce_loss(_response)?\.[A-Za-z0-9_]+\.mean"
+    r"|[A-Za-z0-9_]+\.overall\.(d|p|mean_diff)"
+    r"|correlation\.[A-Za-z0-9_]+\.r"
+    r"|mixedlm\.(x_coef|x_p))$"
+)
+"""What `harness compare` shows, as unprefixed names: the primary comparison's effects, CE per
+condition, correlations."""

@@ -30,7 +30,7 @@ from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import criteria as criteria_stage
-from harness.statnames import SWEEP, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS
+from harness.statnames import SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
 
 SWEEP_FILE = "sweep.json"
 FIGURE_FILE = "effect_by_relative_depth.png"
@@ -213,19 +213,19 @@ def sweep_statistics(point_stats: list[dict[str, float | None]], point_criteria:
     stats: dict[str, float] = {}
     for name in dict.fromkeys(row["name"] for rows in point_criteria for row in rows):
         passed = [any(row["name"] == name and row["passed"] for row in rows) for rows in point_criteria]
-        stats |= dict(zip((f"{SWEEP}.{name}.{stat}" for stat in SWEEP_CRITERION_STATS), (sum(passed), sum(passed) / len(passed))))
+        stats |= dict(zip((sweep_name(name, stat) for stat in SWEEP_CRITERION_STATS), (sum(passed), sum(passed) / len(passed))))
     for name in point_stats[0]:
         values = [point.get(name) for point in point_stats]
         if any(value is None for value in values):
             continue
-        stats |= _summaries(f"{SWEEP}.{name}", np.array(values, dtype=float))
+        stats |= _summaries((name,), np.array(values, dtype=float))
         if name.endswith("p") and np.all(np.isfinite(values)):
             adjusted = multipletests(values, method="fdr_bh")[1]
-            stats |= _summaries(f"{SWEEP}.{name}.{SWEEP_ADJUSTED_P}", adjusted)
+            stats |= _summaries((name, SWEEP_ADJUSTED_P), adjusted)
     return stats
 
 
-def _summaries(prefix: str, values: np.ndarray) -> dict[str, float]:
-    if np.isnan(values).any():
-        return {f"{prefix}.min": math.nan, f"{prefix}.median": math.nan, f"{prefix}.max": math.nan}
-    return {f"{prefix}.min": float(values.min()), f"{prefix}.median": float(np.median(values)), f"{prefix}.max": float(values.max())}
+def _summaries(words: tuple[str, ...], values: np.ndarray) -> dict[str, float]:
+    """`sweep.<words>.min|median|max` of the points' values (NaN if any is)."""
+    summaries = (math.nan,) * 3 if np.isnan(values).any() else (values.min(), np.median(values), values.max())
+    return {sweep_name(*words, name): float(value) for name, value in zip(SWEEP_SUMMARIES, summaries)}

@@ -4,7 +4,6 @@ folders, which is what makes `harness compare` of a sweep folder possible too.""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from harness.artifacts import read_json, write_json, write_text
 from harness.errors import InputError
 from harness.rundir import RunFolder, read_criteria, read_stats
 from harness.stages import criteria as criteria_stage
-from harness.statnames import OVERALL
+from harness.statnames import OVERALL, correlation_name, descriptive_name, paired_name, per_layer_names
 from harness.sweep import FIGURE_FILE, SWEEP_FILE, Point, Sweep, sweep_statistics
 from harness.templates import TEMPLATES_DIR, render_template
 
@@ -80,10 +79,10 @@ def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], sp
     return {
         "id": point.id,
         "report": f"../{run_dir.name}/RESULTS.md",
-        "ce_a": stat(f"ce_loss.{comparison.a}.mean"),
-        "ce_b": stat(f"ce_loss.{comparison.b}.mean"),
-        **{key: stat(f"{metric}.{OVERALL}.{key}") for key in ("d", "d_ci_low", "d_ci_high", "p")},
-        "r": stat("correlation.pooled.r"),
+        "ce_a": stat(descriptive_name("ce_loss", comparison.a, "mean")),
+        "ce_b": stat(descriptive_name("ce_loss", comparison.b, "mean")),
+        **{key: stat(paired_name(metric, OVERALL, key)) for key in ("d", "d_ci_low", "d_ci_high", "p")},
+        "r": stat(correlation_name("pooled", "r")),
         "outcomes": {row["name"]: criteria_stage.outcome(criteria_stage.from_json(row)) for row in criteria_rows},
     }
 
@@ -96,12 +95,12 @@ def model_layers(run_dir: Path, alias: str) -> int | None:
 def _depth_rows(point_ids: list[str], point_stats: list[dict], depths: list[int | None], metric: str) -> list[dict]:
     """Per point and captured layer: relative depth (layer / the model's number of layers; where
     the manifest does not say, the highest captured layer + 1) and the primary comparison's d."""
-    pattern = re.compile(rf"{re.escape(metric)}\.layer(\d+)\.d")
     rows = []
     for point_id, stats, depth in zip(point_ids, point_stats, depths):
-        layers = sorted(int(match[1]) for name in stats if (match := pattern.fullmatch(name)))
+        names = per_layer_names(stats, metric, "d")
+        layers = sorted(names)
         for layer in layers:
-            d = stats[f"{metric}.layer{layer}.d"]
+            d = stats[names[layer]]
             rows.append({"point": point_id, "relative_depth": layer / (depth or layers[-1] + 1), "d": float("nan") if d is None else d})
     return rows
 

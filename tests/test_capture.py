@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness.grid import Grid
 from harness.stages import capture
 from metrics import LAYER_METRICS
 
@@ -20,9 +21,8 @@ TEXTS = [
 def measure(model, tokenizer, texts, **kwargs):
     tokenized = [capture.tokenize_for_capture(tokenizer, text) for text in texts]
     layers = capture.resolve_layers(model, "all")
-    return capture.measure_batch(
-        model, torch.device("cpu"), tokenizer.pad_token_id, tokenized, layers, sorted(LAYER_METRICS), layers, **kwargs
-    )
+    measurement = capture.Measurement(Grid(tuple(sorted(LAYER_METRICS))), layers, layers, **kwargs)
+    return capture.measure_batch(model, torch.device("cpu"), tokenizer.pad_token_id, tokenized, measurement)
 
 
 def test_batched_equals_batch_of_one(tiny_model, tiny_tokenizer):

@@ -34,10 +34,10 @@ def spec_file(folder: Path, model_dir: Path, name: str, directions: str, extra: 
         conditions:
           human: {{source: human}}
           model: {{source: generate, generation: {{max_new_tokens: 12}}}}
-        capture: {{save_activations: true, activation_dtype: float32}}
+        capture: {{save_activations: true, activation_dtype: float32, windows: {[list(w) for w in WINDOWS]}}}
         metrics: [smoothness, projection_variance, projection_smoothness, projection_mean]
         directions: {directions}
-        stats: {{bootstrap_resamples: 50, mixed_model: false, positions: {[list(w) for w in WINDOWS]}}}
+        stats: {{bootstrap_resamples: 50, mixed_model: false}}
         runtime: {{generation_batch_size: 8, token_budget: 600}}
     """) + textwrap.dedent(extra))
     return path

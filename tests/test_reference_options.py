@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from harness.errors import InputError
+from harness.grid import Grid
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, generate
@@ -68,10 +69,8 @@ def test_measure_batch_passes_metric_options(tiny_model, tiny_tokenizer):
     layers = capture.resolve_layers(tiny_model, "all")
 
     def variances(options):
-        records = capture.measure_batch(
-            tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, tokenized, layers, ["variance"], [],
-            metric_options=options,
-        )
+        measurement = capture.Measurement(Grid(("variance",)), layers, metric_options=options or {})
+        records = capture.measure_batch(tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, tokenized, measurement)
         return [(torch.tensor(r["layer_metrics"]["variance"]), r["n_response_tokens"]) for r in records]
 
     for (population, n), (unbiased, _) in zip(variances(None), variances({"variance": {"ddof": 1}})):

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from harness.errors import InputError
+from harness.grid import Grid
 from harness.spec import load_spec
 from harness.stages import capture
 from harness.stages.sites import UnknownArchitecture
@@ -62,10 +63,8 @@ def test_sublayer_sites_equal_hooks_on_the_modules(tiny_model, tiny_tokenizer, s
     modules = [getattr(block, SUBLAYER_MODULES[type(tiny_model).__name__][site]) for block in blocks]
     for text in TEXTS[:2]:
         tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
-        record = capture.measure_batch(
-            tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, [tokenized], list(range(len(blocks))),
-            ["smoothness", "magnitude"], [], sites=[site],
-        )[0]
+        measurement = capture.Measurement(Grid(("smoothness", "magnitude"), sites=(site,)), list(range(len(blocks))))
+        record = capture.measure_batch(tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, [tokenized], measurement)[0]
         direct = hooked_outputs(tiny_model, modules, torch.tensor([tokenized.input_ids]))
         for layer, states in enumerate(direct):
             expected = numpy_metrics(states[tokenized.response_start :].numpy())
@@ -86,12 +85,11 @@ def test_sites_add_columns_and_leave_the_default_unchanged(tiny_model, tiny_toke
     tokenized = [capture.tokenize_for_capture(tiny_tokenizer, text) for text in TEXTS]
     layers, metrics = capture.resolve_layers(tiny_model, "all"), sorted(LAYER_METRICS)
 
-    def measure(**kwargs):
-        return capture.measure_batch(
-            tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, tokenized, layers, metrics, layers[:1], **kwargs
-        )
+    def measure(sites=("resid_post",)):
+        measurement = capture.Measurement(Grid(tuple(metrics), sites=sites), layers, layers[:1])
+        return capture.measure_batch(tiny_model, torch.device("cpu"), tiny_tokenizer.pad_token_id, tokenized, measurement)
 
-    default, three = measure(), measure(sites=["resid_post", "attn_out", "mlp_out"])
+    default, three = measure(), measure(sites=("resid_post", "attn_out", "mlp_out"))
     for alone, together in zip(default, three):
         assert set(together["layer_metrics"]) == {f"{m}{suffix}" for m in metrics for suffix in ("", "_attn_out", "_mlp_out")}
         for metric, values in alone["layer_metrics"].items():
@@ -138,14 +136,15 @@ def test_statistic_names_carry_non_default_sites(tmp_path):
         stats: {correlate: [ce_loss, smoothness_attn_out]}
         criteria: {attn: smoothness_attn_out.overall.d > 0 and smoothness.layer2.p < 0.05}
     """)
-    assert spec.layer_metric_names == ["smoothness", "magnitude", "smoothness_attn_out", "magnitude_attn_out"]
-    assert set(spec.layer_metric_names) <= spec.statistic_vocabulary()
+    names = [column.name for column in spec.grid.whole_columns()]
+    assert names == ["smoothness", "magnitude", "smoothness_attn_out", "magnitude_attn_out"]
+    assert set(names) <= spec.grid.statistic_vocabulary()
 
 
 def test_default_site_keeps_bare_metric_names(tmp_path):
     spec = spec_with(tmp_path, "metrics: [smoothness, variance]\n")
     assert spec.capture.sites == ["resid_post"]
-    assert spec.layer_metric_names == ["smoothness", "variance"]
+    assert [column.name for column in spec.grid.whole_columns()] == ["smoothness", "variance"]
 
 
 @pytest.mark.parametrize(

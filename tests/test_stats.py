@@ -300,7 +300,7 @@ def test_the_synthetic_effect_is_found(stats):
 
 
 def test_names_use_only_spec_words_keywords_and_layers(stats, spec):
-    vocabulary = spec.statistic_vocabulary()
+    vocabulary = spec.grid.statistic_vocabulary()
     for name in stats:
         for word in name.split("."):
             assert word in vocabulary or re.fullmatch(r"layer\d+", word), (name, word)

@@ -3,8 +3,8 @@
 Forward hooks on each decoder block's capture-site modules (`harness.stages.sites`; by
 default the block itself, whose output is the residual stream after block l) reduce what
 they see to per-text trajectory metrics on the device right away, into one preallocated
-buffer that reaches the host in one transfer per batch: no activation leaves the device
-unless the spec asks for it. (``hidden_states[-1]`` of a
+buffer of the grid's columns (`harness.grid`) that reaches the host in one transfer per
+batch: no activation leaves the device unless the spec asks for it. (``hidden_states[-1]`` of a
 transformers model is taken after the final norm; block outputs keep every layer on the
 same footing.) Cross-entropy comes from the final hidden states through the LM head in
 chunks of positions, so fp32 logits for a whole batch never exist at once.
@@ -16,17 +16,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import nn
 
 from harness.artifacts import content_hash, staged
 from harness.executor import CompiledCalls, Stage
+from harness.grid import Column, Grid, Window
 from harness.models import check_fits_memory, free_memory_bytes
-from harness.schema import CaptureSpec, ResponseTokenization
-from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture, metric_columns
-from harness.statnames import window_name
+from harness.schema import CaptureSpec, ResponseTokenization, Spec
+from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture
 from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
 if TYPE_CHECKING:
@@ -264,91 +264,111 @@ def split_views(buffer: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list
     return [part.view(shape) for part, shape in zip(buffer.split(sizes), shapes)]
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """What one fused forward measures and keeps (`CaptureSettings.measurement`, or built by hand)."""
+
+    grid: Grid
+    """The columns measured, in buffer order (`Grid.columns`)."""
+    layers: list[int]
+    """Captured decoder blocks (resolved against the model: `resolve_layers`)."""
+    keep_deltas_for: list[int] = field(default_factory=list)
+    """Captured layers whose per-token delta norms (of the first site) are kept."""
+    metric_options: dict[str, dict] = field(default_factory=dict)
+    """Keyword options by trajectory metric, as the spec's `metric_options`."""
+    directions: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per direction set of the grid, unit vectors `[model layers, d]` the projection metrics project onto."""
+    keep_activations: bool = False
+    """Also return the first site's activations."""
+    activation_dtype: torch.dtype = torch.float16
+    compile: bool = False
+    """The decoder blocks run compiled, on lengths padded to a multiple of COMPILE_BUCKET."""
+
+
+def _column_values(
+    tokens: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor | None, columns: Sequence[Column],
+    measurement: Measurement,
+) -> torch.Tensor:
+    """[columns, B]: each column's value per text (projections onto `vectors` [sets, d], the grid's direction sets)."""
+    projections = tokens @ vectors.T if vectors is not None else None  # [B, T, sets]
+    directions = measurement.grid.directions
+    return torch.stack([
+        PROJECTION_METRICS[column.metric](projections[..., directions.index(column.direction)], mask)
+        if column.direction is not None
+        else LAYER_METRICS[column.metric](tokens, mask, **measurement.metric_options.get(column.metric, {}))
+        for column in columns
+    ])
+
+
 @torch.inference_mode()
 def measure_batch(
-    model: nn.Module,
-    input_device: torch.device,
-    pad_token_id: int,
-    tokenized: list[Tokenized],
-    layers: list[int],
-    metric_names: list[str],
-    keep_deltas_for: list[int],
-    keep_activations: bool = False,
-    sites: Sequence[str] = (DEFAULT_SITE,),
-    metric_options: dict[str, dict] | None = None,
-    compile: bool = False,
-    windows: Sequence[tuple[int, int]] = (),
-    directions: dict[str, torch.Tensor] | None = None,
-    activation_dtype: torch.dtype = torch.float16,
+    model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement
 ) -> list[dict]:
-    """Metrics for a batch of texts from one right-padded forward (`metric_options`: keyword
-    options by metric name, as the spec's `metric_options`; `compile`: the decoder blocks run
-    compiled, on lengths padded to a multiple of COMPILE_BUCKET; `windows`: response-token
-    windows `[start, end)` each metric is also computed on; `directions`: per direction set,
-    unit vectors `[model layers, d]` the projection metrics among `metric_names` project onto).
+    """Every column of `measurement.grid` for a batch of texts, from one right-padded forward.
 
-    Returns one record per text: ``layer_metrics[column][i]`` per captured layer i, a column
-    per metric and site (`metric_columns`) and per window (`<column>.<window>`),
+    Returns one record per text: ``layer_metrics[column name][i]`` per captured layer i,
     ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms of
     the first site for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d] of
     the first site, in `activation_dtype`) if asked.
 
-    The hooks write every value into one preallocated device buffer, which reaches the host
-    in one transfer per batch (a second one for activations).
+    The hooks write every value into one preallocated device buffer, row by row of
+    `grid.columns()`, which names the values too; it reaches the host in one transfer per batch
+    (a second one for activations).
     """
-    if compile:
+    grid, layers = measurement.grid, measurement.layers
+    if measurement.compile:
         compile_blocks(model)
-    directions = directions or {}
-    padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if compile else 1)
+    padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if measurement.compile else 1)
     batch, span = padded.span_mask.shape
-    scopes = [(None, padded.span_mask), *(padded.window(start, end) for start, end in windows)]
-    n_columns = len(metric_columns(metric_names, DEFAULT_SITE, list(directions)))
-    shapes = [(len(sites), len(scopes), n_columns, len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
-              (len(TEXT_METRICS), batch)]
+    columns = grid.columns()
+    rows: dict[tuple[str, Window | None], list[int]] = {}
+    """The buffer rows one hook fills, per site and window: consecutive, in column order."""
+    for row, column in enumerate(columns):
+        rows.setdefault((column.site, column.window), []).append(row)
+    scopes: dict[Window | None, tuple[torch.Tensor | None, torch.Tensor]] = {
+        None: (None, padded.span_mask), **{window: padded.window(window.start, window.end) for window in grid.windows}
+    }
+    keep_deltas_for = measurement.keep_deltas_for
+    shapes = [grid.buffer_shape(len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)), (len(TEXT_METRICS), batch)]
     buffer = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32, device=input_device)
     layer_values, deltas, text_values = split_views(buffer, shapes)
     activations = None
-    if keep_activations:
+    if measurement.keep_activations:
         hidden_size = model.config.get_text_config().hidden_size
-        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=activation_dtype, device=input_device)
+        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=measurement.activation_dtype, device=input_device)
     delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
     if not delta_slots.keys() <= set(layers):
         raise ValueError(f"deltas are kept only for captured layers, not {sorted(delta_slots.keys() - set(layers))}")
-    on_device: dict[torch.device, tuple[list[tuple[torch.Tensor | None, torch.Tensor]], torch.Tensor | None]] = {}
+    if set(measurement.directions) != set(grid.directions):
+        raise ValueError(f"direction vectors for {sorted(measurement.directions)}, the grid has {list(grid.directions)}")
+    on_device: dict[torch.device, tuple[dict[Window | None, tuple[torch.Tensor | None, torch.Tensor]], torch.Tensor | None]] = {}
     """Per device the layers live on: each scope's token indices (None: the whole span) and mask,
     and the directions [sets, model layers, d]."""
 
-    def column_values(hidden: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor | None) -> list[torch.Tensor]:
-        """Every column's value per text, in `metric_columns` order (projections onto `vectors` [sets, d])."""
-        projections = hidden @ vectors.T if vectors is not None else None  # [B, T, sets]
-        values = []
-        for name in metric_names:
-            if name in PROJECTION_METRICS:
-                values += [PROJECTION_METRICS[name](projections[..., k], mask) for k in range(len(directions))]
-            else:
-                values.append(LAYER_METRICS[name](hidden, mask, **(metric_options or {}).get(name, {})))
-        return values
-
-    def hook_for(site_index: int, layer_index: int):
-        first_site, layer = site_index == 0, layers[layer_index]
+    def hook_for(site: str, layer_index: int):
+        first_site, layer = site == grid.sites[0], layers[layer_index]
 
         def hook(module, args, output):
             hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
             if hidden.device not in on_device:
-                vectors = torch.stack(list(directions.values())).to(hidden.device) if directions else None
+                vectors = (torch.stack([measurement.directions[name] for name in grid.directions]).to(hidden.device)
+                           if grid.directions else None)
                 on_device[hidden.device] = (
-                    [(None if index is None else index.to(hidden.device), mask.to(hidden.device)) for index, mask in scopes],
+                    {window: (None if index is None else index.to(hidden.device), mask.to(hidden.device))
+                     for window, (index, mask) in scopes.items()},
                     vectors,
                 )
             device_scopes, vectors = on_device[hidden.device]
-            for scope, (index, mask) in enumerate(device_scopes):
+            for window, (index, mask) in device_scopes.items():
+                filled = rows[(site, window)]
+                into = slice(filled[0], filled[-1] + 1)
                 if mask.shape[1] == 0:  # no text reaches this window
-                    layer_values[site_index, scope, :, layer_index] = float("nan")
+                    layer_values[into, layer_index] = float("nan")
                     continue
                 # a window's tokens gathered row by row: each row's window starts at column 0
                 tokens = hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-                layer_values[site_index, scope, :, layer_index] = torch.stack(
-                    column_values(tokens, mask, vectors[:, layer] if vectors is not None else None)
+                layer_values[into, layer_index] = _column_values(
+                    tokens, mask, vectors[:, layer] if vectors is not None else None, [columns[i] for i in filled], measurement
                 )
             if first_site and layer in delta_slots:
                 deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
@@ -358,9 +378,9 @@ def measure_batch(
         return hook
 
     handles = []
-    for site_index, site in enumerate(sites):
+    for site in grid.sites:
         modules = site_modules(model, site)
-        handles += [modules[layer].register_forward_hook(hook_for(site_index, index)) for index, layer in enumerate(layers)]
+        handles += [modules[layer].register_forward_hook(hook_for(site, index)) for index, layer in enumerate(layers)]
     try:
         hidden = model.get_decoder()(
             input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
@@ -377,20 +397,13 @@ def measure_batch(
 
     host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
     host_activations = activations.cpu() if activations is not None else None
-    scope_suffixes = ["", *(f".{window_name(start, end)}" for start, end in windows)]
-    columns = [
-        (f"{column}{suffix}", s, w, m)
-        for s, site in enumerate(sites)
-        for w, suffix in enumerate(scope_suffixes)
-        for m, column in enumerate(metric_columns(metric_names, site, list(directions)))
-    ]
     records = []
     for row, item in enumerate(tokenized):
         lo, hi = item.response_start - padded.first, len(item.input_ids) - padded.first
         record = {
             "n_response_tokens": len(item.input_ids) - item.response_start,
             "response_ids": item.input_ids[item.response_start :],
-            "layer_metrics": {column: host_values[s, w, m, :, row].tolist() for column, s, w, m in columns},
+            "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(columns)},
             "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
             "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
         }
@@ -418,56 +431,79 @@ def response_limits(
     return {name: shortest for name in texts}
 
 
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What the capture stage measures and how: built once per run (`from_spec`), shared by
+    every condition's stage; each field is part of the stage's cache key."""
+
+    model: str
+    """The capture model's alias."""
+    grid: Grid
+    """What is measured (the spec's metrics, sites, direction sets and windows)."""
+    capture: CaptureSpec
+    """Layers, response tokenization, saved activations (the grid has the sites and windows)."""
+    metric_options: dict[str, dict]
+    token_budget: int | Literal["auto"]
+    compile: bool
+    directions: dict[str, DirectionSet]
+    """The spec's direction sets, loaded and checked against the model."""
+
+    @classmethod
+    def from_spec(cls, spec: Spec, directions: dict[str, DirectionSet]) -> CaptureSettings:
+        return cls(spec.capture_model, spec.grid, spec.capture, spec.metric_options, spec.runtime.token_budget,
+                   spec.runtime.compile, directions)
+
+    def measurement(self, layers: list[int]) -> Measurement:
+        """What each forward measures, at the captured `layers` of the model."""
+        return Measurement(
+            self.grid, layers, report_layers(layers), self.metric_options,
+            {name: direction.vectors for name, direction in self.directions.items()},
+            self.capture.save_activations, getattr(torch, self.capture.activation_dtype), self.compile,
+        )
+
+
 @dataclass
 class CaptureStage(Stage):
     """One condition's texts through the capture model: every metric per text, in batches."""
 
     name: str
     texts: list[TextToMeasure]
-    alias: str
-    """The capture model."""
-    settings: CaptureSpec
-    metrics: list[str]
-    metric_options: dict[str, dict]
-    token_budget: int | str
-    compile: bool
+    settings: CaptureSettings
     pool: ModelPool
     kind = "capture"
     version = STAGE_VERSION
-    windows: list[tuple[int, int]] = field(default_factory=list)
-    """`stats.positions`: response-token windows every metric is also computed on."""
-    directions: dict[str, DirectionSet] = field(default_factory=dict)
-    """The spec's direction sets, loaded and checked against the model."""
-    layers: list[int] = field(default_factory=list)
+    measurement: Measurement | None = None
+    """Set by `units`, once the model's layers are known."""
     tokenized: list[Tokenized] = field(default_factory=list)
     forwards: CompiledCalls = field(default_factory=CompiledCalls)
     """Seconds of the forwards; with `compile`, per (rows, padded length)."""
 
     def inputs(self) -> dict:
+        settings, capture, grid = self.settings, self.settings.capture, self.settings.grid
         return {
             "texts": content_hash([[t.prompt, t.response, t.max_response_tokens] for t in self.texts]),
-            "model": self.pool.key(self.alias),
-            "layers": self.settings.layers,
-            "metrics": self.metrics,
-            **({"metric_options": self.metric_options} if self.metric_options else {}),
-            **({"response_tokenization": "separate"} if self.settings.response_tokenization == "separate" else {}),
-            "token_budget": self.token_budget,
-            **({"compile": True} if self.compile else {}),
-            "activations": self.settings.save_activations,
-            "sites": self.settings.sites,
-            **({"positions": self.windows} if self.windows else {}),
-            **({"directions": {name: [d.sha256, d.key] for name, d in self.directions.items()}} if self.directions else {}),
-            **({"activation_dtype": self.settings.activation_dtype} if self.settings.activation_dtype != "float16" else {}),
+            "model": self.pool.key(settings.model),
+            "layers": capture.layers,
+            "metrics": list(grid.metrics),
+            **({"metric_options": settings.metric_options} if settings.metric_options else {}),
+            **({"response_tokenization": "separate"} if capture.response_tokenization == "separate" else {}),
+            "token_budget": settings.token_budget,
+            **({"compile": True} if settings.compile else {}),
+            "activations": capture.save_activations,
+            "sites": list(grid.sites),
+            # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
+            **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
+            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}} if settings.directions else {}),
+            **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
         }
 
     def units(self) -> list[list[int]]:
-        loaded = self.pool.model(self.alias)
-        self.tokenized = [
-            tokenize_for_capture(loaded.tokenizer, text, self.settings.response_tokenization) for text in self.texts
-        ]
-        self.layers = resolve_layers(loaded.model, self.settings.layers)
+        loaded = self.pool.model(self.settings.model)
+        capture = self.settings.capture
+        self.tokenized = [tokenize_for_capture(loaded.tokenizer, text, capture.response_tokenization) for text in self.texts]
+        self.measurement = self.settings.measurement(resolve_layers(loaded.model, capture.layers))
         lengths = [len(t.input_ids) for t in self.tokenized]
-        budget = self.token_budget
+        budget = self.settings.token_budget
         if budget == "auto":
             budget = auto_token_budget(loaded.model, loaded.input_device, max(lengths))
         else:
@@ -478,25 +514,21 @@ class CaptureStage(Stage):
         return plan_batches(lengths, budget)
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
-        loaded = self.pool.model(self.alias)
+        loaded = self.pool.model(self.settings.model)
         batch = [self.tokenized[i] for i in unit]
         start = time.perf_counter()
-        records = measure_batch(
-            loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.layers, self.metrics,
-            report_layers(self.layers), self.settings.save_activations, self.settings.sites, self.metric_options,
-            self.compile, self.windows, {name: d.vectors for name, d in self.directions.items()},
-            getattr(torch, self.settings.activation_dtype),
-        )
-        shape = (len(unit), padded_length(batch, COMPILE_BUCKET if self.compile else 1))
-        self.forwards.record(shape, time.perf_counter() - start, self.compile)
-        if self.settings.save_activations:
+        records = measure_batch(loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.measurement)
+        compiled = self.settings.compile
+        shape = (len(unit), padded_length(batch, COMPILE_BUCKET if compiled else 1))
+        self.forwards.record(shape, time.perf_counter() - start, compiled)
+        if self.settings.capture.save_activations:
             save_activations(folder / "activations", unit, records)
         for record in records:
             record["tokens"] = [loaded.tokenizer.decode([token]) for token in record.pop("response_ids")]
         return records
 
     def finish(self, items: list[dict]) -> dict:
-        return {"layers": self.layers, "records": items}
+        return {"layers": self.measurement.layers, "records": items}
 
     def placeholder(self, key: str) -> dict:
         # a text metric whose value names the key: the stats stage's table, and so its key, follows it

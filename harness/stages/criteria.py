@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 from harness.errors import quoted
 from harness.numbers import format_number
-from harness.statnames import LAYER_SCOPE
+from harness.statnames import LAYER_SCOPE, words
 
 
 ALLOWED = "criteria use only comparisons, and/or/not, numbers and statistic names"
@@ -209,7 +209,7 @@ def check_criterion(expr: str, vocabulary: Collection[str]) -> None:
     matches, e.g. "unknown name 'hman' in 'ce_loss.hman.mean' (did you mean 'human'?)".
     """
     for name in statistic_names(expr):
-        for segment in name.split("."):
+        for segment in words(name):
             if segment not in vocabulary and not LAYER_SCOPE.fullmatch(segment):
                 raise ValueError(f"unknown name {quoted(segment)} in {quoted(name)} ({_hint(segment, vocabulary)})")
 

@@ -18,10 +18,22 @@ from scipy.stats import t as student_t
 
 from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
+from harness.grid import Column, Window
 from harness.rundir import RunRecord, load_run, write_report
 from harness.schema import Comparison
 from harness.stages.criteria import from_json, outcome, summary_line
-from harness.statnames import CORRELATION_STATS, MIXEDLM_STATS, OVERALL, PAIRED_STATS, TEXT_METRIC_NAMES
+from harness.statnames import (
+    CORRELATION_STATS,
+    MIXEDLM_STATS,
+    OVERALL,
+    PAIRED_STATS,
+    TEXT_METRIC_NAMES,
+    correlation_name,
+    descriptive_name,
+    layer_scope,
+    mixedlm_name,
+    paired_name,
+)
 from harness.templates import explicit_template, find_template, render_template
 
 TOP_TOKENS = 5
@@ -77,7 +89,7 @@ def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
             plots.per_sample_distribution(overall_metric(run.table, metric), metric, run_dir / PLOT_FILES["distribution"]),
         ),
     ]
-    if spec.stats.positions:
+    if spec.grid.windows:
         figures.append((
             f"Effect size of {metric} by layer and position window ({comparison.a} − {comparison.b})",
             plots.window_heatmap(pd.DataFrame(window_cells(run)), metric, name, run_dir / PLOT_FILES["windows"]),
@@ -96,7 +108,7 @@ def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
 def _layer_means(run: RunRecord) -> pd.DataFrame:
     metric = run.spec.stats.correlate[1]
     return pd.DataFrame(
-        {"condition": condition, "layer": layer, "mean": run.stat(f"{metric}.{condition}.layer{layer}.mean")}
+        {"condition": condition, "layer": layer, "mean": run.stat(descriptive_name(metric, condition, "mean", layer_scope(layer)))}
         for condition in run.spec.conditions
         for layer in run.layers
     )
@@ -116,23 +128,26 @@ def _scatter_pairs(run: RunRecord, comparison: Comparison) -> pd.DataFrame:
 def window_cells(run: RunRecord) -> list[dict]:
     """Per position window and layer: the primary comparison's d of the studied metric, and
     whether its p survives Holm across windows x layers."""
-    name, metric, alpha = next(iter(run.spec.comparisons)), run.spec.stats.correlate[1], run.spec.report.alpha
+    name, alpha, grid = next(iter(run.spec.comparisons)), run.spec.report.alpha, run.spec.grid
+    metric = grid.column(run.spec.stats.correlate[1])
     return [
-        {"window": f"{start}–{end}", "layer": layer, "d": run.stat(f"{name}.{metric}.{window}.layer{layer}.d"),
-         "significant": run.stat(f"{name}.{metric}.{window}.layer{layer}.p_holm") < alpha}
-        for (start, end), window in zip(run.spec.stats.positions, run.spec.stats.window_names)
+        {"window": f"{window.start}–{window.end}", "layer": layer,
+         "d": run.stat(paired_name(metric.at(window).name, layer_scope(layer), "d", name)),
+         "significant": run.stat(paired_name(metric.at(window).name, layer_scope(layer), "p_holm", name)) < alpha}
+        for window in grid.windows
         for layer in run.layers
     ]
 
 
-def projection_columns(run: RunRecord) -> list[str]:
+def projection_columns(run: RunRecord) -> list[Column]:
     """The projection metric columns of the first capture site (`<metric>.<direction>`)."""
-    return [column for column in run.spec.primary_site_columns if set(column.split(".")[1:2]) & set(run.spec.directions)]
+    return [column for column in run.spec.grid.primary_columns() if column.direction is not None]
 
 
 def _projection_means(run: RunRecord) -> pd.DataFrame:
     """Per projection column, condition and layer: the mean over samples and its t confidence interval."""
-    rows = run.table[run.table["metric"].isin(projection_columns(run)) & run.table["layer"].notna()]
+    names = [column.name for column in projection_columns(run)]
+    rows = run.table[run.table["metric"].isin(names) & run.table["layer"].notna()]
     summary = rows.groupby(["metric", "condition", "layer"], sort=False)["value"].agg(["mean", "sem", "count"]).reset_index()
     half = summary["sem"] * student_t.ppf((1 + run.spec.stats.confidence) / 2, (summary["count"] - 1).clip(lower=1))
     return summary.assign(column=summary["metric"], ci_low=summary["mean"] - half, ci_high=summary["mean"] + half)
@@ -196,31 +211,34 @@ def _criteria(rows: list[dict]) -> list[dict]:
     ]
 
 
-def _paired(run: RunRecord, prefix: str) -> dict[str, float]:
-    return {stat: run.stat(f"{prefix}.{stat}") for stat in PAIRED_STATS}
+def _paired(run: RunRecord, comparison: str, column: str, scope: str = OVERALL) -> dict[str, float]:
+    return {stat: run.stat(paired_name(column, scope, stat, comparison)) for stat in PAIRED_STATS}
 
 
-def _paired_rows(run: RunRecord, comparison: str, scope: str = "") -> list[dict]:
+def _paired_rows(run: RunRecord, comparison: str, window: Window | None = None) -> list[dict]:
     """A comparison's paired statistics per metric (trajectory and projection metrics: overall;
-    `scope`: a position window's, `.<window>`)."""
+    with `window`, on the window's tokens; the rows name the whole-response column)."""
+    columns = run.spec.grid.primary_columns()
     return [
-        {"metric": metric, "trajectory": metric not in TEXT_METRIC_NAMES,
-         **_paired(run, f"{comparison}.{metric}{scope}.{OVERALL}")}
-        for metric in ([] if scope else [*TEXT_METRIC_NAMES]) + run.spec.primary_site_columns
+        *({"metric": metric, "trajectory": False, **_paired(run, comparison, metric)}
+          for metric in ([] if window else TEXT_METRIC_NAMES)),
+        *({"metric": column.name, "trajectory": True, **_paired(run, comparison, column.at(window).name)}
+          for column in columns),
     ]
 
 
 def window_tables(run: RunRecord, comparison: str) -> list[dict]:
     """Per position window: each metric's paired statistics on the window's tokens (overall), and
     how many layers are significant after Holm across windows x layers."""
-    alpha = run.spec.report.alpha
+    alpha, grid = run.spec.report.alpha, run.spec.grid
     tables = []
-    for (start, end), window in zip(run.spec.stats.positions, run.spec.stats.window_names):
-        rows = _paired_rows(run, comparison, f".{window}")
-        for row in rows:
-            holm = [run.stat(f"{comparison}.{row['metric']}.{window}.layer{layer}.p_holm") for layer in run.layers]
+    for window in grid.windows:
+        rows = _paired_rows(run, comparison, window)
+        for row, column in zip(rows, grid.primary_columns()):
+            holm = [run.stat(paired_name(column.at(window).name, layer_scope(layer), "p_holm", comparison))
+                    for layer in run.layers]
             row["holm_layers"] = sum(p < alpha for p in holm)
-        tables.append({"name": window, "start": start, "end": end, "rows": rows})
+        tables.append({"name": window.name, "start": window.start, "end": window.end, "rows": rows})
     return tables
 
 
@@ -234,12 +252,12 @@ def direction_notes(run: RunRecord, comparison: str) -> list[dict]:
         metadata = record.get("metadata", {})
         rows = []
         for column in projection_columns(run):
-            if column.split(".")[1] != name:
+            if column.direction != name:
                 continue
-            layers = [(run.stat(f"{comparison}.{column}.layer{layer}.d"), layer) for layer in run.layers]
+            layers = [(run.stat(paired_name(column.name, layer_scope(layer), "d", comparison)), layer) for layer in run.layers]
             finite = [(d, layer) for d, layer in layers if not math.isnan(d)]
             strongest = max(finite, key=lambda pair: abs(pair[0])) if finite else (float("nan"), None)
-            rows.append({"metric": column, **_paired(run, f"{comparison}.{column}.{OVERALL}"),
+            rows.append({"metric": column.name, **_paired(run, comparison, column.name),
                          "strongest_layer": strongest[1], "strongest_d": strongest[0]})
         samples = metadata.get("samples")
         notes.append({
@@ -266,7 +284,7 @@ def _summary_rows(run: RunRecord, comparison: str) -> list[dict]:
     rows = _paired_rows(run, comparison)
     for row in rows:
         row["conditions"] = [
-            {"mean": run.stat(f"{row['metric']}.{c}.mean"), "sd": run.stat(f"{row['metric']}.{c}.sd")}
+            {"mean": run.stat(descriptive_name(row["metric"], c, "mean")), "sd": run.stat(descriptive_name(row["metric"], c, "sd"))}
             for c in run.spec.conditions
         ]
     return rows
@@ -280,7 +298,7 @@ def _correlation_rows(run: RunRecord, name: str, comparison: Comparison) -> list
         "difference": f"difference ({comparison.a} − {comparison.b})",
     }
     return [
-        {"scope": label, **{stat: run.stat(f"{name}.correlation.{scope}.{stat}") for stat in CORRELATION_STATS}}
+        {"scope": label, **{stat: run.stat(correlation_name(scope, stat, name)) for stat in CORRELATION_STATS}}
         for scope, label in scopes.items()
     ]
 
@@ -291,8 +309,9 @@ def layer_rows(run: RunRecord) -> list[dict]:
     metric = run.spec.stats.correlate[1]
     rows = []
     for layer in run.layers:
-        prefix = f"{name}.{metric}.layer{layer}"
-        row = {"layer": layer, **_paired(run, prefix), "p_holm": run.stat(f"{prefix}.p_holm"), "p_bh": run.stat(f"{prefix}.p_bh")}
+        scope = layer_scope(layer)
+        row = {"layer": layer, **_paired(run, name, metric, scope),
+               **{stat: run.stat(paired_name(metric, scope, stat, name)) for stat in ("p_holm", "p_bh")}}
         row["holm_significant"] = row["p_holm"] < run.spec.report.alpha
         rows.append(row)
     return rows
@@ -300,7 +319,7 @@ def layer_rows(run: RunRecord) -> list[dict]:
 
 def _mixed_model(run: RunRecord, name: str) -> dict | None:
     """The mixed model's statistics, or None when it was not fitted or the fit failed."""
-    values = {stat: run.stat(f"{name}.mixedlm.{stat}") for stat in MIXEDLM_STATS}
+    values = {stat: run.stat(mixedlm_name(stat, name)) for stat in MIXEDLM_STATS}
     if all(math.isnan(values[stat]) for stat in ("x_coef", "condition_coef")):
         return None
     return {**values, "converged": values["converged"] == 1}
@@ -325,8 +344,8 @@ def effect_notes(run: RunRecord) -> dict:
     and whether either is significant in the negative direction or missing."""
     name = next(iter(run.spec.comparisons))
     metric, alpha = run.spec.stats.correlate[1], run.spec.report.alpha
-    d, p = run.stat(f"{name}.{metric}.{OVERALL}.d"), run.stat(f"{name}.{metric}.{OVERALL}.p")
-    r, r_p = run.stat(f"{name}.correlation.pooled.r"), run.stat(f"{name}.correlation.pooled.p")
+    d, p = run.stat(paired_name(metric, OVERALL, "d", name)), run.stat(paired_name(metric, OVERALL, "p", name))
+    r, r_p = run.stat(correlation_name("pooled", "r", name)), run.stat(correlation_name("pooled", "p", name))
     return {
         "d": d,
         "p": p,
@@ -415,8 +434,8 @@ def threats_to_validity(run: RunRecord, diagnostics: dict) -> dict:
         "controls": _control_threat(run),
         "scale_free": scale_free and {
             "metric": scale_free,
-            "d": run.stat(f"{name}.{scale_free}.{OVERALL}.d"),
-            "p": run.stat(f"{name}.{scale_free}.{OVERALL}.p"),
+            "d": run.stat(paired_name(scale_free, OVERALL, "d", name)),
+            "p": run.stat(paired_name(scale_free, OVERALL, "p", name)),
         },
     }
 
@@ -449,7 +468,7 @@ def _control_threat(run: RunRecord) -> dict:
     the spec reserves for real text (`report.threats.control_must_not_be`)."""
     metric = run.spec.stats.correlate[1]
     controls = [c for c, condition in run.spec.conditions.items() if condition.derived_from()]
-    means = {c: run.stat(f"{metric}.{c}.mean") for c in run.spec.conditions}
+    means = {c: run.stat(descriptive_name(metric, c, "mean")) for c in run.spec.conditions}
     finite = {c: mean for c, mean in means.items() if not math.isnan(mean)}
     ends = {"lowest": min(finite, key=finite.get), "highest": max(finite, key=finite.get)} if finite else {}
     forbidden = run.spec.report.threats.control_must_not_be

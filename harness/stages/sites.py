@@ -10,7 +10,7 @@ Imports no torch: spec validation checks site names without it.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 SITES: dict[str, Callable[[str], str]] = {}
 DEFAULT_SITE = "resid_post"
@@ -25,24 +25,6 @@ def capture_site(fn: Callable[[str], str]) -> Callable[[str], str]:
     """Register a capture site under its function name."""
     SITES[fn.__name__] = fn
     return fn
-
-
-def metric_column(metric: str, site: str) -> str:
-    """The name a trajectory metric measured at `site` has in per_sample.csv and statistics."""
-    return metric if site == DEFAULT_SITE else f"{metric}_{site}"
-
-
-def metric_columns(metrics: Sequence[str], site: str, directions: Sequence[str]) -> list[str]:
-    """The names `metrics` measured at `site` have in per_sample.csv, in order: a projection
-    metric once per direction set, as `<metric>.<direction>` (the direction is always the
-    second word of its columns)."""
-    from metrics import PROJECTION_METRICS
-
-    return [
-        f"{metric_column(metric, site)}.{direction}" if metric in PROJECTION_METRICS else metric_column(metric, site)
-        for metric in metrics
-        for direction in (directions if metric in PROJECTION_METRICS else [None])
-    ]
 
 
 def _per_architecture(site: str, architecture: str, paths: dict[str, str]) -> str:

@@ -12,10 +12,14 @@ are words joined by dots, so that criteria can refer to them:
   ``LAYER_ADJUSTED_P`` across the layers of the metric); ``k.correlation.<scope>.<stat>``;
   ``k.mixedlm.<stat>``. The primary comparison (the first) also gets every name without
   the ``k.`` prefix.
-- a metric ``m`` may be a projection column ``<metric>.<direction>`` or a per-window column
-  ``<column>.window<s>_<e>`` (``stats.positions``); the names follow the same rules
-  (``smoothness.window0_5.layer3.d``). The ``LAYER_ADJUSTED_P`` of a per-window column adjust
-  across every window x layer of its metric, the family a position breakdown tests.
+- a metric ``m`` is a column of the grid (``harness.grid``): it may be a projection column
+  ``<metric>.<direction>`` or a per-window column ``<column>.window<s>_<e>``
+  (``capture.windows``); the names follow the same rules (``smoothness.window0_5.layer3.d``).
+  The ``LAYER_ADJUSTED_P`` of a column adjust across its family (``Column.family``): the
+  layers of its metric, or for a per-window column every window x layer of its metric, the
+  family a position breakdown tests.
+
+Every name is built by ``harness.statnames``.
 
 Choices worth knowing:
 
@@ -59,6 +63,7 @@ from scipy.stats import pearsonr, quantile, ttest_rel, wilcoxon
 from harness.artifacts import content_hash
 from harness.errors import RunFailure
 from harness.executor import Stage
+from harness.grid import Column
 from harness.statnames import (
     COLUMNS,
     CORRELATION_STATS,
@@ -66,7 +71,12 @@ from harness.statnames import (
     MIXEDLM_STATS,
     OVERALL,
     PAIRED_STATS,
-    WINDOW_SCOPE,
+    correlation_name,
+    descriptive_name,
+    layer_scope,
+    mixedlm_name,
+    paired_name,
+    prefixed,
 )
 from harness.schema import Comparison, Spec, StatsSpec
 
@@ -107,7 +117,7 @@ def compute_stats(table: pd.DataFrame, spec: Spec) -> dict[str, float]:
         paired = _comparison_stats(per_condition, name, comparison, spec.stats)
         if index == 0:
             stats |= paired
-        stats |= {f"{name}.{key}": value for key, value in paired.items()}
+        stats |= {prefixed(name, key): value for key, value in paired.items()}
     return {key: float(value) for key, value in stats.items()}
 
 
@@ -124,7 +134,7 @@ def _per_sample(table: pd.DataFrame, condition: str) -> pd.DataFrame:
     for metric, values in rows[rows["layer"].notna()].groupby("metric", sort=False):
         layers = values.pivot(index="sample_id", columns="layer", values="value")
         columns[(metric, OVERALL)] = layers.mean(axis=1, skipna=False)
-        columns |= {(metric, f"layer{layer}"): layers[layer] for layer in layers.columns}
+        columns |= {(metric, layer_scope(layer)): layers[layer] for layer in layers.columns}
     return pd.DataFrame(columns).sort_index()
 
 
@@ -133,11 +143,11 @@ def _descriptives(per_condition: dict[str, pd.DataFrame]) -> dict[str, float]:
     for condition, values in per_condition.items():
         for (metric, scope), column in values.items():
             if scope == OVERALL:
-                stats[f"{metric}.{condition}.mean"] = column.mean()
-                stats[f"{metric}.{condition}.sd"] = column.std(ddof=1)
-                stats[f"{metric}.{condition}.n"] = column.count()
+                stats[descriptive_name(metric, condition, "mean")] = column.mean()
+                stats[descriptive_name(metric, condition, "sd")] = column.std(ddof=1)
+                stats[descriptive_name(metric, condition, "n")] = column.count()
             else:
-                stats[f"{metric}.{condition}.{scope}.mean"] = column.mean()
+                stats[descriptive_name(metric, condition, "mean", scope)] = column.mean()
     return stats
 
 
@@ -312,7 +322,7 @@ def _paired_stats(a: pd.DataFrame, b: pd.DataFrame, settings: StatsSpec) -> dict
     stats: dict[str, float] = {}
     for (metric, scope), row in per_column.to_dict("index").items():
         names = PAIRED_STATS if scope == OVERALL else (*PAIRED_STATS, *LAYER_ADJUSTED_P)
-        stats |= {f"{metric}.{scope}.{stat}": row[stat] for stat in names}
+        stats |= {paired_name(metric, scope, stat): row[stat] for stat in names}
     return stats
 
 
@@ -350,29 +360,22 @@ def _paired_columns(
     return columns | tests | {"n": n}
 
 
-def adjustment_family(metric: str) -> str:
-    """The columns whose per-layer p-values are adjusted together: a metric's layers, and for a
-    per-window column (``smoothness.window0_5``) every window x layer of its metric."""
-    *words, last = metric.split(".")
-    return ".".join([*words, "windows"]) if words and WINDOW_SCOPE.fullmatch(last) else metric
-
-
 def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
-    """Per-layer p-values adjusted across their family (`adjustment_family`; NaN for overall and NaN p)."""
+    """Per-layer p-values adjusted across their family (`Column.family`; NaN for overall and NaN p)."""
     from statsmodels.stats.multitest import multipletests  # statsmodels imports in ~1 s: only when computing
 
-    metrics = pd.Index([adjustment_family(metric) for metric in p.index.get_level_values(0)])
-    scopes = p.index.get_level_values(1)
+    families: dict[tuple[Column, bool], list[int]] = {}
+    for row, ((metric, scope), value) in enumerate(p.items()):
+        if scope != OVERALL and not np.isnan(value):
+            families.setdefault(Column.parse(metric).family, []).append(row)
     adjusted = {stat: np.full(len(p), np.nan) for stat in LAYER_ADJUSTED_P}
     # multipletests' Holm runs gc.collect() on every call (0.2 s with torch loaded): frozen, the
     # objects that exist now are not scanned again.
     gc.freeze()
     try:
-        for metric in metrics.unique():
-            rows = np.flatnonzero((metrics == metric) & (scopes != OVERALL) & p.notna().to_numpy())
-            if rows.size:
-                for stat, method in LAYER_ADJUSTED_P.items():
-                    adjusted[stat][rows] = multipletests(p.to_numpy()[rows], method=method)[1]
+        for rows in families.values():
+            for stat, method in LAYER_ADJUSTED_P.items():
+                adjusted[stat][rows] = multipletests(p.to_numpy()[rows], method=method)[1]
     finally:
         gc.unfreeze()
     return pd.DataFrame(adjusted, index=p.index)
@@ -403,7 +406,7 @@ def _correlations(
         x_kept, y_kept = x.T[valid], y.T[valid]
         r, p = pearsonr(x_kept, y_kept) if len(x_kept) >= 2 else (np.nan, np.nan)
         values = (r, p, low[0], high[0], len(x_kept))
-        stats |= {f"correlation.{scope}.{stat}": value for stat, value in zip(CORRELATION_STATS, values)}
+        stats |= {correlation_name(scope, stat): value for stat, value in zip(CORRELATION_STATS, values)}
     return stats
 
 
@@ -420,7 +423,7 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
     import statsmodels.formula.api as smf
 
     frame = frame.dropna()  # texts lacking x or y leave the model; their sample's other text stays
-    failed = {f"mixedlm.{stat}": np.nan for stat in MIXEDLM_STATS} | {"mixedlm.converged": 0.0}
+    failed = {mixedlm_name(stat): np.nan for stat in MIXEDLM_STATS} | {mixedlm_name("converged"): 0.0}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-convergence is reported as mixedlm.converged = 0
@@ -428,7 +431,7 @@ def _mixed_model(x_a: pd.Series, x_b: pd.Series, y_a: pd.Series, y_b: pd.Series)
     except (np.linalg.LinAlgError, ValueError):  # singular design (e.g. x constant)
         return failed
     values = (fit.params["x"], fit.pvalues["x"], fit.params["condition"], fit.pvalues["condition"], fit.converged)
-    return {f"mixedlm.{stat}": value for stat, value in zip(MIXEDLM_STATS, values)}
+    return {mixedlm_name(stat): value for stat, value in zip(MIXEDLM_STATS, values)}
 
 
 @dataclass
