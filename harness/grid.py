@@ -31,8 +31,14 @@ from metrics import PROJECTION_METRICS
 if TYPE_CHECKING:
     from harness.schema import Spec
 
-WINDOW_WORD = re.compile(r"window(\d+)_(\d+)")
+_WINDOW_WORD = re.compile(r"window(\d+)_(\d+)")
 """A position window's word: ``window5_20`` covers response tokens 5 to 19."""
+
+
+def is_axis_word(word: str) -> bool:
+    """Whether `word` looks like a word the grid's axes put into names (`window0_5`): no
+    condition, comparison or direction set may be called so."""
+    return _WINDOW_WORD.fullmatch(word) is not None
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class Window:
     @classmethod
     def parse(cls, word: str) -> Window | None:
         """The window `word` names, or None when it names none."""
-        match = WINDOW_WORD.fullmatch(word)
+        match = _WINDOW_WORD.fullmatch(word)
         window = cls(int(match[1]), int(match[2])) if match else None
         return window if window and window.name == word else None  # `window05_5` is not a window's name
 

@@ -26,7 +26,7 @@ from pydantic import (
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
-from harness.grid import WINDOW_WORD, Column, Grid
+from harness.grid import Column, Grid, is_axis_word
 from harness.stages.sites import DEFAULT_SITE, SITES
 from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
 
@@ -525,5 +525,5 @@ def _check_names(spec: Spec) -> None:
         for name in names:
             if kind == "directions" and not re.fullmatch(IDENTIFIER, name):
                 raise FieldError(f"directions.{name}", f"name {quoted(name)} must be an identifier (letters, digits, _)")
-            if name in taken or LAYER_SCOPE.fullmatch(name) or WINDOW_WORD.fullmatch(name):
+            if name in taken or LAYER_SCOPE.fullmatch(name) or is_axis_word(name):
                 raise FieldError(f"{kind}.{name}", f"{name!r} is reserved for statistic names; choose another name")
