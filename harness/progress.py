@@ -2,7 +2,7 @@
 model loading, GGUF conversion.
 
 On a terminal a step is a tqdm bar. Anywhere else (a log file, CI, nohup, SLURM) it is a line
-every `HEARTBEAT_SECONDS` while it runs, with what is done of the total, the time elapsed and an
+at least every 30 s while it runs, with what is done of the total, the time elapsed and an
 estimate of the time left, so a log never goes silent long enough to look hung. The executor
 owns the run's `Progress`; model loading and GGUF conversion report through one too. The clock
 is injected, so a test drives the heartbeat without waiting.
@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-HEARTBEAT_SECONDS = 30.0
-"""Outside a terminal: the longest a running step goes without a progress line."""
 PULSE_SECONDS = 1.0
-"""How often a step that reports nothing itself (a model load) is checked for a due line."""
+"""How often a running step is checked for a due line, whether or not it reports progress itself."""
+HEARTBEAT_SECONDS = 30.0 - PULSE_SECONDS
+"""Outside a terminal: a line is due this long after the last one, so, checked every
+PULSE_SECONDS, a running step never goes 30 s without one."""
 
 
 def stderr_line(line: str) -> None:

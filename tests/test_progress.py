@@ -1,4 +1,4 @@
-"""Progress outside a terminal: a heartbeat line at most every 30 s, with what is done, the time
+"""Progress outside a terminal: a heartbeat line at least every 30 s, with what is done, the time
 elapsed and the time left; generation reports its tokens as they are decoded. A fake clock
 drives the heartbeat: no test waits or reads the wall clock."""
 
@@ -30,7 +30,7 @@ class FakeClock:
 
 def heartbeat(clock: FakeClock) -> tuple[Progress, list[str]]:
     lines: list[str] = []
-    return Progress(lines.append, clock=clock, terminal=False, pulse=None), lines
+    return Progress(lines.append, clock=clock, interval=30, terminal=False, pulse=None), lines
 
 
 def test_a_line_when_the_interval_has_passed_with_done_total_and_time_left():
@@ -76,7 +76,7 @@ def test_a_background_pulse_reports_a_step_that_reports_nothing_itself():
         if len(lines) == 2:
             two_lines.set()
 
-    progress = Progress(log, clock=FakeClock(step=HEARTBEAT_SECONDS), terminal=False, pulse=0.001)
+    progress = Progress(log, clock=FakeClock(step=30), interval=30, terminal=False, pulse=0.001)
     with progress.task("load[base]"):
         two_lines.wait(timeout=60)  # a bound, should the thread never report (the assertion then says so)
     assert lines[:2] == ["  load[base]  30s elapsed", "  load[base]  1m00s elapsed"]
