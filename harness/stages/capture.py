@@ -434,6 +434,7 @@ class CaptureStage(Stage):
     pool: ModelPool
     kind = "capture"
     version = STAGE_VERSION
+    progress_unit = "texts"
     windows: list[tuple[int, int]] = field(default_factory=list)
     """`stats.positions`: response-token windows every metric is also computed on."""
     directions: dict[str, DirectionSet] = field(default_factory=dict)
