@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first spec with a failed criterion or error")
     run.add_argument("--tag", type=_tag, help="name the run: its folder is <runs dir>/<spec name>/<time>-<tag>")
     _add_overrides(run)
-    run.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is still written)")
+    run.add_argument("--no-cache", action="store_true", help="recompute every stage (overwriting its cache entries)")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
     run.add_argument("--junitxml", metavar="FILE", help="also write criteria results as JUnit XML")
     run.set_defaults(handler=cmd_run)
