@@ -1,7 +1,6 @@
 """`harness` command line: run, validate, ls, schema, compare, directions.
 
-Exit codes (pytest-style, `harness.errors.ExitCode`): 0 every criterion passed, 1 some
-criterion failed, 2 bad input or usage, 3 runtime error, 130 interrupted, 143 terminated.
+Exit codes are pytest-style (`harness.errors.ExitCode`); `harness run --help` lists them.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import traceback
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.errors import ExitCode, HarnessError, InputError
-from harness.select import keyword_matches
+from harness.select import PATTERN_HELP, keyword_matches
 
 
 def spec_files(paths: Sequence[str], select: str | None = None) -> list[Path]:
@@ -74,7 +74,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import compare_runs
 
-    markdown = compare_runs([Path(run) for run in args.runs])
+    markdown = compare_runs([Path(run) for run in args.runs], args.stat)
     print(markdown)
     if args.output:
         from harness.artifacts import write_text
@@ -100,16 +100,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from harness import listing
 
     if args.what == "stats":
-        if len(args.paths) != 1:
-            raise InputError("ls stats: name one spec file, run folder or sweep folder")
-        rows = listing.stats(Path(args.paths[0]))
+        if len(args.paths) not in (1, 2):
+            raise InputError("ls stats: name one spec file, run folder or sweep folder, then optionally a PATTERN")
+        names = listing.stats(Path(args.paths[0]))
+        rows = listing.matching(names, args.paths[1]) if len(args.paths) == 2 else names
+        if not rows:
+            print(f"no statistic name matches {args.paths[1]!r} (of {len(names)}; {PATTERN_HELP})", file=sys.stderr)
     elif args.what == "specs":
-        rows = listing.specs(spec_files(args.paths or ["specs"]))
+        rows = listing.specs(spec_files(args.paths or ["specs"]), shutil.get_terminal_size().columns)
     else:
         if args.paths:
             raise InputError(f"ls {args.what}: takes no path")
         rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites}[args.what]()
-    print("\n".join(rows))
+    if rows:
+        print("\n".join(rows))
     return ExitCode.PASSED
 
 
@@ -209,58 +213,106 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="placement of every model (models.*.device_map), e.g. cpu or cuda:0")
 
 
+SPEC_PATHS = "spec files, or folders of them (their *.yaml files; names starting with _ are left out)"
+
+RUN_EXAMPLES = """\
+examples:
+  harness run specs/quickstart.yaml                  SmolLM2-135M, offline, on a CPU in minutes
+  harness run specs/quickstart.yaml --limit 8 --set conditions.model.generation.max_new_tokens=30 --tag smoke
+  harness run specs/ -k "quickstart and not reference" -x     a folder, pytest-style selection
+  harness run specs/cross-model-offline.yaml         a sweep: a run per matrix point, one combined report
+  harness run specs/baseline.yaml --runs-dir /scratch/runs --device cuda:0
+"""
+
+
+def _exit_codes() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code.value:<4} {code.meaning}" for code in ExitCode)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import harness
 
     parser = argparse.ArgumentParser(
-        prog="harness", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="harness", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A pytest-style, declarative experiment harness for interpretability research on language models:\n"
+                    "a YAML spec states a hypothesis, `harness run` checks it criterion by criterion.",
         epilog="environment variables:\n" + "\n".join(f"  {name:<22}{text}" for name, text in ENVIRONMENT.items()),
     )
     parser.add_argument("--version", action="version", version=f"harness {harness.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do; `harness COMMAND --help` shows its arguments and examples")
 
-    run = commands.add_parser("run", help="run specs (files or folders) and check their criteria")
-    run.add_argument("paths", nargs="+")
-    run.add_argument("-k", dest="select", help="only specs whose name matches (substrings, `or`, `not`)")
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "run specs (files or folders) and check their criteria",
+                  RUN_EXAMPLES + "\n" + _exit_codes())
+    run.add_argument("paths", nargs="+", metavar="PATH", help=SPEC_PATHS)
+    run.add_argument("-k", dest="select", metavar="EXPRESSION",
+                     help="only specs whose file name matches: substrings with and/or/not, as pytest's -k")
     run.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first spec with a failed criterion or error")
-    run.add_argument("--tag", type=_tag, help="name the run: its folder is runs/<name>/<time>-<tag>")
+    run.add_argument("--tag", type=_tag, help="name the run: its folder is <runs dir>/<spec name>/<time>-<tag>")
     _add_overrides(run)
-    run.add_argument("--no-cache", action="store_true", help="recompute every stage")
-    run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
-    run.add_argument("--junitxml", help="also write criteria results as JUnit XML")
+    run.add_argument("--no-cache", action="store_true", help="recompute every stage (overwriting its cache entries)")
+    run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
+    run.add_argument("--junitxml", metavar="FILE", help="also write criteria results as JUnit XML")
     run.set_defaults(handler=cmd_run)
 
-    validate = commands.add_parser("validate", help="parse and validate specs (every matrix point); run nothing")
-    validate.add_argument("paths", nargs="+")
-    validate.add_argument("--show", action="store_true", help="print each resolved spec")
+    validate = command("validate", "parse and validate specs (every matrix point); run nothing", _examples(
+        "harness validate specs/                       every shipped spec, one line each",
+        "harness validate specs/quickstart.yaml        one spec: prints it resolved (extends, defaults)",
+        "harness validate specs/baseline.yaml --set runtime.compile=true   with an override",
+    ))
+    validate.add_argument("paths", nargs="+", metavar="PATH", help=SPEC_PATHS)
+    validate.add_argument("--show", action="store_true", help="print each resolved spec (one spec is always printed)")
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    ls = commands.add_parser("ls", help="list specs, metrics, condition sources, capture sites, or statistic names")
-    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "stats"])
-    ls.add_argument("paths", nargs="*", help="specs: files or folders (default: specs/); stats: a spec, run or sweep folder")
+    ls = command("ls", "list specs, metrics, condition sources, capture sites, or statistic names", _examples(
+        "harness ls specs                              one line per spec: name, offline or hub, summary",
+        "harness ls stats specs/quickstart.yaml        the statistic names its run writes (criteria use them)",
+        "harness ls stats runs/quickstart/RUN 'smoothness.overall.*'   the names a run wrote, filtered",
+        "harness ls stats runs/quickstart/RUN ci_low   those containing ci_low",
+        "harness ls metrics                            the registered metrics (also: sources, sites)",
+    ))
+    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "stats"], help="what to list")
+    ls.add_argument("paths", nargs="*", metavar="PATH",
+                    help="specs: spec files or folders (default: specs/); stats: a spec, run folder or sweep folder, "
+                         f"then optionally a PATTERN: {PATTERN_HELP}")
     ls.set_defaults(handler=cmd_ls)
 
-    schema = commands.add_parser("schema", help="print the spec's JSON Schema")
+    schema = command("schema", "print the spec's JSON Schema (for editors: harness schema > spec.schema.json)")
     schema.set_defaults(handler=cmd_schema)
 
-    compare = commands.add_parser("compare", help="key statistics of runs (or a sweep folder's points) side by side")
-    compare.add_argument("runs", nargs="+", help="run folders or sweep folders")
-    compare.add_argument("-o", "--output", help="also write the markdown table here")
+    compare = command("compare", "statistics of runs (or a sweep folder's points) side by side, then their criteria",
+                      _examples(
+                          "harness compare runs/quickstart/RUN_A runs/quickstart-reference/RUN_B",
+                          "harness compare runs/temperature-sweep-offline/TIME-sweep     every point of a sweep",
+                          "harness compare RUN_A RUN_B --stat 'smoothness.overall.*' --stat ci_   chosen statistics",
+                      ))
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders, or sweep folders (their points' runs)")
+    compare.add_argument("--stat", action="append", default=[], metavar="PATTERN",
+                         help="the statistics to show (repeatable), every row of them; default: the key statistics "
+                              f"that differ between the runs. A PATTERN is {PATTERN_HELP}")
+    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here")
     compare.set_defaults(handler=cmd_compare)
 
     from typing import get_args
 
     from harness.schema import DirectionSplit
 
-    directions = commands.add_parser(
-        "directions", help="a difference-of-means direction per layer from a run that saved activations"
-    )
-    directions.add_argument("run_dir", help="a finished run folder with activations/ (capture.save_activations: true)")
-    directions.add_argument("--a", required=True, help="condition whose mean the direction points to")
-    directions.add_argument("--b", required=True, help="condition whose mean it points away from")
+    directions = command("directions", "a difference-of-means direction per layer from a run that saved activations",
+                         _examples("harness directions runs/x/RUN --a model --b human --split first_half -o dir.safetensors"))
+    directions.add_argument("run_dir", metavar="RUN", help="a finished run folder with activations/ (capture.save_activations: true)")
+    directions.add_argument("--a", required=True, metavar="CONDITION", help="condition whose mean the direction points to")
+    directions.add_argument("--b", required=True, metavar="CONDITION", help="condition whose mean it points away from")
     directions.add_argument("--split", choices=get_args(DirectionSplit), default="all", help="which samples build it (default: all)")
-    directions.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    directions.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
     directions.set_defaults(handler=cmd_directions)
     return parser
 

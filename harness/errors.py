@@ -4,20 +4,28 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """pytest-style exit codes of `harness` commands."""
+    """pytest-style exit codes of `harness` commands (`meaning` says each one's)."""
 
     PASSED = 0
-    """Every criterion passed (or the command succeeded)."""
     FAILED = 1
-    """Some criterion failed: a finding about the model, not an error."""
     INPUT = 2
-    """Bad input or usage: a spec, file, model name or criterion to fix."""
     RUNTIME = 3
-    """Something broke while running a valid spec."""
     INTERRUPTED = 130
-    """Ctrl-C: rerun to resume."""
     TERMINATED = 143
-    """SIGTERM: rerun to resume."""
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.PASSED: "every criterion passed (or the command succeeded)",
+    ExitCode.FAILED: "some criterion failed: a finding about the model, not an error",
+    ExitCode.INPUT: "bad input or usage: one line naming the file and field, before anything runs",
+    ExitCode.RUNTIME: "something broke while running a valid spec",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C): run the same command again to resume",
+    ExitCode.TERMINATED: "terminated (SIGTERM: a timeout, a scheduler): run it again to resume",
+}
 
 
 class HarnessError(Exception):

@@ -8,7 +8,6 @@ run-log line.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator
 from harness.artifacts import content_hash
 from harness.cache import StageCache
 from harness.errors import ExitCode, Interrupted, RunFailure
+from harness.progress import Progress, Task
 
 
 class Stage:
@@ -30,6 +30,11 @@ class Stage:
     """Cache folder of the stage, e.g. `capture`."""
     version: int
     """Part of the cache key: bumped when a code change alters the stage's output."""
+    progress_unit = "items"
+    """What its progress counts (`work`)."""
+    progress = Task("", None, "", time.monotonic)
+    """While the executor computes the stage's units: the task reporting them, through which
+    `compute` may report within a unit (generation: each decoded token); otherwise silent."""
 
     def inputs(self) -> dict:
         """Everything that determines the output (JSON-able); hashed into the cache key."""
@@ -40,6 +45,10 @@ class Stage:
 
         Called only when the output is not cached, so it may load a model."""
         return None
+
+    def work(self, unit: list[int]) -> int:
+        """How many `progress_unit`s the unit is: its items, unless the stage counts finer."""
+        return len(unit)
 
     def compute(self, unit: list[int] | None, folder: Path) -> Any:
         """One unit's items (one per index, in order), or the whole output when `unit` is None.
@@ -124,6 +133,13 @@ class Executor:
     """Logged with the first stage line, so a bad input found by the first stage prints only its error."""
     planning: bool = False
     """Compute every stage's key and nothing else: `run` returns the stage's placeholder."""
+    progress: Progress | None = None
+    """Progress of work units, model loads and decoding; default: heartbeat lines to `log`
+    (a bar on a terminal), from rank 0 only."""
+
+    def __post_init__(self) -> None:
+        if self.progress is None:
+            self.progress = Progress(self.log_line, enabled=self.shard.rank == 0)
 
     def run(self, stage: Stage) -> Any:
         key = content_hash({"v": stage.version, **stage.inputs()})
@@ -161,17 +177,22 @@ class Executor:
             units = plan
         elif self.shard.rank == 0:
             self.cache.write(folder / "plan.json", key, units)
-        resumed = 0
-        with self._progress(stage.name, len(units)) as tick:
-            for index, unit in enumerate(units):
-                if index % self.shard.world == self.shard.rank:  # the plan never depends on the process count
-                    path = self.cache.unit_path(stage.kind, key, index)
-                    items = self.cache.read(path, key)
-                    if items is not None and len(items) == len(unit):
-                        resumed += 1
-                    else:
-                        self.cache.write(path, key, stage.compute(unit, folder))
-                tick()
+        resumed, done = 0, 0
+        with self.progress.task(stage.name, sum(map(stage.work, units)), stage.progress_unit) as task:
+            stage.progress = task
+            try:
+                for index, unit in enumerate(units):
+                    if index % self.shard.world == self.shard.rank:  # the plan never depends on the process count
+                        path = self.cache.unit_path(stage.kind, key, index)
+                        items = self.cache.read(path, key)
+                        if items is not None and len(items) == len(unit):
+                            resumed += 1
+                        else:
+                            self.cache.write(path, key, stage.compute(unit, folder))
+                    done += stage.work(unit)
+                    task.reach(done)
+            finally:
+                del stage.progress  # back to the class's silent task
         self.shard.barrier()
         items: list[Any] = [None] * sum(len(unit) for unit in units)
         for index, unit in enumerate(units):
@@ -198,19 +219,12 @@ class Executor:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def note(self, name: str, reused: bool, detail: str = "") -> None:
-        if self.header:
-            self.log(self.header)
-            self.header = ""
         self.reuse[name] = "reused" if reused else "computed"
-        self.log(f"  {name:<28} {self.reuse[name]:<9} {self.timings.get(name, 0.0):7.1f}s  {detail}".rstrip())
+        self.log_line(f"  {name:<28} {self.reuse[name]:<9} {self.timings.get(name, 0.0):7.1f}s  {detail}".rstrip())
 
-    @contextmanager
-    def _progress(self, label: str, total: int) -> Iterator[Callable[[], None]]:
-        """A progress bar on a terminal (tqdm), nothing in a log file."""
-        if total < 2 or not sys.stderr.isatty():
-            yield lambda: None
-            return
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=f"  {label}", unit="batch", leave=False) as bar:
-            yield lambda: bar.update()
+    def log_line(self, line: str) -> None:
+        """A line of the run log, after the header."""
+        if self.header:
+            header, self.header = self.header, ""
+            self.log(header)
+        self.log(line)

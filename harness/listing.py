@@ -41,7 +41,9 @@ def sites() -> list[str]:
     return [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
 
 
-def specs(files: list[Path]) -> list[str]:
+def specs(files: list[Path], width: int) -> list[str]:
+    """One line per spec: its name (its file too when the name is not the file's), matrix points,
+    offline or hub, a summary; each line cut to `width` characters."""
     from harness.sweep import expand
 
     rows = []
@@ -49,11 +51,55 @@ def specs(files: list[Path]) -> list[str]:
         try:
             sweep = expand(path)
         except InputError as exc:
-            rows.append(f"{str(path):<44} invalid: {exc}")
+            rows.append((path.stem, "invalid", str(exc)))
             continue
+        name = sweep.name if sweep.name == path.stem else f"{sweep.name} ({path})"
         points = f", {len(sweep.points)} points" if sweep.is_matrix else ""
-        rows.append(f"{str(path):<44} {sweep.name}{points}: {first_line(sweep.points[0].spec.description)}")
-    return rows
+        where = "hub" if any(needs_hub(point.spec) for point in sweep.points) else "offline"
+        rows.append((name + points, where, summary(path, sweep.points[0].spec.description)))
+    widths = [max((len(row[column]) for row in rows), default=0) for column in range(2)]
+    return [cut("  ".join(cell.ljust(size) for cell, size in zip(row, widths)) + "  " + row[2], width) for row in rows]
+
+
+def summary(path: Path, description: str | None) -> str:
+    """What the spec file itself says it is: its own `description`, else the comment it opens
+    with (a spec that extends another inherits its description, which says what the parent is)."""
+    import yaml
+
+    own = yaml.safe_load(path.read_text(encoding="utf-8")).get("description")  # the file alone: it loaded as a spec
+    if isinstance(own, str) and own.strip():
+        return " ".join(own.split())
+    comment = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# yaml-language-server"):
+            comment.append(line.lstrip("# ").strip())
+    return " ".join(" ".join(comment).split()) or " ".join((description or "").split())
+
+
+def cut(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
+def needs_hub(spec) -> bool:
+    """Whether a run of `spec` reads from the Hugging Face hub: a model that is neither a GGUF
+    package nor a local path (as `harness.models` tells them apart), or a dataset other than
+    a file and the WikiText-2 split shipped with the package."""
+    from harness.stages.data import PACKAGED_SPLIT
+
+    dataset = spec.dataset
+    hub_data = dataset.path is None and (dataset.hub_name, dataset.hub_config, dataset.split) != PACKAGED_SPLIT
+    return hub_data or any(model.gguf is None and not Path(model.id).expanduser().exists() for model in spec.models.values())
+
+
+def matching(names: list[str], pattern: str) -> list[str]:
+    """The names `pattern` selects (`harness.select.pattern_matches`); a per-layer name in the
+    pattern (`smoothness.layer12.d`) selects its `layer<N>` line."""
+    from harness.select import pattern_matches
+
+    pattern = LAYER_SCOPE.sub("layer<N>", pattern)
+    return [name for name in names if pattern_matches(name, pattern)]
 
 
 def stats(target: Path) -> list[str]:

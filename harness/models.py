@@ -25,7 +25,6 @@ import importlib.metadata
 import importlib.util
 import json
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from harness.artifacts import staged
 from harness.errors import InputError
+from harness.progress import Progress
 from harness.schema import ModelSpec
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
         input_device=model.get_input_embeddings().weight.device,
         source=_source_record(weights, pretrained, spec, cache_dir) | {"device_map": _placement(model)},
     )
+
+
+def use_threads(count: int) -> None:
+    """Compute with `count` CPU threads (`runtime.threads`)."""
+    torch.set_num_threads(count)
 
 
 # --- context length --------------------------------------------------------------------
@@ -459,9 +464,9 @@ def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: 
         "package_version": weights.package_version,
         "transformers_version": transformers.__version__,
     }
-    if sys.stderr.isatty():  # otherwise the first run is silent for up to two minutes here
-        print(f"converting {weights.path.name} to safetensors in {target.parent} (once per machine)", file=sys.stderr)
-    with staged(target) as path:
+    # up to two minutes, once per machine: a bar on a terminal, else a line every 30 s
+    label = f"converting {weights.path.name} to safetensors in {target.parent} (once per machine)"
+    with Progress().task(label), staged(target) as path:
         try:
             _convert_gguf(weights.path, path)
         except Exception:

@@ -61,12 +61,23 @@ class ModelPool:
         """What about a model changes its numbers: weights and dtype."""
         return {"identity": self.identity(alias), "dtype": self.spec.models[alias].dtype}
 
+    @property
+    def threads(self) -> int:
+        """CPU threads the models compute with: `runtime.threads`, else the cores this process may run on."""
+        if self.spec.runtime.threads is not None:
+            return self.spec.runtime.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS and Windows have no affinity masks
+            return os.cpu_count() or 1
+
     def model(self, alias: str):
         """The loaded model (`harness.models.LoadedModel`)."""
-        from harness.models import load_model
+        from harness.models import load_model, use_threads
 
         if alias not in self._models:
-            with self.executor.timed(f"load[{alias}]"):
+            use_threads(self.threads)
+            with self.executor.timed(f"load[{alias}]"), self.executor.progress.task(f"load[{alias}]"):
                 self._models[alias] = load_model(self._model_spec(alias), model_cache_dir(), self.where(alias))
         return self._models[alias]
 

@@ -179,11 +179,25 @@ _KEYWORD = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if (getattr(config.option, "lf", False) or getattr(config.option, "failedfirst", False)) and not _cached_ids_round_trip():
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            f"pytest {pytest.__version__} re-reads a cached test id's first `[` as the start of its parameters, so "
+            "--lf/--ff cannot find a failed criterion of a matrix point (`spec.yaml::name[key=value]::criterion`) "
+            "and may select other tests (pytest-dev/pytest#15045): use a pytest below 9.2"), stacklevel=2)
     # pytest's -k grammar has no `=`, which a matrix point's id has (`temperature=0.7`): such an
     # expression is matched here instead, with the same words (substrings, and/or/not) on node ids
     if "=" in (config.option.keyword or ""):
         config.stash[_KEYWORD] = config.option.keyword
         config.option.keyword = ""
+
+
+def _cached_ids_round_trip() -> bool:
+    """Whether this pytest reads a matrix point's criterion id back from its cache as it wrote it."""
+    try:
+        from _pytest.nodeid import NodeId  # pytest 9.2 on; before it, cached ids were plain strings
+    except ImportError:
+        return True
+    return NodeId.parse("s.yaml::s[k=v]::c") == NodeId(path="s.yaml", names=("s[k=v]", "c"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -79,6 +79,8 @@ class Manifest(StrictModel):
     models: dict[str, ModelRecord]
     processes: int
     """Processes that shared the work (`accelerate launch`)."""
+    threads: int | None = None
+    """CPU threads torch computed with in each process (`runtime.threads`)."""
     seeds: dict[str, Any]
     cache_keys: dict[str, str]
     """Per stage, the key of its entry in the stage cache."""
@@ -112,6 +114,7 @@ def build_manifest(plan: Plan, run_id: str) -> Manifest:
         packages=package_versions(),
         models=plan.pool.provenance(),
         processes=executor.shard.world,
+        threads=plan.pool.threads,
         seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
         cache_keys=dict(executor.keys),
         timings=dict(executor.timings),

@@ -261,6 +261,10 @@ class RuntimeSpec(StrictModel):
     token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
     on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
+    threads: Annotated[int, Field(gt=0)] | None = None
+    """CPU threads torch computes with (`torch.set_num_threads`); default: the cores this process
+    may run on (`os.sched_getaffinity`). Recorded in the manifest. Like another batching, another
+    count may change the last bits of a result (the order of parallel sums)."""
 
 DirectionSplit = Literal["all", "first_half", "second_half", "even", "odd"]
 """Which of a run's samples build a direction (`harness directions --split`), by position in

@@ -1,11 +1,14 @@
-"""`-k` selection, as pytest's: words match as substrings of a name; `and`, `or`, `not`, ().
-
+"""Selecting by name. `-k`, as pytest's: words match as substrings of a name; `and`, `or`, `not`, ().
 `harness run -k` matches spec file names; the pytest plugin matches node ids with it where
 pytest's own `-k` grammar cannot (a matrix value such as `temperature=0.7`).
+
+A statistic pattern (`harness ls stats ... PATTERN`, `harness compare --stat PATTERN`) is a glob
+when it has `*`, `?` or `[`, and a substring otherwise.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 from harness.errors import InputError
@@ -57,3 +60,15 @@ def keyword_matches(name: str, expression: str) -> bool:
     if peek() is not None:
         raise InputError(f"-k: unexpected {peek()!r} in {expression!r}")
     return value
+
+
+GLOB_CHARACTERS = "*?["
+PATTERN_HELP = "a glob if it has * ? or [ (e.g. 'smoothness.overall.*'), else a substring (e.g. ci_low)"
+
+
+def pattern_matches(name: str, pattern: str) -> bool:
+    """Whether the statistic pattern `pattern` selects `name` (case-sensitive, as names are)."""
+    if any(char in pattern for char in GLOB_CHARACTERS):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+

@@ -22,7 +22,15 @@ from harness.errors import InputError
 from harness.schema import Spec
 from harness.numbers import format_number, format_percent
 
-TEMPLATES_DIR = Path(harness.__file__).parent.parent / "reports" / "templates"
+def _shipped_templates() -> Path:
+    """reports/templates/: package data `harness/report_templates/` in an installed wheel, the
+    repository's own folder beside the package in a source checkout (an editable install)."""
+    package = Path(harness.__file__).parent
+    installed = package / "report_templates"
+    return installed if installed.is_dir() else package.parent / "reports" / "templates"
+
+
+TEMPLATES_DIR = _shipped_templates()
 """Templates shipped with the harness; `report.template` names one of these, or a file beside the spec."""
 
 

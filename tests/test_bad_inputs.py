@@ -1,6 +1,7 @@
 """The bad-input corpus, through the real CLI: every malformed spec or input file must end in
 exactly one line on stderr that names the file and the field (`error: FILE: FIELD: ...`),
-exit code 2, no traceback, quickly, and nothing written under the runs dir (cache included).
+exit code 2, no traceback, before any stage computes (no model loaded but the tiny local one a
+case runs on), and nothing written under the runs dir (cache included).
 
 The corpus is `tests/bad_inputs/`: small YAML files that extend the valid `_base.yaml`
 (files starting with `_` are helpers, not cases). Inputs that need absolute paths or large
@@ -14,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +28,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "bad_inputs"
-
-FAIL_FAST_SECONDS = 60
-"""A bad input must not wait on the network: hub retries alone take ~25 s, a cold start ~15 s."""
 
 MAX_LINE = 1000
 """An error line a person can read: user input is quoted only in part (harness.errors.quoted)."""
@@ -190,6 +187,8 @@ class Case:
     build: Builder = corpus_file
     spec_only: bool = True
     """The spec itself is bad, so `harness validate` must catch it too (no model, no data)."""
+    stages: tuple[str, ...] = ()
+    """The stages its run may start before it finds the mistake (the data stage finds missing data)."""
     runs_dir: Callable[[Path], Path] | None = None
     """Builds an unusable runs dir in the scratch folder: the error must name it, not the spec."""
 
@@ -278,8 +277,8 @@ def spec_case(name: str, expected: str | tuple[str, ...]):
     return pytest.param(Case(name, expected), id=name)
 
 
-def input_case(name: str, expected: str | tuple[str, ...], build: Builder = corpus_file, marks=()):
-    return pytest.param(Case(name, expected, build, spec_only=False), id=name, marks=marks)
+def input_case(name: str, expected: str | tuple[str, ...], build: Builder = corpus_file, marks=(), stages=()):
+    return pytest.param(Case(name, expected, build, spec_only=False, stages=stages), id=name, marks=marks)
 
 
 def runs_dir_case(name: str, expected: str, runs_dir: Callable[[Path], Path]):
@@ -309,8 +308,9 @@ CASES = [
     runs_dir_case("runs_dir_is_a_file", "--runs-dir: it is a file, not a folder", runs_dir_is_a_file),
     runs_dir_case("runs_dir_read_only", "--runs-dir: its ancestor ", runs_dir_read_only),
     # these reach the data stage or later, on the tiny local model
-    input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model),
-    input_case("dataset_missing", ("dataset.path: file ", "no_such_file.raw' not found"), corpus_file_with_tiny_model),
+    input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model, stages=("data",)),
+    input_case("dataset_missing", ("dataset.path: file ", "no_such_file.raw' not found"), corpus_file_with_tiny_model,
+               stages=("data",)),
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
     input_case(
         "max_new_tokens_beyond_context",
@@ -338,9 +338,12 @@ class Outcome:
     returncode: int | None
     """None: killed after the timeout."""
     stderr: str
-    seconds: float
     written: list[str]
     """Whatever exists under the runs dir afterwards (relative paths)."""
+    models: set[str]
+    """The models the run loaded (their `id`)."""
+    stages: list[str]
+    """The stages the run started."""
 
 
 def harness_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -349,21 +352,30 @@ def harness_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 
     )
 
 
+PROBE = REPO / "tests" / "cli_probe.py"
+CASE_TIMEOUT = 180
+"""Seconds before a case is killed: a bound on a hang, not a measure of speed."""
+
+
 def run_case(case: Case, folder: Path, tiny_model: Path) -> Outcome:
-    """`harness run INPUT --runs-dir folder/runs`, the way a user would, in a clean environment."""
+    """`harness run INPUT --runs-dir folder/runs`, the way a user would, in a clean environment,
+    recording which models it loads and which stages it starts (tests/cli_probe.py)."""
     given = case.build(case.name, folder, tiny_model)
     runs = case.runs_dir(folder) if case.runs_dir else folder / "runs"
+    probe = folder / "probe.txt"
     env = {key: value for key, value in os.environ.items() if key not in USER_ENV_OVERRIDES}
     env["HARNESS_MODEL_CACHE"] = str(folder / "model-cache")  # converted models live outside the runs dir
-    start = time.perf_counter()
+    env["HARNESS_PROBE_FILE"] = str(probe)
     try:
-        done = harness_cli("run", str(given), "--runs-dir", str(runs), env=env)
+        done = subprocess.run([sys.executable, str(PROBE), "run", str(given), "--runs-dir", str(runs)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT)
         returncode, stderr = done.returncode, done.stderr
     except subprocess.TimeoutExpired as exc:
         returncode, stderr = None, exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-    seconds = time.perf_counter() - start
     written = sorted(str(path.relative_to(runs)) for path in runs.rglob("*")) if runs.is_dir() else []
-    return Outcome(runs if case.runs_dir else given, returncode, stderr, seconds, written)
+    records = [line.split(" ", 1) for line in probe.read_text().splitlines()] if probe.is_file() else []
+    return Outcome(runs if case.runs_dir else given, returncode, stderr, written,
+                   {name for kind, name in records if kind == "model"}, [name for kind, name in records if kind == "stage"])
 
 
 def _selected_cases(session: pytest.Session) -> list[Case]:
@@ -394,9 +406,9 @@ def mentions(line: str, expected: str | tuple[str, ...]) -> bool:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input(case: Case, outcomes):
+def test_bad_input(case: Case, outcomes, tiny_model_dir):
     outcome = outcomes[case.name].result()
-    assert outcome.returncode is not None, f"still running after {outcome.seconds:.0f} s:\n{outcome.stderr}"
+    assert outcome.returncode is not None, f"killed after {CASE_TIMEOUT} s:\n{outcome.stderr}"
     assert "Traceback" not in outcome.stderr, outcome.stderr
     errors = outcome.stderr.splitlines()
     assert len(errors) == 1, f"expected one line on stderr:\n{outcome.stderr}"
@@ -405,7 +417,9 @@ def test_bad_input(case: Case, outcomes):
     assert len(errors[0]) <= MAX_LINE, errors[0]
     assert outcome.returncode == 2, errors[0]
     assert outcome.written == [], f"written under the runs dir: {outcome.written}"
-    assert outcome.seconds < FAIL_FAST_SECONDS, f"took {outcome.seconds:.0f} s: {errors[0]}"
+    # found before anything ran: no stage past the one that finds it, no model but the tiny local one
+    assert set(outcome.stages) <= set(case.stages), f"stages started: {outcome.stages}"
+    assert outcome.models <= {str(tiny_model_dir)}, f"models loaded: {outcome.models}"
 
 
 def test_validate_reports_each_bad_spec_on_one_line():

@@ -9,7 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_run import tiny_spec
+
+
+HANG_GUARD_POLLS = 1_000_000
+"""Polls (2 ms apart, half an hour at least) before a run that never stores a capture unit is called
+hung: a guard against a hang, never a measure of speed."""
 
 
 def harness_run(spec: Path, runs: Path, cache: Path) -> subprocess.Popen:
@@ -24,11 +31,14 @@ def stopped_mid_capture(tmp_path: Path, tiny_model_dir: Path, signal_number: int
     # one text per forward batch, so capture is many small units and the signal lands between them
     spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
     victim = harness_run(spec, tmp_path / "runs", tmp_path / "cache")
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "cache").glob("capture/*/unit-*.json")):
+    for _ in range(HANG_GUARD_POLLS):
+        if list((tmp_path / "cache").glob("capture/*/unit-*.json")):
+            break
         assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
-        assert time.monotonic() < deadline
         time.sleep(0.002)
+    else:
+        victim.kill()
+        pytest.fail(f"no capture unit stored after {HANG_GUARD_POLLS} polls: the run hangs")
     victim.send_signal(signal_number)
     return spec, victim
 

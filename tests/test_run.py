@@ -187,7 +187,8 @@ def test_length_matching_truncates_each_pair_to_the_shorter_response(first_run, 
 
 def test_compare_and_junit_through_the_cli(first_run):
     folder, spec, outcome, _ = first_run
-    result = harness_cli("compare", str(outcome.run_dir), str(outcome.run_dir), "-o", str(folder / "cmp.md"), cwd=folder)
+    result = harness_cli("compare", str(outcome.run_dir), str(outcome.run_dir), "--stat", "smoothness.overall.d",
+                         "-o", str(folder / "cmp.md"), cwd=folder)
     assert result.returncode == 0, result.stderr
     stats = json.loads((outcome.run_dir / "stats.json").read_text())
     assert f"| smoothness.overall.d | {stats['smoothness.overall.d']:.4g} | {stats['smoothness.overall.d']:.4g} | 0 |" in result.stdout

@@ -472,6 +472,7 @@ class CaptureStage(Stage):
     pool: ModelPool
     kind = "capture"
     version = STAGE_VERSION
+    progress_unit = "texts"
     measurement: Measurement | None = None
     """Set by `units`, once the model's layers are known."""
     tokenized: list[Tokenized] = field(default_factory=list)

@@ -20,10 +20,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from transformers import StaticCache
+from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
@@ -148,6 +148,18 @@ def static_cache(model, rows: int, max_cache_len: int) -> StaticCache:
     return cache
 
 
+class DecodedTokens(StoppingCriteria):
+    """Calls `count(rows)` after each decoding step (a token for every row of the batch), for
+    progress; never stops a sequence."""
+
+    def __init__(self, count: Callable[[int], None]):
+        self.count = count
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.count(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -157,18 +169,20 @@ def generate_batch(
     seed: int,
     compile: bool = False,
     report: GenerationReport | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
 
     The response is the new tokens only, decoded without special tokens and stripped (decodes
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
-    Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
+    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
     half's size); an out-of-memory error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
+    count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -181,14 +195,15 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count
     )
 
 
 @torch.inference_mode()
 def _generate(
-    model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool, report: GenerationReport
+    model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
+    report: GenerationReport, on_tokens: Callable[[int], None],
 ) -> list[dict]:
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
@@ -201,7 +216,7 @@ def _generate(
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
-        output = model.generate(**batch, **kwargs)
+        output = model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([DecodedTokens(on_tokens)]))
     new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
     report.record(shape, time.perf_counter() - start, compile)
     return [_decoded(tokenizer, ids) for ids in new_tokens]
@@ -231,6 +246,7 @@ class GenerateStage(Stage):
     report: GenerationReport = field(default_factory=GenerationReport)
     kind = "generate"
     version = STAGE_VERSION
+    progress_unit = "tokens"
 
     def inputs(self) -> dict:
         return {
@@ -257,11 +273,16 @@ class GenerateStage(Stage):
             )
         return plan_batches(lengths, self.batch_size)
 
+    def work(self, unit: list[int]) -> int:
+        """Its tokens at most (a batch whose sequences all end early decodes fewer)."""
+        return len(unit) * self.settings.max_new_tokens
+
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.alias)
         return generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
+            on_tokens=self.progress.advance,
         )
 
     def check(self, output: list[dict]) -> str | None:
