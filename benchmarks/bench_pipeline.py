@@ -452,7 +452,8 @@ def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized])
     hidden = final_hidden(work, input_ids, attention)  # causal: a prefix's states need only the prefix
     input_ids = input_ids.to(hidden.device)
     with torch.inference_mode():
-        chunked = peak_added_mib(lambda: capture.token_nll(work.model, hidden, input_ids), work.device)
+        scored = capture.scored_tokens(attention.cpu())
+        chunked = peak_added_mib(lambda: capture.token_nll(work.model, hidden, input_ids, scored), work.device)
     full = peak_added_mib(lambda: full_logits_nll(work.model, hidden, input_ids), work.device) if fits else None
     return CrossEntropyMemory(batch_shape, positions, chunked, full_mib, full)
 

@@ -169,37 +169,52 @@ def report_layers(layers: list[int]) -> list[int]:
     return sorted(picks)
 
 
-def token_nll(
-    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-token cross-entropy [B, T] (position t scores token t given < t; 0 at t = 0 and on padding).
+def token_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy [B, T] of the tokens `scored` marks ([B, T] on the host; 0 elsewhere):
+    position t scores token t given < t, from the hidden state at t - 1 (`scored` is False at t = 0).
 
-    Logits come from the LM head in chunks of positions, only for real (unpadded) tokens
-    (`attention`, [B, T] on the host; default: every position), with the model's final-logit
-    softcapping (Gemma 2) applied as its own forward does.
+    Logits come from the LM head in chunks of positions, with the model's final-logit
+    softcapping (Gemma 2) applied as its own forward does (`head_logits`).
     """
-    head = model.get_output_embeddings()
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     batch, length = input_ids.shape
-    scored = torch.zeros(batch, length, dtype=torch.bool)
-    scored[:, 1:] = True if attention is None else attention[:, 1:].bool()
     # Flat index of every scored token, found on the host so that gathering never waits on the
     # device; its logits come from the position before it. Gathered rows are contiguous: a
     # strided 3-D slice makes matmul re-read the head's weight per text.
     at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
     rows = hidden.reshape(batch * length, -1).index_select(0, at - 1)
     targets = input_ids.to(hidden.device).flatten().index_select(0, at)
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size(model)))
     flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], chunk):
-        logits = head(rows[start : start + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head_logits(model, rows[start : start + chunk])
         flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
     nll = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
     nll[at] = flat
     return nll.view(batch, length)
+
+
+def vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+
+
+def softcapped(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's output as the model's forward returns it: fp32, with final-logit softcapping (Gemma 2)."""
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    logits = logits.float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The raw next-token logits (before any sampling processor) of final hidden states [..., d]."""
+    return softcapped(model, model.get_output_embeddings()(hidden))
+
+
+def scored_tokens(attention: torch.Tensor) -> torch.Tensor:
+    """[B, T] the tokens CE scores: every real token after a row's first."""
+    scored = torch.zeros_like(attention, dtype=torch.bool)
+    scored[:, 1:] = attention[:, 1:].bool() & attention[:, :-1].bool()
+    return scored
 
 
 @dataclass
@@ -300,6 +315,115 @@ def _column_values(
     ])
 
 
+class ColumnBuffer:
+    """One batch's values of every column of `measurement.grid` on the device, filled a capture
+    site and layer at a time (`fill`) and the text metrics at once (`fill_text`), in one
+    preallocated buffer, row by row of `grid.columns()`, which names the values too (`records`):
+    it reaches the host in one transfer (a second one for activations).
+
+    A batch is laid out as `padded` (right-padded texts); what a site's hook sees is its hidden
+    states from `padded.first` on, the span where any row has response tokens."""
+
+    def __init__(self, measurement: Measurement, padded: PaddedBatch, device: torch.device, hidden_size: int):
+        grid, layers = measurement.grid, measurement.layers
+        self.measurement, self.padded, self.columns = measurement, padded, grid.columns()
+        batch, span = padded.span_mask.shape
+        self.rows: dict[tuple[str, Window | None], list[int]] = {}
+        """The buffer rows one hook fills, per site and window: consecutive, in column order."""
+        for row, column in enumerate(self.columns):
+            self.rows.setdefault((column.site, column.window), []).append(row)
+        self.scopes: dict[Window | None, tuple[torch.Tensor | None, torch.Tensor]] = {
+            None: (None, padded.span_mask), **{window: padded.window(window.start, window.end) for window in grid.windows}
+        }
+        keep_deltas_for = measurement.keep_deltas_for
+        self.shapes = [grid.buffer_shape(len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)),
+                       (len(TEXT_METRICS), batch)]
+        self.buffer = torch.empty(sum(math.prod(shape) for shape in self.shapes), dtype=torch.float32, device=device)
+        self.layer_values, self.deltas, self.text_values = split_views(self.buffer, self.shapes)
+        self.activations = None
+        if measurement.keep_activations:
+            self.activations = torch.empty(len(layers), batch, span, hidden_size, dtype=measurement.activation_dtype, device=device)
+        self.delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
+        if not self.delta_slots.keys() <= set(layers):
+            raise ValueError(f"deltas are kept only for captured layers, not {sorted(self.delta_slots.keys() - set(layers))}")
+        if set(measurement.directions) != set(grid.directions):
+            raise ValueError(f"direction vectors for {sorted(measurement.directions)}, the grid has {list(grid.directions)}")
+        self.on_device: dict[torch.device, tuple[dict, torch.Tensor | None]] = {}
+        """Per device the layers live on: each scope's token indices (None: the whole span) and
+        mask, and the directions [sets, model layers, d]."""
+
+    def _placed(self, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+        if device not in self.on_device:
+            grid, directions = self.measurement.grid, self.measurement.directions
+            vectors = torch.stack([directions[name] for name in grid.directions]).to(device) if grid.directions else None
+            self.on_device[device] = (
+                {window: (None if index is None else index.to(device), mask.to(device))
+                 for window, (index, mask) in self.scopes.items()},
+                vectors,
+            )
+        return self.on_device[device]
+
+    def fill(self, site: str, layer_index: int, hidden: torch.Tensor) -> None:
+        """The columns of `site` at the `layer_index`-th captured layer, from its float32 hidden
+        states over the span ([B, span, d])."""
+        grid, layer = self.measurement.grid, self.measurement.layers[layer_index]
+        device_scopes, vectors = self._placed(hidden.device)
+        for window, (index, mask) in device_scopes.items():
+            filled = self.rows[(site, window)]
+            into = slice(filled[0], filled[-1] + 1)
+            if mask.shape[1] == 0:  # no text reaches this window
+                self.layer_values[into, layer_index] = float("nan")
+                continue
+            # a window's tokens gathered row by row: each row's window starts at column 0
+            tokens = hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            self.layer_values[into, layer_index] = _column_values(
+                tokens, mask, vectors[:, layer] if vectors is not None else None, [self.columns[i] for i in filled],
+                self.measurement,
+            )
+        if site == grid.sites[0] and layer in self.delta_slots:
+            self.deltas[self.delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
+        if site == grid.sites[0] and self.activations is not None:
+            self.activations[layer_index] = hidden
+
+    def hook(self, site: str, layer_index: int):
+        """A forward hook on the site's module at that layer, for a forward over `padded`."""
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.fill(site, layer_index, hidden[:, self.padded.first :].float())
+
+        return hook
+
+    def fill_text(self, nll: torch.Tensor) -> None:
+        """The text metrics from next-token CE [B, T] over `padded` (0 where no token is scored)."""
+        padded, device = self.padded, self.buffer.device
+        targets = padded.attention.clone()
+        targets[:, 0] = False
+        targets, response_targets = targets.to(device), (padded.response & targets).to(device)
+        for index, fn in enumerate(TEXT_METRICS.values()):
+            self.text_values[index] = fn(nll.to(device), targets, response_targets)
+
+    def records(self, tokenized: Sequence[Tokenized]) -> list[dict]:
+        """One record per text (`measure_batch` says what it holds)."""
+        host_values, host_deltas, host_text = (view.numpy() for view in split_views(self.buffer.cpu(), self.shapes))
+        host_activations = self.activations.cpu() if self.activations is not None else None
+        first, records = self.padded.first, []
+        for row, item in enumerate(tokenized):
+            lo, hi = item.response_start - first, len(item.input_ids) - first
+            record = {
+                "n_response_tokens": len(item.input_ids) - item.response_start,
+                "response_ids": item.input_ids[item.response_start :],
+                "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(self.columns)},
+                "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
+                "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist()
+                           for k, layer in enumerate(self.measurement.keep_deltas_for)},
+            }
+            if host_activations is not None:
+                record["activations"] = host_activations[:, row, lo:hi]
+            records.append(record)
+        return records
+
+
 @torch.inference_mode()
 def measure_batch(
     model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement
@@ -309,78 +433,17 @@ def measure_batch(
     Returns one record per text: ``layer_metrics[column name][i]`` per captured layer i,
     ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms of
     the first site for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d] of
-    the first site, in `activation_dtype`) if asked.
-
-    The hooks write every value into one preallocated device buffer, row by row of
-    `grid.columns()`, which names the values too; it reaches the host in one transfer per batch
-    (a second one for activations).
+    the first site, in `activation_dtype`) if asked. The hooks reduce on the device into one
+    `ColumnBuffer`.
     """
-    grid, layers = measurement.grid, measurement.layers
     if measurement.compile:
         compile_blocks(model)
     padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if measurement.compile else 1)
-    batch, span = padded.span_mask.shape
-    columns = grid.columns()
-    rows: dict[tuple[str, Window | None], list[int]] = {}
-    """The buffer rows one hook fills, per site and window: consecutive, in column order."""
-    for row, column in enumerate(columns):
-        rows.setdefault((column.site, column.window), []).append(row)
-    scopes: dict[Window | None, tuple[torch.Tensor | None, torch.Tensor]] = {
-        None: (None, padded.span_mask), **{window: padded.window(window.start, window.end) for window in grid.windows}
-    }
-    keep_deltas_for = measurement.keep_deltas_for
-    shapes = [grid.buffer_shape(len(layers), batch), (len(keep_deltas_for), batch, max(span - 1, 0)), (len(TEXT_METRICS), batch)]
-    buffer = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32, device=input_device)
-    layer_values, deltas, text_values = split_views(buffer, shapes)
-    activations = None
-    if measurement.keep_activations:
-        hidden_size = model.config.get_text_config().hidden_size
-        activations = torch.empty(len(layers), batch, span, hidden_size, dtype=measurement.activation_dtype, device=input_device)
-    delta_slots = {layer: slot for slot, layer in enumerate(keep_deltas_for)}
-    if not delta_slots.keys() <= set(layers):
-        raise ValueError(f"deltas are kept only for captured layers, not {sorted(delta_slots.keys() - set(layers))}")
-    if set(measurement.directions) != set(grid.directions):
-        raise ValueError(f"direction vectors for {sorted(measurement.directions)}, the grid has {list(grid.directions)}")
-    on_device: dict[torch.device, tuple[dict[Window | None, tuple[torch.Tensor | None, torch.Tensor]], torch.Tensor | None]] = {}
-    """Per device the layers live on: each scope's token indices (None: the whole span) and mask,
-    and the directions [sets, model layers, d]."""
-
-    def hook_for(site: str, layer_index: int):
-        first_site, layer = site == grid.sites[0], layers[layer_index]
-
-        def hook(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
-            if hidden.device not in on_device:
-                vectors = (torch.stack([measurement.directions[name] for name in grid.directions]).to(hidden.device)
-                           if grid.directions else None)
-                on_device[hidden.device] = (
-                    {window: (None if index is None else index.to(hidden.device), mask.to(hidden.device))
-                     for window, (index, mask) in scopes.items()},
-                    vectors,
-                )
-            device_scopes, vectors = on_device[hidden.device]
-            for window, (index, mask) in device_scopes.items():
-                filled = rows[(site, window)]
-                into = slice(filled[0], filled[-1] + 1)
-                if mask.shape[1] == 0:  # no text reaches this window
-                    layer_values[into, layer_index] = float("nan")
-                    continue
-                # a window's tokens gathered row by row: each row's window starts at column 0
-                tokens = hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-                layer_values[into, layer_index] = _column_values(
-                    tokens, mask, vectors[:, layer] if vectors is not None else None, [columns[i] for i in filled], measurement
-                )
-            if first_site and layer in delta_slots:
-                deltas[delta_slots[layer]] = (hidden[:, 1:] - hidden[:, :-1]).norm(dim=-1)
-            if first_site and activations is not None:
-                activations[layer_index] = hidden
-
-        return hook
-
+    values = ColumnBuffer(measurement, padded, input_device, model.config.get_text_config().hidden_size)
     handles = []
-    for site in grid.sites:
+    for site in measurement.grid.sites:
         modules = site_modules(model, site)
-        handles += [modules[layer].register_forward_hook(hook_for(site, index)) for index, layer in enumerate(layers)]
+        handles += [modules[layer].register_forward_hook(values.hook(site, index)) for index, layer in enumerate(measurement.layers)]
     try:
         hidden = model.get_decoder()(
             input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
@@ -388,29 +451,8 @@ def measure_batch(
     finally:
         for handle in handles:
             handle.remove()
-    nll = token_nll(model, hidden, padded.input_ids, padded.attention).to(input_device)
-    targets = padded.attention.clone()
-    targets[:, 0] = False
-    targets, response_targets = targets.to(input_device), (padded.response & targets).to(input_device)
-    for index, fn in enumerate(TEXT_METRICS.values()):
-        text_values[index] = fn(nll, targets, response_targets)
-
-    host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
-    host_activations = activations.cpu() if activations is not None else None
-    records = []
-    for row, item in enumerate(tokenized):
-        lo, hi = item.response_start - padded.first, len(item.input_ids) - padded.first
-        record = {
-            "n_response_tokens": len(item.input_ids) - item.response_start,
-            "response_ids": item.input_ids[item.response_start :],
-            "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(columns)},
-            "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
-            "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
-        }
-        if host_activations is not None:
-            record["activations"] = host_activations[:, row, lo:hi]
-        records.append(record)
-    return records
+    values.fill_text(token_nll(model, hidden, padded.input_ids, scored_tokens(padded.attention)))
+    return values.records(tokenized)
 
 
 def response_limits(
