@@ -220,7 +220,8 @@ def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, 
     """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
         {"sample_id": sample_id, "condition": condition, **text,
-         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"]}
+         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"],
+         "measured_by": measured[condition]["records"][sample_id]["measured_by"]}
         for condition, rows in texts.items()
         for sample_id, text in enumerate(rows)
     ])

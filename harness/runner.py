@@ -29,7 +29,7 @@ from harness.pool import ModelPool
 from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
-from harness.stages import capture, conditions, criteria, data, stats
+from harness.stages import capture, conditions, criteria, data, decode_capture, stats
 from harness.stages.report import render_report
 from harness.sweep import Point
 from harness.templates import find_template
@@ -106,8 +106,10 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
     """The data, conditions and capture stages: every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
-    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
-    return texts, measure(plan, texts)
+    settings = capture.CaptureSettings.from_spec(spec, plan.directions)
+    context = conditions.SourceContext(spec, samples, executor, pool, capture=settings)
+    texts = conditions.condition_texts(context)
+    return texts, measure(plan, texts, settings, context.measured)
 
 
 def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
@@ -150,22 +152,26 @@ def execute(plan: Plan, started: float) -> RunOutcome:
     return RunOutcome(run_dir, results, time.perf_counter() - started)
 
 
-def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
-    """Every condition's texts through the capture model (the capture stage per condition)."""
-    spec, pool = plan.spec, plan.pool
+def measure(
+    plan: Plan, texts: dict[str, list[dict]], settings: capture.CaptureSettings, decoded: dict[str, list[dict | None]]
+) -> dict[str, dict]:
+    """Every condition's texts through the capture model (the capture stage per condition), but
+    for those measured while decoding (`decoded`, by condition: `decode_capture`). Every record
+    says which path measured it (`measured_by`)."""
+    spec, pool, executor = plan.spec, plan.pool, plan.executor
     limits = capture.response_limits(
         pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
         texts, spec.capture.length_matching, spec.capture.response_tokenization,
     )
-    settings = capture.CaptureSettings.from_spec(spec, plan.directions)
-    return {
-        name: plan.executor.run(capture.CaptureStage(
-            f"capture[{name}]",
-            [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
-            settings, pool,
-        ))
-        for name, rows in texts.items()
-    }
+    measured = {}
+    for name, rows in texts.items():
+        to_measure = [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])]
+        if name in decoded:
+            measured[name] = decode_capture.complete(executor, name, to_measure, decoded[name], settings, pool)
+        else:
+            output = executor.run(capture.CaptureStage(f"capture[{name}]", to_measure, settings, pool))
+            measured[name] = output | {"records": [record | {"measured_by": decode_capture.FORWARD} for record in output["records"]]}
+    return measured
 
 
 def run_spec(

@@ -164,6 +164,12 @@ class CaptureSpec(StrictModel):
     """Also write the captured activations (safetensors); large."""
     activation_dtype: Literal["float16", "float32"] = "float16"
     """dtype of saved activations: `float32` keeps exactly the values the metrics saw, at twice the size."""
+    from_generation: Literal["auto", False] = "auto"
+    """`auto`: a generated condition whose generator is the capture model is measured while it
+    is decoded (the hooks run inside `generate`; no second forward), unless length matching,
+    `response_tokenization: separate`, saved activations or compiled decoding stand between; a
+    text whose re-tokenization gives other ids is measured by the forward (texts.jsonl's
+    `measured_by` says which). `false`: always the forward."""
 
     @field_validator("sites")
     @classmethod

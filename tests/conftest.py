@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,5 +71,27 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny Llama saved like a hub checkpoint: a spec can name it as a local model path."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def speaking_words(model, tokenizer):
+    """`model` (changed in place) choosing only tokens that are a space and a word (`" the"`), so
+    that its continuations re-tokenize to the ids it generated, as a trained model's mostly do
+    (a random model's bytes mostly do not): the LM head's other rows are zeroed (untied from the
+    input embeddings)."""
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().clone()
+    words = torch.tensor([re.fullmatch(r" [A-Za-z]+", tokenizer.decode([token])) is not None for token in range(weight.shape[0])])
+    weight[~words] = 0
+    head.weight = torch.nn.Parameter(weight)
+    return model
+
+
+@pytest.fixture(scope="session")
+def words_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """`tiny_model_dir`'s Llama speaking words (`speaking_words`): its texts are measured while decoding."""
+    folder = tmp_path_factory.mktemp("tiny-llama-words")
+    speaking_words(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder

@@ -495,6 +495,25 @@ class CaptureSettings:
         return cls(spec.capture_model, spec.grid, spec.capture, spec.metric_options, spec.runtime.token_budget,
                    spec.runtime.compile, directions)
 
+    def key(self, pool: ModelPool) -> dict:
+        """What of these settings enters a capture cache key (with the texts measured)."""
+        capture, grid = self.capture, self.grid
+        return {
+            "model": pool.key(self.model),
+            "layers": capture.layers,
+            "metrics": list(grid.metrics),
+            **({"metric_options": self.metric_options} if self.metric_options else {}),
+            **({"response_tokenization": "separate"} if capture.response_tokenization == "separate" else {}),
+            "token_budget": self.token_budget,
+            **({"compile": True} if self.compile else {}),
+            "activations": capture.save_activations,
+            "sites": list(grid.sites),
+            # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
+            **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
+            **({"directions": {name: [d.sha256, d.key] for name, d in self.directions.items()}} if self.directions else {}),
+            **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
+        }
+
     def measurement(self, layers: list[int]) -> Measurement:
         """What each forward measures, at the captured `layers` of the model."""
         return Measurement(
@@ -522,22 +541,9 @@ class CaptureStage(Stage):
     """Seconds of the forwards; with `compile`, per (rows, padded length)."""
 
     def inputs(self) -> dict:
-        settings, capture, grid = self.settings, self.settings.capture, self.settings.grid
         return {
             "texts": content_hash([[t.prompt, t.response, t.max_response_tokens] for t in self.texts]),
-            "model": self.pool.key(settings.model),
-            "layers": capture.layers,
-            "metrics": list(grid.metrics),
-            **({"metric_options": settings.metric_options} if settings.metric_options else {}),
-            **({"response_tokenization": "separate"} if capture.response_tokenization == "separate" else {}),
-            "token_budget": settings.token_budget,
-            **({"compile": True} if settings.compile else {}),
-            "activations": capture.save_activations,
-            "sites": list(grid.sites),
-            # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
-            **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
-            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}} if settings.directions else {}),
-            **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
+            **self.settings.key(self.pool),
         }
 
     def units(self) -> list[list[int]]:
@@ -573,11 +579,15 @@ class CaptureStage(Stage):
     def finish(self, items: list[dict]) -> dict:
         return {"layers": self.measurement.layers, "records": items}
 
+    @staticmethod
+    def placeholder_record(key: str) -> dict:
+        """A text's record in a placeholder: a text metric whose value names the key, so that the
+        stats stage's table, and so its key, follows it."""
+        return {"text_metrics": {next(iter(TEXT_METRICS)): float(int(key[:12], 16))}, "n_response_tokens": 0,
+                "layer_metrics": {}, "deltas": {}, "tokens": []}
+
     def placeholder(self, key: str) -> dict:
-        # a text metric whose value names the key: the stats stage's table, and so its key, follows it
-        record = {"text_metrics": {next(iter(TEXT_METRICS)): float(int(key[:12], 16))}, "n_response_tokens": 0,
-                  "layer_metrics": {}, "deltas": {}, "tokens": []}
-        return {"layers": [], "records": [record] * len(self.texts)}
+        return {"layers": [], "records": [self.placeholder_record(key)] * len(self.texts)}
 
     def check(self, output: dict) -> str | None:
         count = len(output["records"])

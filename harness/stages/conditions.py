@@ -31,6 +31,7 @@ from harness.base import StrictModel
 
 if TYPE_CHECKING:
     from harness.executor import Executor
+    from harness.stages.capture import CaptureSettings
     from harness.pool import ModelPool
     from harness.schema import Spec
 
@@ -76,6 +77,11 @@ class SourceContext:
     """The run's models, loaded on first use."""
     texts: dict[str, list[Text]] = field(default_factory=dict)
     """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
+    capture: "CaptureSettings | None" = None
+    """What the capture stage measures: a source that generates may measure its texts while
+    decoding them (`harness.stages.decode_capture`)."""
+    measured: dict[str, list[dict | None]] = field(default_factory=dict)
+    """Per condition measured while decoding, each text's capture record (None: left to the forward)."""
 
 
 @dataclass(frozen=True)
@@ -171,15 +177,20 @@ def human(name: str, condition: HumanCondition, context: SourceContext) -> list[
 
 @condition_source(GeneratedCondition)
 def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
+    from harness.stages.decode_capture import blocker
     from harness.stages.generate import GenerateStage
 
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
     runtime = context.spec.runtime
+    measure = context.capture if context.capture and blocker(context.spec, alias, runtime.compile) is None else None
     stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool
+        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile,
+        context.pool, capture=measure,
     )
     output = context.executor.run(stage)
+    if measure is not None:
+        context.measured[name] = [out["capture"] for out in output]
     return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
 
 

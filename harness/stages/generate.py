@@ -18,6 +18,7 @@ import copy
 import logging
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -29,6 +30,7 @@ from transformers.generation import CompileConfig
 from harness.artifacts import content_hash
 from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
+from harness.stages import capture, decode_capture
 from harness.stages.conditions import GenerationSpec
 
 if TYPE_CHECKING:
@@ -91,13 +93,15 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile:
 
 
 def auto_batch_size(
-    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False
+    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False,
+    recorded_bytes: int = 0,
 ) -> int:
     """Prompts per generate call: all of them, or as many as fit in MEMORY_FRACTION of the
     device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
-    as the former default of 64 put the 50 prompts of every shipped spec.
+    as the former default of 64 put the 50 prompts of every shipped spec. `recorded_bytes`: what
+    capture from generation keeps per sequence (`decode_capture.recorded_bytes_per_sequence`).
     """
-    per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
+    per_sequence = recorded_bytes + bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
     fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
     return max(1, min(len(prompt_lengths), fit))
 
@@ -170,19 +174,23 @@ def generate_batch(
     compile: bool = False,
     report: GenerationReport | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    measurement: capture.Measurement | None = None,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
 
     The response is the new tokens only, decoded without special tokens and stripped (decodes
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
-    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
-    half's size); an out-of-memory error in a half is raised.
+    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch).
+    `measurement`: also measure each response while decoding it (`harness.stages.decode_capture`):
+    its record is the continuation's `capture` (None where the forward must measure it). Out of
+    memory, the batch runs again as two halves (seeded `seed` and `seed` + the first half's
+    size); an out-of-memory error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
     count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, measurement)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -195,15 +203,15 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, measurement) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, measurement
     )
 
 
 @torch.inference_mode()
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
-    report: GenerationReport, on_tokens: Callable[[int], None],
+    report: GenerationReport, on_tokens: Callable[[int], None], measurement: capture.Measurement | None = None,
 ) -> list[dict]:
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
@@ -212,14 +220,27 @@ def _generate(
     kwargs = generation_kwargs(spec, tokenizer)
     if compile:
         kwargs |= compile_kwargs(model, torch.device(device), shape[0], shape[1] + spec.max_new_tokens)
+    recorder = None
+    if measurement is not None:
+        recorder = decode_capture.DecodingRecorder(model, measurement, batch["input_ids"], batch["attention_mask"])
+        kwargs["max_new_tokens"] += 1  # one more step reads the last response token
     start = time.perf_counter()
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), recorder.hooks() if recorder else nullcontext():
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
         output = model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([DecodedTokens(on_tokens)]))
-    new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
+    # to the host: the clock stops once the device is done
+    new_tokens = output[:, shape[1] : shape[1] + spec.max_new_tokens].tolist()
     report.record(shape, time.perf_counter() - start, compile)
-    return [_decoded(tokenizer, ids) for ids in new_tokens]
+    continuations = [_decoded(tokenizer, ids) for ids in new_tokens]
+    if recorder is not None:
+        records = recorder.records(
+            tokenizer, prompts, [continuation["response"] for continuation in continuations],
+            [ids[: continuation["n_new_tokens"]] for ids, continuation in zip(new_tokens, continuations)],
+        )
+        for continuation, record in zip(continuations, records):
+            continuation["capture"] = record
+    return continuations
 
 
 def _decoded(tokenizer, ids: list[int]) -> dict:
@@ -244,6 +265,10 @@ class GenerateStage(Stage):
     compile: bool
     pool: ModelPool
     report: GenerationReport = field(default_factory=GenerationReport)
+    capture: capture.CaptureSettings | None = None
+    """Measure each continuation while decoding it with these settings (`decode_capture`)."""
+    measurement: capture.Measurement | None = None
+    """Set by `units`, once the model's layers are known."""
     kind = "generate"
     version = STAGE_VERSION
     progress_unit = "tokens"
@@ -256,17 +281,23 @@ class GenerateStage(Stage):
             "batch_size": self.batch_size,
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
+            # measured while decoding: the continuations are the same, each also carries its capture record
+            **({"capture": self.capture.key(self.pool)} if self.capture else {}),
         }
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.alias)
         lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
+        recorded = 0
+        if self.capture is not None:
+            self.measurement = self.capture.measurement(capture.resolve_layers(loaded.model, self.capture.capture.layers))
+            recorded = decode_capture.recorded_bytes_per_sequence(loaded.model, self.measurement, self.settings.max_new_tokens)
         if self.batch_size == "auto":
             self.batch_size = auto_batch_size(
-                loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile
+                loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile, recorded
             )
         else:
-            per_sequence = bytes_per_sequence(loaded.model, max(lengths), self.settings.max_new_tokens, self.compile)
+            per_sequence = recorded + bytes_per_sequence(loaded.model, max(lengths), self.settings.max_new_tokens, self.compile)
             check_fits_memory(
                 loaded.input_device, min(self.batch_size, len(lengths)) * per_sequence,
                 f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts",
@@ -279,18 +310,26 @@ class GenerateStage(Stage):
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.alias)
-        return generate_batch(
+        continuations = generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
-            on_tokens=self.progress.advance,
+            on_tokens=self.progress.advance, measurement=self.measurement,
         )
+        for continuation in continuations:
+            if continuation.get("capture") is not None:
+                record = continuation["capture"]
+                record["tokens"] = [loaded.tokenizer.decode([token]) for token in record.pop("response_ids")]
+        return continuations
 
     def check(self, output: list[dict]) -> str | None:
         return None if len(output) == len(self.prompts) else f"{len(output)} continuations for {len(self.prompts)} prompts"
 
     def placeholder(self, key: str) -> list[dict]:
-        return [{"response": f"{key}:{i}", "n_new_tokens": 0, "stopped_early": False} for i in range(len(self.prompts))]
+        record = (capture.CaptureStage.placeholder_record(key) | {"layers": []}) if self.capture else None
+        return [{"response": f"{key}:{i}", "n_new_tokens": 0, "stopped_early": False}
+                | ({"capture": record} if record else {}) for i in range(len(self.prompts))]
 
     def describe(self, output: list[dict]) -> str:
         computed = f", batches of {self.batch_size}, {self.report.summary()}" if self.report.run_seconds or self.report.graphs else ""
-        return f"{self.alias}, {len(output)} continuations{computed}"
+        measured = ", measured while decoding" if self.capture else ""
+        return f"{self.alias}, {len(output)} continuations{measured}{computed}"
