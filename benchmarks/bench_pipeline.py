@@ -7,6 +7,9 @@ Ways to do the same work, on the same model, texts and device, in one process:
   hooks reduce every layer to metrics on the device, CE through the chunked LM head);
 - harness compiled: the same with ``runtime.compile`` (static KV cache, compiled decoding step;
   decoder blocks compiled for the capture forward, run last so the other parts stay eager);
+- harness measured while decoding (``capture.from_generation: auto``): generation with the
+  capture hooks running (``harness.stages.decode_capture``), then the capture forward over the
+  human texts only (and any generated text whose ids do not round-trip);
 - seed-style: generation in batches of 8; capture one text at a time with
   ``output_hidden_states=True``, every layer's response states copied to CPU and saved; metrics
   computed from the saved files; then a second batch-1 forward for CE from full logits;
@@ -50,9 +53,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import make_random_gemma2  # noqa: E402
+import roofline  # noqa: E402
 
 from harness.grid import Grid  # noqa: E402
-from harness.stages import capture, data, generate  # noqa: E402
+from harness.stages import capture, data, decode_capture, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.stages.conditions import GenerationSpec  # noqa: E402
@@ -243,9 +247,9 @@ def timed(
 
 
 # -- the harness's stages ------------------------------------------------------------------------
-def generation_batch_size(work: Workload, lengths: Sequence[int], compile: bool) -> int:
+def generation_batch_size(work: Workload, lengths: Sequence[int], compile: bool, recorded_bytes: int = 0) -> int:
     if work.generation_batch_size == "auto":
-        return generate.auto_batch_size(work.model, work.device, lengths, work.generation.max_new_tokens, compile)
+        return generate.auto_batch_size(work.model, work.device, lengths, work.generation.max_new_tokens, compile, recorded_bytes)
     return work.generation_batch_size
 
 
@@ -262,15 +266,33 @@ def capture_batches(work: Workload, tokenized: Sequence[capture.Tokenized]) -> l
 
 def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = False) -> list[str]:
     """The generation stage as the runner drives it: length-sorted batches, one seed per batch."""
+    return [output["response"] for output in harness_generations(work, prompts, compile)]
+
+
+def harness_generations(
+    work: Workload, prompts: Sequence[str], compile: bool = False, measurement: capture.Measurement | None = None
+) -> list[dict]:
+    """Every continuation (with its capture record when `measurement` is given: measured while decoding)."""
     lengths = [len(work.tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    responses: dict[int, str] = {}
-    for unit in generate.plan_batches(lengths, generation_batch_size(work, lengths, compile)):
-        outputs = generate.generate_batch(
+    recorded = 0 if measurement is None else decode_capture.recorded_bytes_per_sequence(
+        work.model, measurement, work.generation.max_new_tokens)
+    size = generation_batch_size(work, lengths, compile, recorded)
+    outputs: dict[int, dict] = {}
+    for unit in generate.plan_batches(lengths, size):
+        batch = generate.generate_batch(
             work.model, work.tokenizer, work.device, [prompts[i] for i in unit], work.generation,
-            seed=work.generation.seed * 1_000_003 + unit[0], compile=compile,
+            seed=work.generation.seed * 1_000_003 + unit[0], compile=compile, measurement=measurement,
         )
-        responses.update((i, output["response"]) for i, output in zip(unit, outputs))
-    return [responses[i] for i in range(len(prompts))]
+        outputs.update(zip(unit, batch))
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def harness_measured_while_decoding(work: Workload, prompts: Sequence[str]) -> list[capture.TextToMeasure]:
+    """`capture.from_generation: auto`'s generation; returns the texts left to the forward (their ids do not round-trip)."""
+    layers = capture.resolve_layers(work.model, "all")
+    measurement = capture.Measurement(Grid(tuple(work.metrics)), layers, capture.report_layers(layers))
+    outputs = harness_generations(work, prompts, measurement=measurement)
+    return [capture.TextToMeasure(prompt, output["response"]) for prompt, output in zip(prompts, outputs) if output["capture"] is None]
 
 
 def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized], compile: bool = False) -> list[dict]:
@@ -460,11 +482,13 @@ def cross_entropy_memory(work: Workload, tokenized: Sequence[capture.Tokenized])
 
 # -- the benchmark ---------------------------------------------------------------------------------
 HARNESS_PARTS = ("harness generate", "harness capture+CE")
+HARNESS_DECODING_PARTS = ("harness generate, measured", "harness capture+CE, human only")
+"""`capture.from_generation: auto` (eager decoding): the generated texts measured while decoding."""
 HARNESS_COMPILED_PARTS = ("harness compiled generate", "harness compiled capture+CE")
 SEED_PARTS = ("seed generate", "seed capture", "seed metrics", "seed CE")
 FLOOR_PARTS = ("floor generate", "floor forward")
 COMPILED_FLOOR_PARTS = ("compiled floor generate", "compiled floor forward")
-PART_ORDER = HARNESS_PARTS + HARNESS_COMPILED_PARTS + FLOOR_PARTS + COMPILED_FLOOR_PARTS + SEED_PARTS
+PART_ORDER = HARNESS_PARTS + HARNESS_DECODING_PARTS + HARNESS_COMPILED_PARTS + FLOOR_PARTS + COMPILED_FLOOR_PARTS + SEED_PARTS
 
 
 @dataclass
@@ -480,6 +504,10 @@ class BenchmarkResult:
     seed_ce_records: list[dict] = field(default_factory=list)
     compiled_differences: int | None = None
     """How many harness continuations compiled generation changed (bf16 may; fp32 should not)."""
+    work: dict[str, roofline.Work] = field(default_factory=dict)
+    """Per part, the tokens it ran through the model and its decoding steps."""
+    decoding_fallbacks: int = 0
+    """Generated texts the measured generation left to the forward (their ids did not round-trip)."""
 
     @property
     def n_samples(self) -> int:
@@ -516,10 +544,15 @@ def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = Fals
     ]
     tokenized = [capture.tokenize_for_capture(work.tokenizer, text) for text in texts]
     harness_records = time_part("harness capture+CE", lambda items: harness_capture(work, items), tokenized)
+    fallbacks = time_part("harness generate, measured", lambda prompts: harness_measured_while_decoding(work, prompts), work.prompts)
+    human_and_fallbacks = tokenized[: len(work.prompts)] + [capture.tokenize_for_capture(work.tokenizer, text) for text in fallbacks]
+    time_part("harness capture+CE, human only", lambda items: harness_capture(work, items), human_and_fallbacks)
     time_part("floor generate", lambda prompts: floor_generate(work, prompts), work.prompts)
     time_part("floor forward", lambda items: floor_forward(work, items), tokenized)
     result = BenchmarkResult(work.label, tokenized, parts)
     result.harness_records = harness_records
+    result.decoding_fallbacks = len(fallbacks)
+    result.work = part_work(work, tokenized, human_and_fallbacks, compiled)
     if compiled:
         # The compiled floor first: harness batches of the same shapes then reuse its graphs.
         time_part("compiled floor generate", lambda prompts: floor_generate(work, prompts, compile=True), work.prompts, True)
@@ -543,6 +576,54 @@ def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = Fals
     return result
 
 
+def part_work(work: Workload, tokenized: Sequence[capture.Tokenized], human: Sequence[capture.Tokenized],
+              compiled: bool) -> dict[str, roofline.Work]:
+    """Per part, what it ran through the model (for the roofline): generation, its prompts and new
+    tokens and a step per new token of each generate call; a forward, its texts' tokens."""
+    lengths = [len(work.tokenizer(prompt)["input_ids"]) for prompt in work.prompts]
+    new = work.generation.max_new_tokens
+    tokens = sum(lengths) + new * len(lengths)
+    context = sum(lengths) // len(lengths) + new // 2
+
+    def generation(calls: int) -> roofline.Work:
+        return roofline.Work(tokens, calls * new, context)
+
+    def forward(texts: Sequence[capture.Tokenized]) -> roofline.Work:
+        total = sum(len(item.input_ids) for item in texts)
+        return roofline.Work(total, 0, total // max(1, 2 * len(texts)))
+
+    calls = len(generate.plan_batches(lengths, generation_batch_size(work, lengths, False)))
+    parts = {
+        "harness generate": generation(calls), "harness capture+CE": forward(tokenized),
+        "harness generate, measured": generation(calls), "harness capture+CE, human only": forward(human),
+        "floor generate": generation(1), "floor forward": forward(tokenized),
+    }
+    if compiled:
+        compiled_calls = len(generate.plan_batches(lengths, generation_batch_size(work, lengths, True)))
+        parts |= {"harness compiled generate": generation(compiled_calls), "harness compiled capture+CE": forward(tokenized),
+                  "compiled floor generate": generation(1), "compiled floor forward": forward(tokenized)}
+    return parts
+
+
+def roofline_lines(result: BenchmarkResult, work: Workload, card: roofline.Card) -> list[str]:
+    """Per part, tokens/s against the card's roofline."""
+    config = work.model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in work.model.parameters())
+    lines = [
+        "",
+        f"Roofline of {card.name} ({card.bf16_tflops:.0f} bf16 TFLOP/s, {card.memory_gbs:.0f} GB/s): "
+        f"{roofline.flops_per_token(config) / 1e9:.2f} GFLOP per token (matmuls), {weight_bytes / 1e9:.2f} GB of weights "
+        "read per decoding step",
+        "",
+        "| part | tokens | tokens/s | roofline tokens/s | bound by | of the roofline |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    return lines + [
+        roofline.roofline_line(card, config, weight_bytes, name, result.parts[name].seconds, result.work[name])
+        for name in PART_ORDER if name in result.parts and name in result.work
+    ]
+
+
 def eager_blocks(model: nn.Module) -> None:
     """Undo `capture.compile_blocks`, so the next size's eager parts run eager."""
     for block in capture.decoder_blocks(model):
@@ -556,8 +637,10 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def format_report(result: BenchmarkResult, work: Workload) -> str:
-    """A markdown table of the parts, then the ratios the issue's acceptance is stated in."""
+def format_report(result: BenchmarkResult, work: Workload, card: roofline.Card | None = None) -> str:
+    """A markdown table of the parts, then the ratios the issue's acceptance is stated in, and
+    with a `card` (default: the CUDA device's, if the table knows it) the roofline of each part."""
+    card = card or (roofline.find_card(device_name(work.device)) if work.device.type == "cuda" else None)
     device_column = work.device.type == "cuda"
     header = "| part | seconds | compile s | peak RSS MiB |" + (" peak GPU MiB |" if device_column else "")
     lines = [
@@ -584,7 +667,19 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
         f"- harness generate + capture: {harness:.2f} s; floor: {floor:.2f} s; harness/floor = {harness / floor:.2f} "
         f"(generation {stage_ratios[0]:.2f}, capture+CE vs bare forward {stage_ratios[1]:.2f})",
     ]
+    measured = result.total(HARNESS_DECODING_PARTS)
+    lines.append(
+        f"- measured while decoding (capture.from_generation: auto): {measured:.2f} s, {measured / floor:.2f}x the floor, "
+        f"{measured / harness:.2f}x the harness with a second forward; {result.decoding_fallbacks} of "
+        f"{result.n_samples} generated texts left to the forward"
+    )
+    auto_compiled, rule = generate.compiled_decoding("auto", work.device.type, result.n_samples)
     harness_compiled, compiled_floor = result.total(HARNESS_COMPILED_PARTS), result.total(COMPILED_FLOOR_PARTS)
+    # auto: compiled decoding (no capture while decoding) and an eager forward, or eager decoding measured
+    auto_total = (result.parts["harness compiled generate"].seconds + result.parts["harness capture+CE"].seconds
+                  if auto_compiled and harness_compiled is not None else None if auto_compiled else measured)
+    if auto_total is not None:
+        lines.append(f"- harness auto, decoding {rule}: {auto_total:.2f} s")
     if harness_compiled is not None:
         compile_s = sum(result.parts[name].compile_seconds for name in COMPILED_FLOOR_PARTS + HARNESS_COMPILED_PARTS)
         lines.append(
@@ -606,6 +701,8 @@ def format_report(result: BenchmarkResult, work: Workload) -> str:
         ]
     if device_column:
         lines.append(capture_memory_line(work, result))
+    if card is not None:
+        lines += roofline_lines(result, work, card)
     memory = result.ce_memory
     full_peak = f", measured peak +{memory.full_logits_peak_mib:.0f} MiB" if memory.full_logits_peak_mib is not None else " (not allocated)"
     lines.append(
@@ -657,6 +754,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-seed", action="store_true", help="time only the harness and the floor")
     parser.add_argument("--seed-max-samples", type=int, default=SEED_MAX_SAMPLES,
                         help="the seed-style pipeline runs only at sizes up to this")
+    parser.add_argument("--card", choices=[card.name for card in roofline.CARDS],
+                        help="the roofline's card; default: the CUDA device's, if the table knows it (none on a CPU)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (torch.set_num_threads); 1 resists other processes' load best")
     return parser.parse_args(argv)
@@ -671,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sized = work.first(n_samples)
         skip_seed = args.skip_seed or n_samples > args.seed_max_samples
         compiled = args.compiled is not None and (not args.compiled or n_samples in args.compiled)
-        print(format_report(run_benchmark(sized, skip_seed, compiled), sized) + "\n", flush=True)
+        card = next((card for card in roofline.CARDS if card.name == args.card), None)
+        print(format_report(run_benchmark(sized, skip_seed, compiled), sized, card) + "\n", flush=True)
         work.compiled_decoder = sized.compiled_decoder  # the next size reuses its graphs
     return 0
 

@@ -35,6 +35,10 @@ class ModelPool:
             return model_spec.model_copy(update={"device_map": shard.device})
         return model_spec
 
+    def placement(self, alias: str) -> str:
+        """The `device_map` the model is (to be) loaded with."""
+        return self._model_spec(alias).device_map
+
     def check(self, alias: str) -> None:
         """Fail fast, before any stage runs: a missing package, file, path or device."""
         from harness.models import check_device

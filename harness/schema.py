@@ -260,10 +260,13 @@ class RuntimeSpec(StrictModel):
 
     generation_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     """Prompts per generate call, or `auto`: sized from the device's free memory and the KV cache."""
-    compile: bool = False
-    """`torch.compile`: generation with a static KV cache and a compiled decoding step, and
-    capture through compiled decoder blocks (lengths padded to a multiple of 64). Needs
-    `capture.sites: [resid_post]` (hooks inside a compiled block would recompile it)."""
+    compile: bool | Literal["auto"] = "auto"
+    """`auto`: decoding compiled where that pays, small batches on CUDA, eager elsewhere (large
+    batches, every CPU run; the rule is `generate.compiled_decoding`, and the run log states
+    it); capture forwards eager. `true` (`torch.compile`): generation with a static KV cache and a
+    compiled decoding step, and capture through compiled decoder blocks (lengths padded to a
+    multiple of 64); needs `capture.sites: [resid_post]` (hooks inside a compiled block would
+    recompile it). `false`: eager."""
     token_budget: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     """Tokens (padded) per forward batch, or `auto`: sized from the device's free memory, and
     on a CPU at most a small batch (`capture.CPU_TOKEN_BUDGET`), where larger ones only add padding."""
@@ -466,7 +469,7 @@ class Spec(StrictModel):
         x, y = self.stats.correlate
         need("text metric", "stats.correlate", x, TEXT_METRIC_NAMES)
         need("metric", "stats.correlate", y, whole_columns)
-        if self.runtime.compile and self.capture.sites != [DEFAULT_SITE]:
+        if self.runtime.compile is True and self.capture.sites != [DEFAULT_SITE]:
             raise FieldError("runtime.compile", f"needs capture.sites: [{DEFAULT_SITE}] (sublayer hooks inside a compiled block)")
         if self.report.verdict:
             need("criterion", "report.verdict.rows", self.report.verdict.rows, self.criteria)

@@ -78,7 +78,7 @@ def test_id_tokenizer_round_trips_token_ids(workload):
 
 
 def test_every_part_is_timed_and_reported(result, workload):
-    expected = bench.HARNESS_PARTS + bench.FLOOR_PARTS + bench.SEED_PARTS
+    expected = bench.HARNESS_PARTS + bench.HARNESS_DECODING_PARTS + bench.FLOOR_PARTS + bench.SEED_PARTS
     assert set(result.parts) == set(expected)
     assert all(part.seconds > 0 and part.peak_rss_mib > 0 for part in result.parts.values())
     assert len(result.tokenized) == 2 * N_SAMPLES
@@ -86,6 +86,26 @@ def test_every_part_is_timed_and_reported(result, workload):
     for name in expected:
         assert f"| {name} |" in report
     assert "harness/floor" in report and "GB" in report and "token_nll" in report
+
+
+def test_the_report_states_each_parts_roofline(result, workload):
+    """On a CPU no card is found; naming one prints the roofline table, a row per timed part."""
+    assert "Roofline" not in bench.format_report(result, workload)
+    card = bench.roofline.find_card("NVIDIA H200")
+    report = bench.format_report(result, workload, card)
+    assert "Roofline of H200 (989 bf16 TFLOP/s, 4800 GB/s)" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith("% |")]
+    assert [row.split(" | ")[0][2:] for row in rows] == [name for name in bench.PART_ORDER if name in result.work]
+    assert {row.split(" | ")[4] for row in rows if "generate" in row} == {"weight reads"}  # a tiny model decodes memory-bound
+    assert "measured while decoding (capture.from_generation: auto)" in report
+    assert "harness auto, decoding eager (runtime.compile auto: eager on a CPU)" in report
+
+
+def test_gemma_2_2b_costs_about_5_2_gflop_per_token():
+    config = bench.CONFIGS["gemma-2-2b"]()
+    assert bench.roofline.flops_per_token(config) == pytest.approx(5.2e9, rel=0.01)
+    assert bench.roofline.find_card("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert bench.roofline.find_card("NVIDIA H100 80GB HBM3").name == "H100"
 
 
 def test_generated_responses_have_max_new_tokens(result):
@@ -150,7 +170,7 @@ def test_compiled_parts_match_eager(workload):
     and leave the model's blocks eager for the parts after them."""
     result = bench.run_benchmark(workload, skip_seed=True, compiled=True)
     compiled = bench.HARNESS_COMPILED_PARTS + bench.COMPILED_FLOOR_PARTS
-    assert set(result.parts) == set(bench.HARNESS_PARTS + bench.FLOOR_PARTS + compiled)
+    assert set(result.parts) == set(bench.HARNESS_PARTS + bench.HARNESS_DECODING_PARTS + bench.FLOOR_PARTS + compiled)
     assert all(result.parts[name].compile_seconds is not None for name in compiled)
     assert result.compiled_differences == 0
     assert not any("forward" in vars(block) for block in capture.decoder_blocks(workload.model))

@@ -159,6 +159,7 @@ def test_a_run_measures_its_generated_condition_while_decoding(tmp_path, words_m
     assert [row["response"] for row in texts] == [row["response"] for row in forward_texts]
     assert "capture[model]" not in during_log.stages("computed") and "capture[model]" in forward_log.stages("computed")
     assert any("capture[model] measured while decoding: 6 texts" in line for line in during_log)
+    assert any("generate[model]" in line and "eager (runtime.compile auto: eager on a CPU)" in line for line in during_log)
     # the generation stage's key says its texts were measured in it: the forward's run generated anew
     assert "generate[model]" in forward_log.stages("computed")
     assert during.keys() == forward.keys()

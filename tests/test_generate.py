@@ -129,3 +129,12 @@ def test_compiled_generation_has_its_own_cache_key(prompts):
         for compile in (False, True)
     )
     assert "compile" not in eager and compiled == eager | {"compile": True}
+
+
+def test_compile_auto_compiles_small_batches_on_cuda_only():
+    rule = generate.compiled_decoding
+    assert rule("auto", "cpu", 1) == (False, "eager (runtime.compile auto: eager on a CPU)")
+    assert rule("auto", "cuda", generate.COMPILE_MAX_ROWS)[0] is True
+    assert rule("auto", "cuda", generate.COMPILE_MAX_ROWS + 1)[0] is False
+    assert rule(True, "cpu", 10_000) == (True, "runtime.compile: true")
+    assert rule(False, "cuda", 1) == (False, "runtime.compile: false")

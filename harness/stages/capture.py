@@ -493,7 +493,7 @@ class CaptureSettings:
     @classmethod
     def from_spec(cls, spec: Spec, directions: dict[str, DirectionSet]) -> CaptureSettings:
         return cls(spec.capture_model, spec.grid, spec.capture, spec.metric_options, spec.runtime.token_budget,
-                   spec.runtime.compile, directions)
+                   spec.runtime.compile is True, directions)
 
     def key(self, pool: ModelPool) -> dict:
         """What of these settings enters a capture cache key (with the texts measured)."""

@@ -178,15 +178,19 @@ def human(name: str, condition: HumanCondition, context: SourceContext) -> list[
 @condition_source(GeneratedCondition)
 def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
     from harness.stages.decode_capture import blocker
-    from harness.stages.generate import GenerateStage
+    from harness.stages.generate import GenerateStage, compiled_decoding, planned_device_type
 
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
     runtime = context.spec.runtime
-    measure = context.capture if context.capture and blocker(context.spec, alias, runtime.compile) is None else None
+    batch_size = runtime.generation_batch_size
+    rows = len(prompts) if batch_size == "auto" else min(batch_size, len(prompts))
+    device_type = planned_device_type(context.pool.placement(alias))
+    compiled, decoding = compiled_decoding(runtime.compile, device_type, rows)
+    measure = context.capture if context.capture and blocker(context.spec, alias, compiled) is None else None
     stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile,
-        context.pool, capture=measure,
+        f"generate[{name}]", prompts, alias, condition.generation, batch_size, compiled, context.pool,
+        capture=measure, decoding=decoding,
     )
     output = context.executor.run(stage)
     if measure is not None:

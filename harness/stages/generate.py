@@ -21,7 +21,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
@@ -40,6 +40,13 @@ STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""
 PROMPT_BUCKET = 32
 """Compiled generation pads prompts to a multiple of this many tokens (bounds the graphs)."""
+COMPILE_MAX_ROWS = 512
+"""`runtime.compile: auto` compiles decoding on CUDA for at most this many prompts. Measured on
+one H200 (random-weights Gemma-2-2B, bf16, 90 new tokens; benchmarks/README.md): at 100 prompts
+eager decoding is launch-bound (~33 ms a step) and the compiled step takes ~9 ms; at 2000 the
+static cache's full-length attention makes compiled decoding slower (8.1 s against 5.6 s). A
+straight line between the two puts the crossover near 1000 prompts; half that leaves room for
+the compilation itself."""
 MEMORY_FRACTION = 0.5
 """Share of the device's free memory `auto_batch_size` plans to use."""
 
@@ -104,6 +111,23 @@ def auto_batch_size(
     per_sequence = recorded_bytes + bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
     fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
     return max(1, min(len(prompt_lengths), fit))
+
+
+def compiled_decoding(setting: bool | Literal["auto"], device_type: str, rows: int) -> tuple[bool, str]:
+    """Whether decoding runs compiled for batches of `rows` prompts on a `device_type` device,
+    and why, in words for the run log: the one rule of `runtime.compile: auto`."""
+    if setting != "auto":
+        return setting, f"runtime.compile: {str(setting).lower()}"
+    if device_type != "cuda":
+        return False, "eager (runtime.compile auto: eager on a CPU)"
+    if rows > COMPILE_MAX_ROWS:
+        return False, f"eager (runtime.compile auto: batches of {rows} > {COMPILE_MAX_ROWS} prompts)"
+    return True, f"compiled (runtime.compile auto: batches of {rows} <= {COMPILE_MAX_ROWS} prompts on CUDA)"
+
+
+def planned_device_type(device_map: str) -> str:
+    """The device type a model of this `device_map` runs on, before it is loaded."""
+    return "cuda" if "cuda" in device_map or (device_map == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
@@ -267,6 +291,8 @@ class GenerateStage(Stage):
     report: GenerationReport = field(default_factory=GenerationReport)
     capture: capture.CaptureSettings | None = None
     """Measure each continuation while decoding it with these settings (`decode_capture`)."""
+    decoding: str = ""
+    """Why decoding runs compiled or eager (`compiled_decoding`), for the run log."""
     measurement: capture.Measurement | None = None
     """Set by `units`, once the model's layers are known."""
     kind = "generate"
@@ -332,4 +358,5 @@ class GenerateStage(Stage):
     def describe(self, output: list[dict]) -> str:
         computed = f", batches of {self.batch_size}, {self.report.summary()}" if self.report.run_seconds or self.report.graphs else ""
         measured = ", measured while decoding" if self.capture else ""
-        return f"{self.alias}, {len(output)} continuations{measured}{computed}"
+        decoding = f", {self.decoding}" if self.decoding else ""
+        return f"{self.alias}, {len(output)} continuations{measured}{decoding}{computed}"
