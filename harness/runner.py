@@ -29,8 +29,7 @@ from harness.pool import ModelPool
 from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.spec import load_spec
-from harness.stages import capture, conditions, criteria, data, decode_capture, stats
-from harness.stages.report import render_report
+from harness.stages import capture, conditions, criteria, data, decode_capture, report_stage, stats
 from harness.sweep import Point
 from harness.templates import find_template
 from harness.writing import check_writable_folder
@@ -141,15 +140,20 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         rundir.write_criteria(folder.path, criteria.to_json(results))
         manifest = rundir.build_manifest(plan, folder.run_id)
         rundir.write_manifest(folder.path, manifest)
-        with executor.timed("report"):
-            render_report(folder.path, plan.template)
-        executor.note("report", False, "RESULTS.md")
+        report_stage.publish_report(executor, folder.path, draw_report, plan.template)
         rundir.write_manifest(folder.path, manifest.model_copy(update={"timings": dict(executor.timings)}))
         run_dir = folder.commit()
     except BaseException:
         folder.discard()
         raise
     return RunOutcome(run_dir, results, time.perf_counter() - started)
+
+
+def draw_report(run_dir: Path, figure_dir: Path) -> dict:
+    """The report's figures, diagnostics and context (`report.report_parts`)."""
+    from harness.stages.report import report_parts  # pandas, scipy, matplotlib: only when a report is drawn
+
+    return report_parts(run_dir, figure_dir)
 
 
 def measure(

@@ -341,3 +341,31 @@ def test_renders_without_optional_stats(tmp_path):
     assert shows(row_cells(text, "smoothness (overall)")[4], stats["smoothness.overall.d"])  # the interval shows as –
     assert "[–, –]" in row_cells(text, "smoothness (overall)")[4]
     assert "The pooled correlation was not computed" in text
+
+
+def test_the_report_stage_draws_once_and_renders_every_time(tmp_path):
+    """A second publish of unchanged data reuses the figures, diagnostics and context; RESULTS.md is
+    still rendered (a changed template shows at once); changed data draws anew."""
+    from harness.cache import StageCache
+    from harness.executor import Executor
+    from harness.stages.report import report_parts
+    from harness.stages.report_stage import publish_report
+
+    run_dir = make_run(tmp_path)
+    log: list[str] = []
+    executor = Executor(StageCache(tmp_path / "cache"), log.append)
+    first = publish_report(executor, run_dir, report_parts, None).read_text(encoding="utf-8")
+    figures = {path.name: path.read_bytes() for path in run_dir.glob("*.png")}
+    for path in run_dir.glob("*.png"):
+        path.unlink()
+    again = Executor(StageCache(tmp_path / "cache"), log.append)
+    assert publish_report(again, run_dir, report_parts, None).read_text(encoding="utf-8") == first
+    assert again.reuse["report"] == "reused" and executor.reuse["report"] == "computed"
+    assert figures and {path.name: path.read_bytes() for path in run_dir.glob("*.png")} == figures
+    template = tmp_path / "mine.md.j2"
+    template.write_text("{{ run_id }}: {{ verdict.text }}\n")
+    assert publish_report(again, run_dir, report_parts, template).read_text().startswith("run-1: ")
+    spec_file = run_dir / "spec.yaml"
+    spec_file.write_text(spec_file.read_text().replace("A synthetic run", "A synthetic rerun"))
+    publish_report(again, run_dir, report_parts, None)
+    assert again.reuse["report"] == "computed"

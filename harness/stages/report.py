@@ -19,7 +19,7 @@ from scipy.stats import t as student_t
 from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.grid import Column, Window
-from harness.rundir import RunRecord, load_run, write_report
+from harness.rundir import RunRecord, load_run
 from harness.schema import Comparison
 from harness.stages.criteria import from_json, outcome, summary_line
 from harness.statnames import (
@@ -34,7 +34,7 @@ from harness.statnames import (
     mixedlm_name,
     paired_name,
 )
-from harness.templates import explicit_template, find_template, render_template
+from harness.stages.report_stage import write_results
 
 TOP_TOKENS = 5
 CONTEXT_TOKENS = 3
@@ -57,11 +57,17 @@ def render_report(run_dir: Path, template: Path | None = None) -> Path:
     `template` overrides the spec's `report.template`.
     """
     run_dir = Path(run_dir)
+    return write_results(run_dir, report_parts(run_dir, run_dir), template)
+
+
+def report_parts(run_dir: Path, figure_dir: Path) -> dict:
+    """What the report shows that follows from the run's data alone, the costly part (the
+    `ReportStage` caches it): `diagnostics`, the template's `context` but for the run's id and
+    manifest (`report_stage.write_results` adds them), and its `figures`, drawn into `figure_dir`."""
     run = load_run(run_dir)
-    template_path = explicit_template(Path(template)) if template else find_template(run.spec, run.manifest["spec_file"])
     diagnostics = text_diagnostics(run.texts, run.table, run.spec)
-    figures = draw_plots(run, run_dir) if run.spec.report.plots else []
-    return write_report(run_dir, diagnostics, render_template(template_path, build_context(run, diagnostics, figures)))
+    figures = draw_plots(run, figure_dir) if run.spec.report.plots else []
+    return {"diagnostics": diagnostics, "context": build_context(run, diagnostics, figures)}
 
 
 # --- plots --------------------------------------------------------------------------------
@@ -166,13 +172,13 @@ def _delta_steps(run: RunRecord) -> pd.DataFrame:
 
 
 def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dict:
-    """Everything the template shows, as plain values (floats may be NaN)."""
+    """Everything the template shows, as plain values (floats may be NaN), but for the run's id
+    and manifest (`report_stage.write_results`)."""
     spec = run.spec
     name, comparison = next(iter(spec.comparisons.items()))
     return {
         "title": spec.name,
         "description": spec.description.strip(),
-        "run_id": run.manifest.get("run_id"),
         "confidence": spec.stats.confidence,
         "alpha": spec.report.alpha,
         "hypothesis": spec.report.hypothesis.strip(),
@@ -199,7 +205,6 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "figures": figures,
         "threats": threats_to_validity(run, diagnostics),
         "dropped": diagnostics["dropped"],
-        "manifest": _manifest(run.manifest),
     }
 
 
@@ -480,12 +485,3 @@ def _control_threat(run: RunRecord) -> dict:
         "warning": forbidden if forbidden and ends.get(forbidden) in controls else None,
         "at_end": ends.get(forbidden) if forbidden else None,
     }
-
-
-def _manifest(manifest: dict) -> dict:
-    """The manifest fields the report shows (a missing one is None), and per stage its time and cache use."""
-    keys = ("harness_version", "spec_file", "spec_hash", "run_id", "started", "git_commit", "models", "packages",
-            "overrides", "point")
-    timings, cache = manifest.get("timings") or {}, manifest.get("cache") or {}
-    stages = [{"stage": stage, "seconds": timings.get(stage), "cache": cache.get(stage)} for stage in {**timings, **cache}]
-    return {**{key: manifest.get(key) for key in keys}, "stages": stages}
