@@ -36,7 +36,7 @@ def sources() -> list[str]:
 
 
 def sites() -> list[str]:
-    from harness.stages.sites import SITES
+    from harness.sites import SITES
 
     return [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
 
