@@ -43,11 +43,11 @@ def resid_pre(block: Block) -> Tap:
 
 @capture_site
 def attn_out(block: Block) -> Tap:
-    """What the attention sublayer adds to the residual stream (Gemma 2/3, OLMo 2: after its output norm)."""
+    """What the attention sublayer adds to the residual stream; after its output norm where the family has one."""
     return block.attention_output()
 
 
 @capture_site
 def mlp_out(block: Block) -> Tap:
-    """What the MLP sublayer adds to the residual stream (Gemma 2/3, OLMo 2: after its output norm)."""
+    """What the MLP sublayer adds to the residual stream; after its output norm where the family has one."""
     return block.mlp_output()

@@ -231,3 +231,12 @@ def test_a_criterion_on_an_unmeasured_site_is_rejected(tmp_path):
 def test_the_site_registry_imports_no_torch():
     code = "import sys, harness.sites, harness.schema; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_ls_sites_lists_every_site_and_family():
+    from harness import listing
+    from harness.sites import SITES
+
+    rows = listing.sites()
+    assert [row.split()[0] for row in rows[:-1]] == list(SITES)
+    assert all(family in rows[-1] for family in structure.FAMILIES)
