@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import make_random_gemma2  # noqa: E402
 import roofline  # noqa: E402
 
+from harness import structure  # noqa: E402
 from harness.grid import Grid  # noqa: E402
 from harness.stages import capture, data, decode_capture, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
@@ -289,7 +290,7 @@ def harness_generations(
 
 def harness_measured_while_decoding(work: Workload, prompts: Sequence[str]) -> list[capture.TextToMeasure]:
     """`capture.from_generation: auto`'s generation; returns the texts left to the forward (their ids do not round-trip)."""
-    layers = capture.resolve_layers(work.model, "all")
+    layers = structure.resolve_layers(work.model, "all")
     measurement = capture.Measurement(Grid(tuple(work.metrics)), layers, capture.report_layers(layers))
     outputs = harness_generations(work, prompts, measurement=measurement)
     return [capture.TextToMeasure(prompt, output["response"]) for prompt, output in zip(prompts, outputs) if output["capture"] is None]
@@ -297,7 +298,7 @@ def harness_measured_while_decoding(work: Workload, prompts: Sequence[str]) -> l
 
 def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized], compile: bool = False) -> list[dict]:
     """The capture stage: one fused forward (metrics + CE) per token-budget batch."""
-    layers = capture.resolve_layers(work.model, "all")
+    layers = structure.resolve_layers(work.model, "all")
     records: dict[int, dict] = {}
     for unit in capture_batches(work, tokenized):
         measurement = capture.Measurement(Grid(tuple(work.metrics)), layers, capture.report_layers(layers), compile=compile)
@@ -626,7 +627,7 @@ def roofline_lines(result: BenchmarkResult, work: Workload, card: roofline.Card)
 
 def eager_blocks(model: nn.Module) -> None:
     """Undo `capture.compile_blocks`, so the next size's eager parts run eager."""
-    for block in capture.decoder_blocks(model):
+    for block in structure.decoder_blocks(model):
         if getattr(block, "harness_compiled", False):
             del block.forward, block.harness_compiled
 

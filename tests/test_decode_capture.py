@@ -18,6 +18,7 @@ from harness.runner import run_spec
 from harness.stages import capture, decode_capture
 from harness.stages.conditions import GenerationSpec
 from harness.stages.generate import generate_batch
+from harness.structure import resolve_layers
 from metrics import LAYER_METRICS, PROJECTION_METRICS
 
 RTOL = 1e-5
@@ -35,7 +36,7 @@ def prompts() -> list[str]:
 def full_measurement(model) -> capture.Measurement:
     """Every trajectory and projection metric at every site the tiny models have, over whole
     responses and two windows, deltas of every layer kept."""
-    layers = capture.resolve_layers(model, "all")
+    layers = resolve_layers(model, "all")
     grid = Grid(tuple(sorted(LAYER_METRICS)) + tuple(sorted(PROJECTION_METRICS)), ("resid_post", "attn_out", "mlp_out"),
                 ("probe",), (Window(0, 3), Window(2, 8)))
     torch.manual_seed(1)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from harness.stages import capture
+from harness.structure import site_taps
 
 if TYPE_CHECKING:
     from harness.executor import Executor
@@ -90,12 +91,11 @@ class DecodingRecorder:
         self.reading = input_ids[:, -1] if self.calls > 1 else None
 
     def _site(self, site: str, index: int):
-        def hook(module, args, output):
+        def read(states: torch.Tensor) -> None:
             if self.calls > 1:
-                hidden = output[0] if isinstance(output, tuple) else output
-                self.states[(site, index)].append(hidden[:, -1].clone())
+                self.states[(site, index)].append(states[:, -1].clone())
 
-        return hook
+        return read
 
     def _after_decoder(self, module, args, kwargs, output):
         if self.calls == 1:
@@ -118,8 +118,8 @@ class DecodingRecorder:
             model.get_output_embeddings().register_forward_hook(self._after_head),
         ]
         for site in measurement.grid.sites:
-            modules = capture.site_modules(model, site)
-            handles += [modules[layer].register_forward_hook(self._site(site, index)) for index, layer in enumerate(measurement.layers)]
+            taps = site_taps(model, site)
+            handles += [taps[layer].register(self._site(site, index)) for index, layer in enumerate(measurement.layers)]
         try:
             yield
         finally:

@@ -32,6 +32,7 @@ from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.stages import capture, decode_capture
 from harness.stages.conditions import GenerationSpec
+from harness.structure import resolve_layers
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool
@@ -316,7 +317,7 @@ class GenerateStage(Stage):
         lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
         recorded = 0
         if self.capture is not None:
-            self.measurement = self.capture.measurement(capture.resolve_layers(loaded.model, self.capture.capture.layers))
+            self.measurement = self.capture.measurement(resolve_layers(loaded.model, self.capture.capture.layers))
             recorded = decode_capture.recorded_bytes_per_sequence(loaded.model, self.measurement, self.settings.max_new_tokens)
         if self.batch_size == "auto":
             self.batch_size = auto_batch_size(
