@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from harness.artifacts import write_bytes
+from harness.lazy import lazy_import
 from harness.errors import InputError
 from harness.schema import DirectionSplit, Spec
 from harness.structure import decoder_blocks
+
+torch = lazy_import("torch")
 
 SAMPLES_KEY = "samples"
 """Metadata key of a file written by `harness directions`: the sample ids that built it, comma-separated."""

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
-import torch
-import transformers  # a lazy module: model classes load on first use, so a fully cached run skips them
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -46,8 +44,12 @@ from huggingface_hub.utils import validate_repo_id
 
 from harness.artifacts import staged
 from harness.errors import InputError
+from harness.lazy import lazy_import
 from harness.progress import Progress
 from harness.schema import ModelSpec
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")  # its model classes load on first use too
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

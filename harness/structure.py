@@ -14,13 +14,16 @@ family is one line in FAMILIES, and a new site never names a module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
-
+from harness.lazy import lazy_import
 from harness.sites import SITES
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+torch = lazy_import("torch")
 
 ATTENTION_NAMES = ("self_attn", "attention")
 """What transformers calls a decoder block's attention sublayer (GPT-NeoX: `attention`)."""
@@ -61,7 +64,7 @@ def architecture(model: nn.Module) -> str:
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks: `layers` of the model's decoder, where transformers keeps them."""
     layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    if not isinstance(layers, torch.nn.ModuleList):
         raise UnknownArchitecture(f"cannot find the decoder blocks of {type(model).__name__} (no `get_decoder().layers`)")
     return layers
 

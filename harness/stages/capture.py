@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
-import torch
-from torch import nn
-
 from harness.artifacts import content_hash, staged
 from harness.executor import CompiledCalls, Stage
 from harness.grid import Column, Grid, Window
+from harness.lazy import inference_mode, lazy_import
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
 from harness.structure import decoder_blocks, resolve_layers, site_taps
@@ -32,6 +30,9 @@ from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
     from harness.pool import ModelPool
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 STAGE_VERSION = 4
 """Part of every capture cache key. 2: CE over contiguous rows (the last bits of ce_loss changed).
@@ -257,7 +258,7 @@ class Measurement:
     """Per direction set of the grid, unit vectors `[model layers, d]` the projection metrics project onto."""
     keep_activations: bool = False
     """Also return the first site's activations."""
-    activation_dtype: torch.dtype = torch.float16
+    activation_dtype: torch.dtype = field(default_factory=lambda: torch.float16)
     compile: bool = False
     """The decoder blocks run compiled, on lengths padded to a multiple of COMPILE_BUCKET."""
 
@@ -385,7 +386,7 @@ class ColumnBuffer:
         return records
 
 
-@torch.inference_mode()
+@inference_mode
 def measure_batch(
     model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement
 ) -> list[dict]:

@@ -25,9 +25,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
-from torch import nn
-
+from harness.lazy import lazy_import
 from harness.stages import capture
 from harness.structure import site_taps
 
@@ -35,6 +33,9 @@ if TYPE_CHECKING:
     from harness.executor import Executor
     from harness.pool import ModelPool
     from harness.schema import Spec
+    from torch import nn
+
+torch = lazy_import("torch")
 
 FORWARD, GENERATION = "forward", "generation"
 """What measured a text (texts.jsonl's `measured_by`)."""
@@ -105,7 +106,7 @@ class DecodingRecorder:
     def _after_head(self, module, args, output):
         logits = capture.softcapped(self.model, output[:, -1])
         if self.calls > 1:
-            self.response_nll.append(nn.functional.cross_entropy(self.logits, self.reading.to(logits.device), reduction="none"))
+            self.response_nll.append(torch.nn.functional.cross_entropy(self.logits, self.reading.to(logits.device), reduction="none"))
         self.logits = logits
 
     @contextmanager

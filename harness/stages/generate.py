@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
-import torch
-from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
-from transformers.generation import CompileConfig
-
 from harness.artifacts import content_hash
 from harness.executor import CompiledCalls, Stage
+from harness.lazy import inference_mode, lazy_import
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.stages import capture, decode_capture
 from harness.stages.conditions import GenerationSpec
@@ -36,6 +33,9 @@ from harness.structure import resolve_layers
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""
@@ -149,14 +149,14 @@ def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
 def compile_kwargs(model, device: torch.device, rows: int, max_cache_len: int) -> dict:
     """`generate` arguments for a static KV cache and a compiled decoding step."""
     # CUDA graphs ("reduce-overhead") remove the per-step launch cost; elsewhere there are none.
-    config = CompileConfig(dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    config = transformers.generation.CompileConfig(dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
     # transformers compiles on its accelerators only, unless this flag says every device.
     config._compile_all_devices = True
     # `past_key_values` is the name every transformers 5.x takes (later ones warn, and call it `cache`).
     return dict(past_key_values=static_cache(model, rows, max_cache_len), compile_config=config)
 
 
-def static_cache(model, rows: int, max_cache_len: int) -> StaticCache:
+def static_cache(model, rows: int, max_cache_len: int) -> transformers.StaticCache:
     """A static KV cache of `max_cache_len` positions for `rows` prompts, kept on the model and
     reset for the next batch of that shape (the compiled step's graphs keep its addresses).
 
@@ -172,21 +172,21 @@ def static_cache(model, rows: int, max_cache_len: int) -> StaticCache:
     if window is not None and max_cache_len <= window and getattr(config, "layer_types", None):
         config = copy.copy(config)
         config.layer_types = ["full_attention"] * len(config.layer_types)
-    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache = transformers.StaticCache(config=config, max_cache_len=max_cache_len)
     model.harness_static_cache = ((rows, max_cache_len), cache)
     return cache
 
 
-class DecodedTokens(StoppingCriteria):
-    """Calls `count(rows)` after each decoding step (a token for every row of the batch), for
-    progress; never stops a sequence."""
+def decoded_tokens(count: Callable[[int], None]):
+    """A stopping criterion that calls `count(rows)` after each decoding step (a token for every
+    row of the batch), for progress; it never stops a sequence."""
 
-    def __init__(self, count: Callable[[int], None]):
-        self.count = count
+    class DecodedTokens(transformers.StoppingCriteria):  # defined here: transformers loads when generation runs
+        def __call__(self, input_ids, scores, **kwargs):
+            count(input_ids.shape[0])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        self.count(input_ids.shape[0])
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    return DecodedTokens()
 
 
 def generate_batch(
@@ -233,7 +233,7 @@ def generate_batch(
     )
 
 
-@torch.inference_mode()
+@inference_mode
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
     report: GenerationReport, on_tokens: Callable[[int], None], measurement: capture.Measurement | None = None,
@@ -253,7 +253,7 @@ def _generate(
     torch.manual_seed(seed)
     with warnings.catch_warnings(), recorder.hooks() if recorder else nullcontext():
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
-        output = model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([DecodedTokens(on_tokens)]))
+        output = model.generate(**batch, **kwargs, stopping_criteria=transformers.StoppingCriteriaList([decoded_tokens(on_tokens)]))
     # to the host: the clock stops once the device is done
     new_tokens = output[:, shape[1] : shape[1] + spec.max_new_tokens].tolist()
     report.record(shape, time.perf_counter() - start, compile)

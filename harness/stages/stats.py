@@ -56,14 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from scipy.special import ndtr, ndtri
-from scipy.stats import pearsonr, quantile, ttest_rel, wilcoxon
 
 from harness.artifacts import content_hash
 from harness.errors import RunFailure
 from harness.executor import Stage
 from harness.grid import Column
+from harness.lazy import lazy_import
 from harness.statnames import (
     COLUMNS,
     CORRELATION_STATS,
@@ -79,6 +77,10 @@ from harness.statnames import (
     prefixed,
 )
 from harness.schema import Comparison, Spec, StatsSpec
+
+# pandas and scipy take a second to import, and a cached stats stage needs neither (harness.lazy)
+pd = lazy_import("pandas")
+special, scipy_stats = lazy_import("scipy.special"), lazy_import("scipy.stats")
 
 STAGE_VERSION = 3
 """Bump when a change here changes any statistic: cached stats stages are then recomputed.
@@ -280,14 +282,14 @@ def _bca(estimator: _Estimator, settings: StatsSpec) -> tuple[np.ndarray, np.nda
     jackknife = statistic(totals - terms)  # leave-one-out sums in closed form
     with np.errstate(divide="ignore", invalid="ignore"):  # degenerate distributions: NaN bounds
         below = ((resampled < estimate).sum(axis=0) + (resampled <= estimate).sum(axis=0)) / (2 * len(resampled))
-        bias = ndtri(below)
+        bias = special.ndtri(below)
         spread = (n - 1) * (jackknife.mean(axis=0) - jackknife)
         acceleration = 1 / 6 * (np.sum(spread**3, axis=0) / n**3) / (np.sum(spread**2, axis=0) / n**2) ** 1.5
-        z = float(ndtri((1 - settings.confidence) / 2))
-        levels = [ndtr(bias + (bias + side) / (1 - acceleration * (bias + side))) for side in (z, -z)]
+        z = float(special.ndtri((1 - settings.confidence) / 2))
+        levels = [special.ndtr(bias + (bias + side) / (1 - acceleration * (bias + side))) for side in (z, -z)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NaN levels or statistics give NaN bounds
-        bounds = quantile(resampled.T, np.stack(levels, axis=-1), axis=-1)
+        bounds = scipy_stats.quantile(resampled.T, np.stack(levels, axis=-1), axis=-1)
     return bounds[:, 0], bounds[:, 1]
 
 
@@ -354,7 +356,7 @@ def _paired_columns(
     if n < 2:  # no test on fewer than 2 pairs
         tests = dict.fromkeys(("t", "p", "wilcoxon_w", "wilcoxon_p"), np.full(width, np.nan))
     else:
-        student, signed_rank = ttest_rel(a, b, axis=0), wilcoxon(a, b, axis=0)
+        student, signed_rank = scipy_stats.ttest_rel(a, b, axis=0), scipy_stats.wilcoxon(a, b, axis=0)
         tests = {"t": student.statistic, "p": student.pvalue,
                  "wilcoxon_w": signed_rank.statistic, "wilcoxon_p": signed_rank.pvalue}
     return columns | tests | {"n": n}
@@ -404,7 +406,7 @@ def _correlations(
     for (scope, (x, y)), (low, high) in zip(scopes.items(), intervals):
         valid = ~(np.isnan(x) | np.isnan(y)).T  # texts of condition a first, then b (pooled)
         x_kept, y_kept = x.T[valid], y.T[valid]
-        r, p = pearsonr(x_kept, y_kept) if len(x_kept) >= 2 else (np.nan, np.nan)
+        r, p = scipy_stats.pearsonr(x_kept, y_kept) if len(x_kept) >= 2 else (np.nan, np.nan)
         values = (r, p, low[0], high[0], len(x_kept))
         stats |= {correlation_name(scope, stat): value for stat, value in zip(CORRELATION_STATS, values)}
     return stats
