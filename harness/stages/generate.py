@@ -15,7 +15,9 @@ compilation time apart from the run time.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import logging
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -128,7 +130,12 @@ def compiled_decoding(setting: bool | Literal["auto"], device_type: str, rows: i
 
 def planned_device_type(device_map: str) -> str:
     """The device type a model of this `device_map` runs on, before it is loaded."""
-    return "cuda" if "cuda" in device_map or (device_map == "auto" and torch.cuda.is_available()) else "cpu"
+    if device_map != "auto":
+        return "cuda" if "cuda" in device_map else device_map.split(":")[0]
+    # a CPU-only torch build sees no GPU: a cached run need not import torch to know it
+    if "torch" not in sys.modules and importlib.metadata.version("torch").endswith("+cpu"):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
