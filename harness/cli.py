@@ -190,11 +190,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    # set where transformers reads them when it is first imported (the environment, the hub's
+    # progress-bar switch): a fully cached run never imports it
+    import huggingface_hub.utils
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    huggingface_hub.utils.disable_progress_bars()
 
 
 ENVIRONMENT = {
