@@ -56,6 +56,15 @@ def blocker(spec: Spec, generator: str, compiled: bool) -> str | None:
     return next((reason for blocked, reason in reasons if blocked), None)
 
 
+FORWARD_ONLY = ("token_budget", "compile")
+"""Capture settings that only batch or compile the forward: not part of what decoding measures."""
+
+
+def key(settings: capture.CaptureSettings, pool: ModelPool) -> dict:
+    """What of the capture settings enters the generation stage's key when it measures while decoding."""
+    return {name: value for name, value in settings.key(pool).items() if name not in FORWARD_ONLY}
+
+
 def recorded_bytes_per_sequence(model: nn.Module, measurement: capture.Measurement, max_new_tokens: int) -> int:
     """What one more sequence's recorded hidden states cost: every captured site and layer, one
     state per decoded token, in the model's dtype."""

@@ -316,7 +316,7 @@ class GenerateStage(Stage):
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
             # measured while decoding: the continuations are the same, each also carries its capture record
-            **({"capture": self.capture.key(self.pool)} if self.capture else {}),
+            **({"capture": decode_capture.key(self.capture, self.pool)} if self.capture else {}),
         }
 
     def units(self) -> list[list[int]]:
