@@ -200,8 +200,8 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "only_comment": "empty spec",
     "list_not_mapping": "a spec is a mapping of keys, not a list",
     "scalar_not_mapping": "a spec is a mapping of keys, not a str",
-    "binary": "not a UTF-8 text file",
-    "latin1": "not a UTF-8 text file",
+    "binary": "line 1: not UTF-8",
+    "latin1": "not UTF-8 (byte 0x",
     "duplicate_key": "line 3: not valid YAML (key 'name' appears twice",
     "duplicate_condition": "line 5: not valid YAML (key 'model' appears twice",
     "alias_bomb": "description: Input should be a valid string",
@@ -309,7 +309,7 @@ CASES = [
     runs_dir_case("runs_dir_read_only", "--runs-dir: its ancestor ", runs_dir_read_only),
     # these reach the data stage or later, on the tiny local model
     input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model, stages=("data",)),
-    input_case("dataset_missing", ("dataset.path: file ", "no_such_file.raw' not found"), corpus_file_with_tiny_model,
+    input_case("dataset_missing", ("dataset.path: ", "no_such_file.raw: file not found"), corpus_file_with_tiny_model,
                stages=("data",)),
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
     input_case(
