@@ -90,10 +90,10 @@ CHUNK = 1 * MiB
 
 
 def size_words(n_bytes: int) -> str:
-    """A size as an error line says it: `1 MiB`, `64 GiB`, `37 bytes`."""
+    """A size as an error line says it: `1 MiB`, `286.1 MiB`, `37 bytes`."""
     for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
-        if n_bytes >= unit and n_bytes % unit == 0:
-            return f"{n_bytes // unit} {name}"
+        if n_bytes >= unit:
+            return f"{n_bytes // unit} {name}" if n_bytes % unit == 0 else f"{n_bytes / unit:.1f} {name}"
     return f"{n_bytes} bytes"
 
 
