@@ -35,8 +35,16 @@ from typing import Any, Callable
 from harness.artifacts import encode, json_text
 from harness.errors import InputError
 
+ROOT_VARIABLE = "HARNESS_CACHE_DIR"
+"""Environment variable naming the cache root; unset or empty: `<runs dir>/.cache`."""
 SECRET_VARIABLE = "HARNESS_CACHE_KEY"
 """Environment variable holding the per-cache secret that signs entries (optional)."""
+
+
+def cache_root(runs_dir: Path) -> Path:
+    """The cache root: `HARNESS_CACHE_DIR`, or `<runs dir>/.cache` when it is unset or empty
+    (an empty value must not put the cache in the working directory)."""
+    return Path(os.environ.get(ROOT_VARIABLE) or Path(runs_dir) / ".cache")
 
 
 def _checksum(value: Any) -> str:

@@ -73,7 +73,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import compare_runs
+    from harness.writing import check_output_file
 
+    if args.output:
+        check_output_file(Path(args.output), "-o", args.force)
     markdown = compare_runs([Path(run) for run in args.runs], args.stat)
     print(markdown)
     if args.output:
@@ -85,10 +88,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_directions(args: argparse.Namespace) -> int:
     from harness.directions import difference_of_means, write_direction_file
+    from harness.writing import check_output_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise InputError(f"{output}: -o: the direction file must end in .safetensors")
+    check_output_file(output, "-o", args.force)
     direction, metadata = difference_of_means(Path(args.run_dir), args.a, args.b, args.split)
     write_direction_file(output, direction, metadata)
     count = len(metadata["samples"].split(","))
@@ -128,10 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"{' '.join(args.paths)}: no spec files selected")
     overrides = command_line(args.set, args.limit, args.device)
     sweeps = [expand(path, overrides) for path in files]  # every spec and point valid before anything runs
+    from harness.cache import ROOT_VARIABLE, cache_root
+
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-    if os.environ.get("HARNESS_CACHE_DIR"):
-        check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
+    check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
 
     from harness.runner import run_spec
     from harness.sweep import run_sweep
@@ -198,7 +204,8 @@ def _quiet_libraries() -> None:
 
 
 ENVIRONMENT = {
-    "HARNESS_CACHE_DIR": "the stage cache (default: <runs dir>/.cache)",
+    "HARNESS_CACHE_DIR": "the stage cache (default, also when empty: <runs dir>/.cache)",
+    "HARNESS_CACHE_KEY": "a secret: sign cache entries, use only entries signed with it",
     "HARNESS_MODEL_CACHE": "converted GGUF weights and file hashes (default: ~/.cache/harness)",
     "HARNESS_DEBUG": "1: print the traceback of an unexpected error",
 }
@@ -299,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--stat", action="append", default=[], metavar="PATTERN",
                          help="the statistics to show (repeatable), every row of them; default: the key statistics "
                               f"that differ between the runs. A PATTERN is {PATTERN_HELP}")
-    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here")
+    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here (its folder must exist)")
+    compare.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     compare.set_defaults(handler=cmd_compare)
 
     from typing import get_args
@@ -312,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     directions.add_argument("--a", required=True, metavar="CONDITION", help="condition whose mean the direction points to")
     directions.add_argument("--b", required=True, metavar="CONDITION", help="condition whose mean it points away from")
     directions.add_argument("--split", choices=get_args(DirectionSplit), default="all", help="which samples build it (default: all)")
-    directions.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
+    directions.add_argument("-o", "--output", required=True, metavar="FILE",
+                            help="the .safetensors file to write: not inside a run folder, its folder must exist")
+    directions.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     directions.set_defaults(handler=cmd_directions)
     return parser
 

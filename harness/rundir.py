@@ -306,6 +306,15 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "stats.json").is_file() and (Path(path) / "criteria.json").is_file()
 
 
+def enclosing_run_folder(path: Path) -> Path | None:
+    """The run, sweep or staging folder that `path` (symlinks followed) lies in, if any."""
+    from harness.sweep import SWEEP_FILE
+
+    markers = ("stats.json", "criteria.json", "manifest.json", SWEEP_FILE, OWNER_FILE)
+    resolved = Path(path).resolve()
+    return next((folder for folder in resolved.parents if any((folder / marker).exists() for marker in markers)), None)
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """The contents of a finished run folder."""

@@ -10,7 +10,6 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Callable, Sequence
 import harness
 from harness import rundir
 from harness.artifacts import number
-from harness.cache import StageCache
+from harness.cache import ROOT_VARIABLE, StageCache, cache_root
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
@@ -71,9 +70,9 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     """Every check that can fail on the user's input, before anything runs or is written."""
     spec = load_spec(spec_path, overrides, point=point is not None)
     template = find_template(spec, spec_path)
-    cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
+    cache_dir = cache_root(runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-    check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
+    check_writable_folder(cache_dir, ROOT_VARIABLE)
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
     for alias in sorted(models_used(spec)):

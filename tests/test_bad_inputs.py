@@ -352,6 +352,7 @@ CASES = [
     input_case("huge_criterion", ("criteria.huge: 'smoothness.overall.d > 0 and", "…' does not parse"), huge_criterion),
     runs_dir_case("runs_dir_is_a_file", "--runs-dir: it is a file, not a folder", runs_dir_is_a_file),
     runs_dir_case("runs_dir_read_only", "--runs-dir: its ancestor ", runs_dir_read_only),
+    runs_dir_case("runs_dir_proc", "/proc/x: --runs-dir: its ancestor '/proc' takes no new folder", lambda folder: Path("/proc/x")),
     # these reach the data stage or later, on the tiny local model
     input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model, stages=("data",)),
     input_case("dataset_missing", ("dataset.path: ", "no_such_file.raw: file not found"), corpus_file_with_tiny_model,

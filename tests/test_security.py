@@ -20,7 +20,7 @@ from harness.errors import InputError
 from harness.models import check_fits_context, context_length
 from harness.spec import load_spec
 from harness.templates import TEMPLATES_DIR, find_template, render_template
-from harness.writing import check_writable_folder, disk_errors_named
+from harness.writing import check_output_file, check_writable_folder, disk_errors_named
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_SPEC = REPO / "tests" / "bad_inputs" / "_base.yaml"
@@ -311,6 +311,38 @@ def test_writable_folder_checks_create_nothing(tmp_path):
         check_writable_folder(file, "--runs-dir")
     with pytest.raises(InputError, match=f"^{file}/runs: --runs-dir: its ancestor '{file}' is a file"):
         check_writable_folder(file / "runs", "--runs-dir")
+
+
+def test_an_empty_cache_dir_variable_means_the_default(tmp_path, monkeypatch):
+    from harness.cache import cache_root
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "")
+    assert cache_root(tmp_path / "runs") == tmp_path / "runs" / ".cache"
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "shared"))
+    assert cache_root(tmp_path / "runs") == tmp_path / "shared"
+
+
+def test_an_output_file_never_overwrites_by_surprise(tmp_path):
+    run = tmp_path / "runs" / "x" / "20250101-000000"
+    (run / "activations").mkdir(parents=True)
+    for name in ("stats.json", "criteria.json", "manifest.json"):
+        (run / name).write_text("{}", encoding="utf-8")
+    inside = run / "activations" / "model.safetensors"
+    with pytest.raises(InputError, match=f"^{inside}: -o: inside the run folder '{run}'; write it elsewhere"):
+        check_output_file(inside, "-o", force=True)
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(InputError, match="inside the run folder"):
+        check_output_file(tmp_path / "link" / "new.safetensors", "-o", force=True)
+    existing = tmp_path / "dir.safetensors"
+    existing.write_bytes(b"mine")
+    with pytest.raises(InputError, match=f"^{existing}: -o: exists; pass --force to replace it$"):
+        check_output_file(existing, "-o", force=False)
+    check_output_file(existing, "-o", force=True)
+    missing = tmp_path / "no" / "such" / "dir.safetensors"
+    with pytest.raises(InputError, match="folder '.*no/such' does not exist"):
+        check_output_file(missing, "-o", force=True)
+    assert not (tmp_path / "no").exists() and existing.read_bytes() == b"mine"
+    check_output_file(tmp_path / "new.safetensors", "-o", force=False)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
