@@ -339,7 +339,46 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+class _ReaderMayLeave:
+    """stdout or stderr that outlives its reader (`harness validate specs/ | head -1`): once the
+    pipe is closed, the rest is written to /dev/null and the command finishes with its own exit
+    code, so a closed pipe never turns exit 2 into 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
@@ -348,18 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.INPUT
-    except BrokenPipeError:  # `harness validate specs/ | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.PASSED
     except KeyboardInterrupt as exc:
         from harness.executor import Terminated
 
         terminated = isinstance(exc, Terminated)
-        print(
-            f"\n{'terminated' if terminated else 'interrupted'}: finished batches are saved in the stage cache; "
-            "run the same command again to resume from there",
-            file=sys.stderr,
-        )
+        resume = ("finished batches are saved in the stage cache; run the same command again to resume from there"
+                  if args.command == "run" else "nothing was written")
+        print(f"\n{'terminated' if terminated else 'interrupted'}: {resume}", file=sys.stderr)
         return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -168,10 +168,16 @@ class InputFile:
         """An InputError about this file: `where: problem`."""
         return InputError(f"{self.where}: {problem}")
 
+    def _read(self, read, *args) -> bytes:
+        try:
+            return read(*args)
+        except OSError as exc:  # EIO and the like: a file that stats as regular but does not read
+            raise self.error(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+
     def read(self) -> bytes:
         """The rest of the file (at most the kind's `max_bytes`), hashed as it is read."""
         parts = []
-        while chunk := self._handle.read(CHUNK):
+        while chunk := self._read(self._handle.read, CHUNK):
             parts.append(self._took(chunk))
         return b"".join(parts)
 
@@ -182,7 +188,7 @@ class InputFile:
         limit, most = self.limits.max_line_bytes, self.limits.max_lines
         number = 0
         while True:
-            raw = self._handle.readline(-1 if limit is None else limit + 1)
+            raw = self._read(self._handle.readline, -1 if limit is None else limit + 1)
             if not raw:
                 return
             number += 1

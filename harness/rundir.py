@@ -27,9 +27,10 @@ import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import content_hash, number, read_json, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import content_hash, number, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
-from harness.errors import InputError
+from harness.errors import InputError, quoted
+from harness.inputs import read_json, read_text
 from harness.schema import Spec
 from harness.spec import dump_spec
 
@@ -292,14 +293,41 @@ def package_versions() -> dict[str, str | None]:
 
 
 def read_stats(run_dir: Path) -> dict[str, float | None]:
-    """stats.json: name → value (NaN and ±inf read back as floats)."""
-    return {name: number(value) for name, value in read_json(Path(run_dir) / "stats.json").items()}
+    """stats.json: name → value (NaN and ±inf read back as floats); a file that is not a mapping
+    of numbers is one InputError line naming it (and the statistic)."""
+    path = Path(run_dir) / "stats.json"
+    return _numbers(read_json(path, expect=dict), f"{path}: ")
+
+
+def _numbers(values: dict, where: str) -> dict[str, float | None]:
+    """name → number(value); a value that is not a number, null, "nan" or "±inf" is an InputError."""
+    out = {}
+    for name, value in values.items():
+        try:
+            if isinstance(value, (bool, list, dict)):
+                raise TypeError
+            out[name] = number(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}{quoted(name)}: {quoted(str(value))} is not a number") from None
+    return out
+
+
+CRITERION_KEYS = ("name", "passed", "values")
+"""The keys every criteria.json row has (and `expr`, `error`)."""
 
 
 def read_criteria(run_dir: Path) -> list[dict]:
-    """criteria.json rows: name, expr, passed, values (floats or None), error."""
-    rows = read_json(Path(run_dir) / "criteria.json")
-    return [{**row, "values": {stat: number(value) for stat, value in row["values"].items()}} for row in rows]
+    """criteria.json rows: name, expr, passed, values (floats or None), error; a malformed file
+    is one InputError line naming it (and the row)."""
+    path = Path(run_dir) / "criteria.json"
+    rows = read_json(path, expect=list)
+    for index, row in enumerate(rows):
+        missing = [key for key in CRITERION_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise InputError(f"{path}: row {index}: no {', '.join(missing)}")
+        if not isinstance(row["values"], dict) or not isinstance(row["name"], str):
+            raise InputError(f"{path}: row {index}: 'name' must be a string and 'values' a mapping")
+    return [{**row, "values": _numbers(row["values"], f"{path}: row {index}: values: ")} for index, row in enumerate(rows)]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -348,8 +376,8 @@ def load_run(run_dir: Path) -> RunRecord:
         raise InputError(f"{run_dir}: not a finished run folder (no stats.json / criteria.json)")
     deltas_file = run_dir / "token_deltas.jsonl"
     return RunRecord(
-        spec=Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))),
-        manifest=read_json(run_dir / "manifest.json"),
+        spec=Spec.model_validate(yaml.safe_load(read_text(run_dir / "spec.yaml", "spec"))),
+        manifest=read_json(run_dir / "manifest.json", expect=dict),
         texts=read_jsonl(run_dir / "texts.jsonl"),
         table=load_table(run_dir / "per_sample.csv"),
         token_deltas=read_jsonl(deltas_file) if deltas_file.is_file() else [],

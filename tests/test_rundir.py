@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness import rundir
-from harness.artifacts import read_json, write_json
+from harness.artifacts import write_json
+from harness.inputs import read_json
 from harness.cache import StageCache
 from harness.executor import Executor, Stage
 
