@@ -49,6 +49,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in files:
         try:
             sweep = expand(path, overrides)  # a matrix: every point, validated like a file
+            if args.models:
+                from harness.runner import validate_models
+
+                for point in sweep.points:
+                    validate_models(point.spec, path)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             bad += 1
@@ -274,9 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         "harness validate specs/                       every shipped spec, one line each",
         "harness validate specs/quickstart.yaml        one spec: prints it resolved (extends, defaults)",
         "harness validate specs/baseline.yaml --set runtime.compile=true   with an override",
+        "harness validate specs/ --models              also each model's files, tokenizer and context (no weights)",
     ))
     validate.add_argument("paths", nargs="+", metavar="PATH", help=SPEC_PATHS)
     validate.add_argument("--show", action="store_true", help="print each resolved spec (one spec is always printed)")
+    validate.add_argument("--models", action="store_true",
+                          help="also check each model: its files, tokenizer and context length (no weights loaded)")
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 

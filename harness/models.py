@@ -118,6 +118,21 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> PreTrainedTo
     return _tokenizer(spec, _pretrained(weights, spec, cache_dir, where), where)
 
 
+def check_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> None:
+    """Load the spec's tokenizer without touching weights: a GGUF model not converted yet has
+    its tokenizer read from the GGUF file itself (`harness validate --models`)."""
+    cache_dir = Path(cache_dir)
+    weights = _locate(spec, cache_dir, where)
+    if weights.kind == "gguf" and not _converted_dir(weights, spec, cache_dir, where).is_dir():
+        assert weights.path is not None
+        try:
+            transformers.AutoTokenizer.from_pretrained(weights.path.parent, gguf_file=weights.path.name)
+        except Exception as exc:  # whatever the GGUF tokenizer reader raises, the file is the user's to fix
+            raise InputError(f"{where}: the tokenizer of {str(weights.path)!r} cannot be read: {_first_line(exc)}") from None
+        return
+    load_tokenizer(spec, cache_dir, where)
+
+
 def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     """Load the spec's model and tokenizer, placed by accelerate per `spec.device_map`."""
     cache_dir = Path(cache_dir)

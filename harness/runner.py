@@ -10,6 +10,7 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,10 +76,7 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     check_writable_folder(cache_dir, ROOT_VARIABLE)
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
-    for alias in sorted(models_used(spec)):
-        pool.check(alias)  # a missing package, file, path or device
-    for name, condition in spec.conditions.items():
-        condition.check(name, spec, pool)
+    check_models(spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
     for field, value, check in (("capture.layers", spec.capture.layers, capture.resolve_layers),
                                 ("capture.sites", spec.capture.sites, capture.resolve_sites)):
@@ -93,6 +91,25 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
     return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
+
+
+def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
+    """The checks that need each model's files or config but not its weights: a missing
+    package, file, path or device, and whether each generation fits the model's context;
+    with `tokenizers`, each tokenizer loads too (`harness validate --models`)."""
+    for alias in sorted(models_used(spec)):
+        pool.check(alias)
+        if tokenizers:
+            pool.check_tokenizer(alias)
+    for name, condition in spec.conditions.items():
+        condition.check(name, spec, pool)
+
+
+def validate_models(spec: Spec, spec_path: Path) -> None:
+    """`harness validate --models`: `check_models` with tokenizers; writes nothing but the model
+    cache's memo of file hashes."""
+    executor = Executor(StageCache(Path(os.devnull), enabled=False), lambda line: None)
+    check_models(spec, ModelPool(spec, spec_path, executor), tokenizers=True)
 
 
 def models_used(spec: Spec) -> set[str]:

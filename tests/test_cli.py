@@ -4,6 +4,7 @@ spec; `ls stats` and `compare --stat` filter by pattern; `compare` leaves out eq
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,19 @@ def test_a_closed_pipe_keeps_the_exit_code(tmp_path):
     errors = done.stderr.read().decode()
     assert done.wait() == ExitCode.INPUT, errors
     assert errors.count("\n") == 1 and "z_bad.yaml: line 2: not valid YAML" in errors, errors
+
+
+def test_validate_models_checks_the_context_without_loading_weights(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text(f"extends: {REPO / 'tests' / 'bad_inputs' / '_base.yaml'}\nmodels: {{base: {{id: {tiny_model_dir}}}}}\n"
+                    "conditions: {model: {generation: {max_new_tokens: 1000000000}}}\n", encoding="utf-8")
+    plain = subprocess.run([sys.executable, "-m", "harness", "validate", str(spec)], cwd=REPO, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr  # the spec itself is valid
+    done = subprocess.run([sys.executable, "-m", "harness", "validate", "--models", str(spec)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "HARNESS_MODEL_CACHE": str(tmp_path / "models")})
+    assert done.returncode == ExitCode.INPUT
+    assert done.stderr.count("\n") == 1 and ("long.yaml: conditions.model.generation.max_new_tokens: 1000000000 new tokens"
+                                            in done.stderr), done.stderr
