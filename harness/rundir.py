@@ -9,6 +9,7 @@ run of a spec with that name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -134,6 +135,7 @@ class RunFolder:
 
     def __init__(self, runs_dir: Path, spec_name: str, label: str | None = None):
         self.parent = Path(runs_dir) / spec_name
+        self.made_parent = not self.parent.exists()
         self.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.parent)
         stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""), 1
@@ -158,7 +160,11 @@ class RunFolder:
         return final
 
     def discard(self) -> None:
+        """Remove the staging folder, and `runs/<name>/` when this run made it and it is empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.made_parent:
+            with contextlib.suppress(OSError):  # another run's folder is in it now
+                self.parent.rmdir()
 
 
 def remove_stale_staging(parent: Path) -> None:

@@ -301,6 +301,8 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "template_is_spec": "report.template: 'tests/bad_inputs/template_is_spec.yaml' is a spec file, not a template",
     "template_extended_spec": "report.template: 'tests/bad_inputs/_base.yaml' is a spec file, not a template",
     "template_outside": "report.template: '/etc/passwd' resolves to '/etc/passwd', outside",
+    "template_syntax_error": "report.template: tests/bad_inputs/broken_syntax.md.j2: line 3: unexpected '}'",
+    "template_unknown_include": "report.template: tests/bad_inputs/includes_missing.md.j2: names template 'no_such_part.md.j2', which is not found",
     # limits: a valid-looking spec must not exhaust the machine or the file system
     "name_too_long": "name: String should have at most 100 characters",
     "bootstrap_too_many": "stats.bootstrap_resamples: Input should be less than or equal to 100000",

@@ -51,6 +51,14 @@ def test_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):
     assert not dead.exists() and live.exists()
 
 
+def test_a_discarded_run_leaves_no_empty_spec_folder(tmp_path):
+    rundir.RunFolder(tmp_path, "new").discard()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    rundir.RunFolder(tmp_path, "old").discard()
+    assert (tmp_path / "old").is_dir()  # not made by this run: kept
+
+
 class Squares(Stage):
     """A stage computed in units: item i is i², three per unit."""
 
