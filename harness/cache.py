@@ -72,8 +72,6 @@ class StageCache:
             secret = os.environ[SECRET_VARIABLE].encode()
         self.secret = secret
 
-    # --- folders: one component at a time, never through a symlink -----------------------------
-
     def _parts(self, path: Path) -> tuple[str, ...]:
         try:
             parts = Path(path).relative_to(self.root).parts
@@ -83,71 +81,15 @@ class StageCache:
             raise ValueError(f"{path}: not a plain path inside the cache")
         return parts
 
-    def _open_folder(self, parts: tuple[str, ...], create: bool) -> int | None:
-        """A file descriptor of root/parts (created when `create`), or None when a part is
-        missing; every component below the root is opened with O_NOFOLLOW."""
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return None
-        walked = self.root
-        try:
-            for part in parts:
-                walked = walked / part
-                if create:
-                    try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                try:
-                    inner = os.open(part, _DIRECTORY, dir_fd=fd)
-                except FileNotFoundError:
-                    os.close(fd)
-                    return None
-                except OSError as exc:
-                    raise self._refused(walked, fd, part, exc) from None
-                os.close(fd)
-                fd = inner
-        except BaseException:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            raise
-        return fd
-
-    def _refused(self, path: Path, parent_fd: int, part: str, exc: OSError) -> InputError:
-        try:
-            mode = os.lstat(part, dir_fd=parent_fd).st_mode
-        except OSError:
-            mode = 0
-        what = "is a symbolic link" if stat.S_ISLNK(mode) else "is not a folder" if mode else f"cannot be opened ({exc.strerror})"
-        return InputError(f"{path}: {what}; the stage cache follows no link below {self.root} "
-                          "(remove it, or use a cache only you can write)")
-
     def folder(self, stage: str, key: str) -> Path:
         """`<root>/<stage>/<key>/`, created, each component checked; a symlink anywhere in it
         (an entry or a side folder such as activations/) is refused in one line."""
-        fd = self._open_folder((stage, key), create=True)
+        fd = _open_folder(self.root, (stage, key), create=True)
         try:
-            self._refuse_links(fd, self.root / stage / key)
+            _refuse_links(self.root, fd, self.root / stage / key)
         finally:
             os.close(fd)
         return self.root / stage / key
-
-    def _refuse_links(self, fd: int, path: Path) -> None:
-        for entry in os.scandir(fd):
-            if entry.is_symlink():
-                raise InputError(f"{path / entry.name}: is a symbolic link; the stage cache follows no link below "
-                                 f"{self.root} (remove it, or use a cache only you can write)")
-            if entry.is_dir(follow_symlinks=False):
-                inner = os.open(entry.name, _DIRECTORY, dir_fd=fd)
-                try:
-                    self._refuse_links(inner, path / entry.name)
-                finally:
-                    os.close(inner)
 
     # --- entries ---------------------------------------------------------------------------------
 
@@ -157,11 +99,11 @@ class StageCache:
         if not (self.enabled or written_by_this_run):
             return None
         *folder, name = self._parts(path)
-        fd = self._open_folder(tuple(folder), create=False)
+        fd = _open_folder(self.root, tuple(folder), create=False)
         if fd is None:
             return None
         try:
-            problem, entry = self._load(fd, name)
+            problem, entry = _load(fd, name)
         finally:
             os.close(fd)
         if problem is None and entry is None:
@@ -172,22 +114,6 @@ class StageCache:
             self.discard(path, problem)
             return None
         return entry["value"]
-
-    def _load(self, fd: int, name: str) -> tuple[str | None, Any]:
-        """(problem, entry): (None, None) when there is no entry."""
-        try:
-            file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
-        except FileNotFoundError:
-            return None, None
-        except OSError as exc:
-            return ("a symbolic link" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"), None
-        with os.fdopen(file, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return "not a regular file", None
-            try:
-                return None, json.loads(handle.read().decode("utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                return f"unreadable: {type(exc).__name__}", None
 
     def _problem(self, entry: Any, key: str) -> str | None:
         if not isinstance(entry, dict) or not {"key", "sha256", "value"} <= entry.keys():
@@ -211,7 +137,7 @@ class StageCache:
             entry["hmac"] = _signature(self.secret, key, checksum)
         data = (json_text(entry) + "\n").encode("utf-8")
         *folder, name = self._parts(path)
-        fd = self._open_folder(tuple(folder), create=True)
+        fd = _open_folder(self.root, tuple(folder), create=True)
         temporary = f".{name}.{secrets.token_hex(6)}.tmp"
         try:
             file = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
@@ -234,7 +160,7 @@ class StageCache:
     def discard(self, path: Path, problem: str) -> None:
         self.log(f"  cache: discarded {path} ({problem}); recomputing it")
         *folder, name = self._parts(path)
-        fd = self._open_folder(tuple(folder), create=False)
+        fd = _open_folder(self.root, tuple(folder), create=False)
         if fd is None:
             return
         try:
@@ -252,3 +178,79 @@ class StageCache:
 
     def unit_path(self, stage: str, key: str, index: int) -> Path:
         return self.root / stage / key / f"unit-{index:05d}.json"
+
+
+# --- folders: one component at a time, never through a symlink --------------------------------
+
+
+def _open_folder(root: Path, parts: tuple[str, ...], create: bool) -> int | None:
+    """A file descriptor of root/parts (created when `create`), or None when a part is
+    missing; every component below the root is opened with O_NOFOLLOW."""
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    walked = root
+    try:
+        for part in parts:
+            walked = walked / part
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                os.close(fd)
+                return None
+            except OSError as exc:
+                raise _refused(root, walked, fd, part, exc) from None
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
+    return fd
+
+def _refused(root: Path, path: Path, parent_fd: int, part: str, exc: OSError) -> InputError:
+    try:
+        mode = os.lstat(part, dir_fd=parent_fd).st_mode
+    except OSError:
+        mode = 0
+    what = "is a symbolic link" if stat.S_ISLNK(mode) else "is not a folder" if mode else f"cannot be opened ({exc.strerror})"
+    return InputError(f"{path}: {what}; the stage cache follows no link below {root} "
+                      "(remove it, or use a cache only you can write)")
+
+def _refuse_links(root: Path, fd: int, path: Path) -> None:
+    for entry in os.scandir(fd):
+        if entry.is_symlink():
+            raise InputError(f"{path / entry.name}: is a symbolic link; the stage cache follows no link below "
+                             f"{root} (remove it, or use a cache only you can write)")
+        if entry.is_dir(follow_symlinks=False):
+            inner = os.open(entry.name, _DIRECTORY, dir_fd=fd)
+            try:
+                _refuse_links(root, inner, path / entry.name)
+            finally:
+                os.close(inner)
+
+def _load(fd: int, name: str) -> tuple[str | None, Any]:
+    """(problem, entry): (None, None) when there is no entry."""
+    try:
+        file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return ("a symbolic link" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"), None
+    with os.fdopen(file, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return "not a regular file", None
+        try:
+            return None, json.loads(handle.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            return f"unreadable: {type(exc).__name__}", None

@@ -49,11 +49,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in files:
         try:
             sweep = expand(path, overrides)  # a matrix: every point, validated like a file
-            if args.models:
-                from harness.runner import validate_models
-
-                for point in sweep.points:
-                    validate_models(point.spec, path)
+            for point in sweep.points if args.models else []:
+                _check_models(point.spec, path)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             bad += 1
@@ -67,6 +64,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"ok     {path}  ({sweep.name}{points})")
     print(f"{len(files) - bad} valid, {bad} invalid")
     return ExitCode.INPUT if bad else ExitCode.PASSED
+
+
+def _check_models(spec, path: Path) -> None:
+    """`validate --models`: the model checks of collection, and each tokenizer, loading no weights
+    (nothing is written but the model cache's memo of file hashes)."""
+    from harness.cache import StageCache
+    from harness.executor import Executor
+    from harness.pool import ModelPool
+    from harness.runner import check_models
+
+    executor = Executor(StageCache(Path(os.devnull), enabled=False), lambda line: None)  # runs no stage
+    check_models(spec, ModelPool(spec, path, executor), tokenizers=True)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -104,13 +103,6 @@ def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
             pool.check_tokenizer(alias)
     for name, condition in spec.conditions.items():
         condition.check(name, spec, pool)
-
-
-def validate_models(spec: Spec, spec_path: Path) -> None:
-    """`harness validate --models`: `check_models` with tokenizers; writes nothing but the model
-    cache's memo of file hashes."""
-    executor = Executor(StageCache(Path(os.devnull), enabled=False), lambda line: None)
-    check_models(spec, ModelPool(spec, spec_path, executor), tokenizers=True)
 
 
 def models_used(spec: Spec) -> set[str]:
