@@ -18,8 +18,8 @@ from typing import Callable
 
 import yaml
 
-from harness.artifacts import read_json
 from harness.executor import Executor, Stage
+from harness.inputs import read_json, read_text
 from harness.rundir import write_report
 from harness.schema import Spec
 from harness.templates import explicit_template, find_template, render_template
@@ -80,8 +80,8 @@ def publish_report(executor: Executor, run_dir: Path, build: Callable[[Path, Pat
 def write_results(run_dir: Path, parts: dict, template: Path | None = None) -> Path:
     """RESULTS.md from the report's `parts` (`report.report_parts`) and the run folder's manifest,
     through the template (`template`, else the spec's), and diagnostics.json."""
-    spec = Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8")))
-    manifest = read_json(run_dir / "manifest.json")
+    spec = Spec.model_validate(yaml.safe_load(read_text(run_dir / "spec.yaml", "spec")))
+    manifest = read_json(run_dir / "manifest.json", expect=dict)
     template_path = explicit_template(Path(template)) if template else find_template(spec, manifest["spec_file"])
     context = parts["context"] | {"run_id": manifest.get("run_id"), "manifest": manifest_context(manifest)}
     return write_report(run_dir, parts["diagnostics"], render_template(template_path, context))
