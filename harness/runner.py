@@ -168,9 +168,8 @@ def draw_report(run_dir: Path, figure_dir: Path) -> dict:
 def measure(
     plan: Plan, texts: dict[str, list[dict]], settings: capture.CaptureSettings, decoded: dict[str, list[dict | None]]
 ) -> dict[str, dict]:
-    """Every condition's texts through the capture model (the capture stage per condition), but
-    for those measured while decoding (`decoded`, by condition: `decode_capture`). Every record
-    says which path measured it (`measured_by`)."""
+    """Every condition's texts through the capture model, but those measured while decoding
+    (`decoded`, by condition): `decode_capture.measure_condition`."""
     spec, pool, executor = plan.spec, plan.pool, plan.executor
     limits = capture.response_limits(
         pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
@@ -179,11 +178,7 @@ def measure(
     measured = {}
     for name, rows in texts.items():
         to_measure = [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])]
-        if name in decoded:
-            measured[name] = decode_capture.complete(executor, name, to_measure, decoded[name], settings, pool)
-        else:
-            output = executor.run(capture.CaptureStage(f"capture[{name}]", to_measure, settings, pool))
-            measured[name] = output | {"records": [record | {"measured_by": decode_capture.FORWARD} for record in output["records"]]}
+        measured[name] = decode_capture.measure_condition(executor, name, to_measure, decoded.get(name), settings, pool)
     return measured
 
 

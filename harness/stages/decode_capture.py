@@ -16,7 +16,7 @@ recorded states are laid out as the capture forward lays out its batch and reduc
 
 The forward re-tokenizes ``prompt + " " + response``, and that need not give back the ids that
 were generated (decoding strips and normalises; tokenization does not always round-trip). A
-text whose ids differ is left to the forward (`fallback`); the run log counts them and
+text whose ids differ is left to the forward (`measure_condition`); the run log counts them and
 texts.jsonl says per text which path measured it (`measured_by`).
 """
 
@@ -202,12 +202,16 @@ class _Placement:
         return nll
 
 
-def complete(
-    executor: Executor, name: str, texts: list[capture.TextToMeasure], decoded: list[dict | None],
+def measure_condition(
+    executor: Executor, name: str, texts: list[capture.TextToMeasure], decoded: list[dict | None] | None,
     settings: capture.CaptureSettings, pool: ModelPool,
 ) -> dict:
-    """A condition's capture output: the records measured while decoding, and for the texts
-    without one (`fallback`) the capture forward's (a `capture[<name>]` stage over those only)."""
+    """A condition's capture output, each record saying which path measured it (`measured_by`):
+    the capture forward's (the `capture[<name>]` stage), or the records measured while decoding
+    (`decoded`) and the forward's for the texts without one (a `capture[<name>]` stage over those only)."""
+    if decoded is None:
+        output = executor.run(capture.CaptureStage(f"capture[{name}]", texts, settings, pool))
+        return output | {"records": [record | {"measured_by": FORWARD} for record in output["records"]]}
     fallback = [index for index, record in enumerate(decoded) if record is None]
     records = [dict(record, measured_by=GENERATION) if record is not None else None for record in decoded]
     layers = next((record["layers"] for record in records if record is not None), None)
