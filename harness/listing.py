@@ -86,11 +86,10 @@ def needs_hub(spec) -> bool:
     """Whether a run of `spec` reads from the Hugging Face hub: a model that is neither a GGUF
     package nor a local path (as `harness.models` tells them apart), or a dataset other than
     a file and the WikiText-2 split shipped with the package."""
-    from harness.stages.data import PACKAGED_SPLIT
+    from harness.model_spec import ModelSpec
 
-    dataset = spec.dataset
-    hub_data = dataset.path is None and (dataset.hub_name, dataset.hub_config, dataset.split) != PACKAGED_SPLIT
-    return hub_data or any(model.gguf is None and not Path(model.id).expanduser().exists() for model in spec.models.values())
+    models = [*spec.models.values(), *([spec.dataset.tokenizer] if isinstance(spec.dataset.tokenizer, ModelSpec) else [])]
+    return spec.dataset.reads_hub or any(model.gguf is None and not Path(model.id).expanduser().exists() for model in models)
 
 
 def matching(names: list[str], pattern: str) -> list[str]:

@@ -47,7 +47,7 @@ from huggingface_hub.utils import validate_repo_id
 from harness.artifacts import staged
 from harness.errors import InputError
 from harness.progress import Progress
-from harness.schema import ModelSpec
+from harness.model_spec import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.executor import Executor
-from harness.schema import ModelSpec, Spec
+from harness.model_spec import ModelSpec
+from harness.schema import DATASET_TOKENIZER, Spec
 
 
 def model_cache_dir() -> Path:
@@ -24,12 +25,13 @@ class ModelPool:
     _models: dict[str, Any] = field(default_factory=dict)
     _tokenizers: dict[str, Any] = field(default_factory=dict)
     _identities: dict[str, str] = field(default_factory=dict)
+    _chat_formats: dict[str, Any] = field(default_factory=dict)
 
     def where(self, alias: str) -> str:
-        return f"{self.spec_path}: models.{alias}"
+        return f"{self.spec_path}: {alias if alias == DATASET_TOKENIZER else 'models.' + alias}"
 
     def _model_spec(self, alias: str) -> ModelSpec:
-        model_spec = self.spec.models[alias]
+        model_spec = self.spec.model_spec(alias)
         shard = self.executor.shard
         if shard.world > 1 and model_spec.device_map == "auto":  # one model copy per process
             return model_spec.model_copy(update={"device_map": shard.device})
@@ -40,7 +42,9 @@ class ModelPool:
         from harness.models import check_device
 
         self.identity(alias)
-        check_device(self.spec.models[alias], self.where(alias))
+        check_device(self.spec.model_spec(alias), self.where(alias))
+        if self.spec.model_spec(alias).chat:
+            self.model_prompt(alias, "A prompt.")  # no chat template, or one that fails: one line now
 
     def check_fits_context(self, alias: str, new_tokens: int, prompt_tokens: int, field: str) -> None:
         """Fail before any stage runs when a prompt plus `new_tokens` exceed the model's context."""
@@ -54,12 +58,12 @@ class ModelPool:
         from harness.models import model_identity
 
         if alias not in self._identities:
-            self._identities[alias] = model_identity(self.spec.models[alias], model_cache_dir(), self.where(alias))
+            self._identities[alias] = model_identity(self.spec.model_spec(alias), model_cache_dir(), self.where(alias))
         return self._identities[alias]
 
     def key(self, alias: str) -> dict:
         """What about a model changes its numbers: weights and dtype."""
-        return {"identity": self.identity(alias), "dtype": self.spec.models[alias].dtype}
+        return {"identity": self.identity(alias), "dtype": self.spec.model_spec(alias).dtype}
 
     @property
     def threads(self) -> int:
@@ -87,8 +91,20 @@ class ModelPool:
         if alias in self._models:
             return self._models[alias].tokenizer
         if alias not in self._tokenizers:
-            self._tokenizers[alias] = load_tokenizer(self.spec.models[alias], model_cache_dir(), self.where(alias))
+            self._tokenizers[alias] = load_tokenizer(self.spec.model_spec(alias), model_cache_dir(), self.where(alias))
         return self._tokenizers[alias]
+
+    def model_prompt(self, alias: str, prompt: str) -> str | None:
+        """`prompt` as a chat model reads it (`models.<alias>.chat`: its chat template, one BOS),
+        or None for a model prompted with the bare text."""
+        from harness.chat import ChatFormat
+
+        spec = self.spec.model_spec(alias)
+        if not spec.chat:
+            return None
+        if alias not in self._chat_formats:
+            self._chat_formats[alias] = ChatFormat.of(self.tokenizer(alias), spec, f"{self.where(alias)}")
+        return self._chat_formats[alias].prompt(prompt)
 
     def provenance(self) -> dict[str, dict]:
         """Per model the run used: identity, where the weights came from, where it ran.
@@ -102,7 +118,7 @@ class ModelPool:
             loaded = self._models.get(alias)
             records[alias] = {
                 "identity": identity,
-                "source": loaded.source if loaded else model_source(self.spec.models[alias], model_cache_dir(), self.where(alias)),
+                "source": loaded.source if loaded else model_source(self.spec.model_spec(alias), model_cache_dir(), self.where(alias)),
                 "device": str(loaded.input_device) if loaded else None,
             }
         return records

@@ -183,20 +183,25 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict[str, set[int]] | None = None) -> str:
+def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict[str, set[int]] | None = None,
+                   covariates: list[dict[str, Any]] | None = None) -> str:
     """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
 
     Metrics undefined for a text (NaN: fewer than two response tokens, say) are left out, and
     so are the samples `left_out` names per metric (those that built a held-out direction).
+    `covariates` (per sample, the dataset's `covariates:` columns) add a column each, repeated
+    on every row of the sample.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["sample_id", "condition", "layer", "metric", "value"])
+    names = list(covariates[0]) if covariates else []
+    writer.writerow(["sample_id", "condition", "layer", "metric", "value", *names])
 
     def row(sample_id: int, condition: str, layer: int | str, metric: str, value: Any) -> None:
         value = number(value)
         if value is not None and not math.isnan(value):
-            writer.writerow([sample_id, condition, layer, metric, repr(value)])
+            extra = [covariates[sample_id].get(name) for name in names] if names else []
+            writer.writerow([sample_id, condition, layer, metric, repr(value), *extra])
 
     for condition, result in measured.items():
         for sample_id, record in enumerate(result["records"]):
@@ -214,6 +219,17 @@ def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict
 
 def write_per_sample(folder: Path, table_csv: str) -> None:
     write_text(folder / "per_sample.csv", table_csv)
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def write_samples(folder: Path, samples: list[dict]) -> None:
+    """samples.jsonl: which samples the run used (the dataset's id and row, the prompt, the
+    counted length, the covariates): what a sweep compares to say whether its points share them."""
+    write_jsonl(folder / SAMPLES_FILE, [
+        {key: sample[key] for key in ("sample_id", "id", "row", "prompt", "length", "covariates")} for sample in samples
+    ])
 
 
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:

@@ -21,6 +21,7 @@ import harness
 from harness import rundir
 from harness.artifacts import number
 from harness.cache import StageCache
+from harness.data_sources import Table, read_table
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
@@ -59,6 +60,8 @@ class Plan:
     pool: ModelPool
     directions: dict[str, DirectionSet] = field(default_factory=dict)
     """The spec's direction sets, read and checked against the capture model."""
+    table: Table | None = None
+    """A local dataset file's records, read and checked at collection (`harness.data_sources`)."""
     overrides: tuple[Override, ...] = ()
     """Command-line settings (and a matrix point's values), recorded in the manifest."""
     point: str | None = None
@@ -76,6 +79,7 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
+    table = read_table(spec.dataset, str(spec_path)) if spec.dataset.read_at_collection else None
     for alias in sorted(models_used(spec)):
         pool.check(alias)  # a missing package, file, path or device
     for name, condition in spec.conditions.items():
@@ -90,36 +94,46 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
                 raise InputError(f"{spec_path}: {field}: {exc}") from None
     # their width and layer count must match the capture model's
     directions = load_direction_sets(spec, spec_path, pool.model(spec.capture_model).model) if spec.directions else {}
-    executor.header = (
-        f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
-    )
-    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
+    samples = spec.dataset.n_samples or (f"≤{len(table.records)}" if table else "all")
+    executor.header = f"harness {harness.__version__} · {spec_path} · {samples} samples · {len(spec.conditions)} conditions"
+    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label, table)
 
 
 def models_used(spec: Spec) -> set[str]:
-    return {spec.capture_model, spec.dataset_tokenizer} | {
+    return {spec.capture_model, *filter(None, [spec.dataset_tokenizer])} | {
         alias for condition in spec.conditions.values() for alias in condition.models(spec)
     }
 
 
-def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """The data, conditions and capture stages: every condition's texts and what capture measured."""
+def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], dict[str, dict]]:
+    """The data, conditions and capture stages: the samples, every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
-    samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
-    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
-    return texts, measure(plan, texts)
+    samples = executor.run(data.DataStage(spec, plan.spec_path, pool, plan.table))
+    texts = with_model_prompts(plan, conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool)))
+    return samples, texts, measure(plan, texts)
 
 
-def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
-    """per_sample.csv: what the stats stage reads."""
+def with_model_prompts(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each text with `model_prompt`, the prompt as the capture model reads it, where that is a
+    chat model (texts.jsonl records it); the texts unchanged otherwise."""
+    alias = plan.spec.capture_model
+    if not plan.spec.models[alias].chat:
+        return texts
+    return {name: [{**row, "model_prompt": plan.pool.model_prompt(alias, row["prompt"])} for row in rows]
+            for name, rows in texts.items()}
+
+
+def per_sample_table(plan: Plan, measured: dict[str, dict], samples: list[dict]) -> str:
+    """per_sample.csv: what the stats stage reads (with the dataset's covariates, if it lists any)."""
     grid = plan.spec.grid
     left_out = grid.held_out_samples({name: direction.built_from or [] for name, direction in plan.directions.items()})
-    return rundir.per_sample_csv([column.name for column in grid.per_layer_columns()], measured, left_out)
+    covariates = [sample["covariates"] for sample in samples] if plan.spec.dataset.covariate_names() else None
+    return rundir.per_sample_csv([column.name for column in grid.per_layer_columns()], measured, left_out, covariates)
 
 
 def execute(plan: Plan, started: float) -> RunOutcome:
     spec, executor = plan.spec, plan.executor
-    texts, measured = texts_and_measures(plan)
+    samples, texts, measured = texts_and_measures(plan)
     if executor.shard.rank != 0:
         return RunOutcome(None, [], time.perf_counter() - started)
 
@@ -127,8 +141,9 @@ def execute(plan: Plan, started: float) -> RunOutcome:
     try:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
+            rundir.write_samples(folder.path, samples)
             rundir.write_texts(folder.path, texts, measured)
-            table = per_sample_table(plan, measured)
+            table = per_sample_table(plan, measured, samples)
             rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])
@@ -161,7 +176,8 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
     return {
         name: plan.executor.run(capture.CaptureStage(
             f"capture[{name}]",
-            [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])],
+            [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
+             for row, limit in zip(rows, limits[name])],
             settings, pool,
         ))
         for name, rows in texts.items()

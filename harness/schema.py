@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     ModelWrapValidatorHandler,
     TypeAdapter,
@@ -24,6 +25,8 @@ from pydantic import (
 )
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
+from harness.data_sources import DATA_SOURCES, WikiTextDataset, with_default_source
+from harness.model_spec import ModelSpec
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
@@ -35,47 +38,13 @@ logger = logging.getLogger(__name__)
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
 
+DATASET_TOKENIZER = "dataset.tokenizer"
+"""The model pool's name for a tokenizer that `dataset.tokenizer` gives as a model spec."""
+
 MAX_POINTS = 256
 """Points of a matrix at most: each is a run; a mistyped list should not start thousands."""
 
 
-class GGUFSource(StrictModel):
-    """A GGUF file shipped inside an installed Python package."""
-
-    package: str
-    """Import name of the package (located with importlib, not imported, unless `assemble`)."""
-    file: str = "*.gguf"
-    """Glob for the file inside the package directory (ignored with `assemble`)."""
-    assemble: bool = False
-    """The package ships the file in chunks: call its `assemble(path)` to write it."""
-
-
-class ModelSpec(StrictModel):
-    """Where a model comes from and how it is placed."""
-
-    id: str | None = None
-    """Hub id (`google/gemma-2-2b`), local model directory, or local `.gguf` file; a display
-    name only when `gguf` is given."""
-    gguf: GGUFSource | None = None
-    """Load from a GGUF file inside an installed package instead of the hub."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) to pin."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and activations dtype."""
-    device_map: str = "auto"
-    """accelerate placement: `auto`, `cpu`, `cuda`, `cuda:0`, ..."""
-    trust_remote_code: bool = False
-    """Run model code from the hub. Off unless the spec says so."""
-
-    @model_validator(mode="after")
-    def _has_source(self) -> "ModelSpec":
-        if self.id is None and self.gguf is None:
-            raise ValueError("give `id` (hub id or local path) or `gguf`")
-        return self
-
-
-FirstSentenceRule = Literal["next", "skip"]
-"""See `DatasetSpec.first_sentence`."""
 ResponseTokenization = Literal["joint", "separate"]
 """See `CaptureSpec.response_tokenization`."""
 
@@ -95,35 +64,12 @@ Windows = Annotated[
 """See `CaptureSpec.windows`."""
 
 
-class DatasetSpec(StrictModel):
-    """WikiText-2 paragraphs split at their first sentence."""
-
-    path: str | None = None
-    """Raw text file, one row per line, used instead of the split below. A relative path is
-    relative to the folder of the spec file that names it (the loader resolves it)."""
-    hub_name: str = "wikitext"
-    """Without `path`: `wikitext`/`wikitext-2-raw-v1`/`test` is read from the copy shipped with
-    the package; anything else from `datasets.load_dataset(hub_name, hub_config, split=split)`."""
-    hub_config: str = "wikitext-2-raw-v1"
-    split: str = "test"
-    first_sentence: FirstSentenceRule = "next"
-    """A paragraph whose first ". " comes before character 11 ("Dr. No is ..."): end the prompt
-    at the next ". " (`next`) or skip the paragraph (`skip`, the reference's rule)."""
-    n_samples: int = Field(50, ge=3, le=10_000)
-    """How many paragraphs to keep (the first that match, in order); paired statistics need 3,
-    and 10,000 (200 times the reference experiment) catches a mistyped count before any work."""
-    min_tokens: int = Field(80, ge=1)
-    max_tokens: int = Field(120, ge=1)
-    tokenizer: str | None = None
-    """Model alias whose tokenizer counts tokens; default: the capture model."""
-    detokenize: bool = False
-    """Undo WikiText's tokenization (` @-@ `, ` , `) on the human text before splitting."""
-
-    @model_validator(mode="after")
-    def _token_range(self) -> "DatasetSpec":
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.max_tokens})")
-        return self
+Dataset = Annotated[
+    Union[tuple(source.spec_model for source in DATA_SOURCES.values())],
+    Field(discriminator="source"),
+    BeforeValidator(with_default_source),
+]
+"""Any registered data source's spec model, chosen by `dataset.source` (default: `wikitext`)."""
 
 
 Condition = Annotated[
@@ -337,7 +283,9 @@ class Spec(StrictModel):
     description: str = ""
     models: dict[str, ModelSpec]
     """Model aliases used by the capture and generated conditions."""
-    dataset: DatasetSpec = DatasetSpec()
+    dataset: Dataset = WikiTextDataset()
+    """Where the samples come from (`harness.data_sources`): WikiText-2 by default, a JSONL,
+    CSV or Parquet file, or a hub dataset, with a map of its columns."""
     conditions: dict[str, Condition]
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
@@ -405,8 +353,19 @@ class Spec(StrictModel):
         return self.capture.model or next(iter(self.models))
 
     @property
-    def dataset_tokenizer(self) -> str:
-        return self.dataset.tokenizer or self.capture_model
+    def dataset_tokenizer(self) -> str | None:
+        """Whose tokenizer counts the dataset's lengths: a model alias, DATASET_TOKENIZER (a
+        tokenizer of its own, `dataset.tokenizer: {id: ...}`), or None (nothing counts tokens)."""
+        dataset = self.dataset
+        if dataset.length_unit != "tokens" or not dataset.filters_length:
+            return None
+        if isinstance(dataset.tokenizer, ModelSpec):
+            return DATASET_TOKENIZER
+        return dataset.tokenizer or self.capture_model
+
+    def model_spec(self, alias: str) -> ModelSpec:
+        """A model alias's spec; DATASET_TOKENIZER: the tokenizer `dataset.tokenizer` names."""
+        return self.dataset.tokenizer if alias == DATASET_TOKENIZER else self.models[alias]
 
     @property
     def comparisons(self) -> dict[str, Comparison]:
@@ -427,8 +386,15 @@ class Spec(StrictModel):
         if len(self.conditions) < 2:
             raise FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
-        need("model", "dataset.tokenizer", self.dataset_tokenizer, self.models)
+        if isinstance(self.dataset.tokenizer, str):
+            need("model", "dataset.tokenizer", self.dataset.tokenizer, self.models)
+        responses = self.dataset.response_names()
         for name, cond in self.conditions.items():
+            for column in cond.responses():
+                if column not in responses:
+                    field = f"conditions.{name}.column" if cond.source == "column" else f"conditions.{name}.source"
+                    raise FieldError(field, f"reads the dataset's response {column!r}, and the {self.dataset.source} "
+                                            f"dataset has {'only ' + ', '.join(map(repr, responses)) if responses else 'no responses (prompts only: conditions must generate)'}")
             for alias in cond.models(self):
                 need("model", f"conditions.{name}.generator", alias, self.models)
             for parent in cond.derived_from():

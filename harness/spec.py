@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from harness.base import FieldError
+from harness.data_sources import DATA_SOURCES
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
@@ -93,12 +94,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
 
 
 def _anchor_paths(data: dict, folder: Path) -> None:
-    """A relative `dataset.path` or `directions.<name>.path` is relative to the folder of the
-    spec file that names it."""
-    directions = data.get("directions")
-    for entry in [data.get("dataset"), *(directions.values() if isinstance(directions, dict) else [])]:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            entry["path"] = str(folder / entry["path"])
+    """A relative `dataset.path`, `directions.<name>.path` or `models.<alias>.chat_template` is
+    relative to the folder of the spec file that names it."""
+    def values(key: str) -> list:
+        entries = data.get(key)
+        return list(entries.values()) if isinstance(entries, dict) else []
+
+    for entry, key in [(data.get("dataset"), "path"), *((d, "path") for d in values("directions")),
+                       *((m, "chat_template") for m in values("models"))]:
+        if isinstance(entry, dict) and isinstance(entry.get(key), str):
+            entry[key] = str(folder / entry[key])
 
 
 def load_spec(path: str | Path, overrides: Sequence[Override] = (), point: bool = False) -> Spec:
@@ -136,7 +141,7 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
         message = "unknown key"
     elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
         field += ".source"
-        known = ", ".join(SOURCES)
+        known = ", ".join(DATA_SOURCES if field == "dataset.source" else SOURCES)
         message = f"missing: one of {known}" if err["type"] == "union_tag_not_found" else (
             f"must be one of {known}, not {err['input'].get('source')!r}"
         )
@@ -147,6 +152,8 @@ def _without_union_tags(loc: tuple) -> tuple:
     """pydantic puts the discriminator value in the path: conditions.x.generate.seed."""
     if len(loc) > 2 and loc[0] == "conditions" and loc[2] in SOURCES:
         return loc[:2] + loc[3:]
+    if len(loc) > 1 and loc[0] == "dataset" and loc[1] in DATA_SOURCES:
+        return loc[:1] + loc[2:]
     return loc
 
 

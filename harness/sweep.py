@@ -193,8 +193,8 @@ def stage_keys(plan) -> dict[str, str]:
     from harness.stages.stats import StatsStage
 
     planning = replace(plan, executor=replace(plan.executor, planning=True, keys={}, log=lambda line: None))
-    _, measured = runner.texts_and_measures(planning)
-    planning.executor.run(StatsStage(runner.per_sample_table(planning, measured), plan.spec))
+    samples, _, measured = runner.texts_and_measures(planning)
+    planning.executor.run(StatsStage(runner.per_sample_table(planning, measured, samples), plan.spec))
     return planning.executor.keys
 
 

@@ -55,6 +55,9 @@ class TextToMeasure:
     response: str
     max_response_tokens: int | None = None
     """Truncate the response to this many tokens (length matching)."""
+    model_prompt: str | None = None
+    """The prompt as a chat model reads it (`harness.chat`): then the ids are exactly its
+    tokens and the response's, neither with added special tokens."""
 
     @property
     def full_text(self) -> str:
@@ -77,8 +80,13 @@ def tokenize_for_capture(
     belongs to the response when it starts at or after the space that ends the prompt (a token
     straddling the boundary stays with the prompt). `separate` (the reference's): the prompt
     and the response (no special tokens, no leading space) tokenized apart and concatenated.
+    A chat-formatted prompt (`model_prompt`) is always read the separate way, its BOS its own.
     """
-    if response_tokenization == "separate":
+    if text.model_prompt is not None:
+        prompt_ids = tokenizer(text.model_prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
+        response_start = len(prompt_ids)
+    elif response_tokenization == "separate":
         prompt_ids = tokenizer(text.prompt)["input_ids"]
         ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
         response_start = len(prompt_ids)
@@ -423,7 +431,8 @@ def response_limits(
         return {name: [None] * n_samples for name in texts}
 
     def length(text: dict) -> int:
-        tokenized = tokenize_for_capture(tokenizer, TextToMeasure(text["prompt"], text["response"]), tokenization)
+        measured = TextToMeasure(text["prompt"], text["response"], model_prompt=text.get("model_prompt"))
+        tokenized = tokenize_for_capture(tokenizer, measured, tokenization)
         return len(tokenized.input_ids) - tokenized.response_start
 
     lengths = {name: [length(text) for text in rows] for name, rows in texts.items()}
@@ -482,7 +491,8 @@ class CaptureStage(Stage):
     def inputs(self) -> dict:
         settings, capture, grid = self.settings, self.settings.capture, self.settings.grid
         return {
-            "texts": content_hash([[t.prompt, t.response, t.max_response_tokens] for t in self.texts]),
+            "texts": content_hash([[t.prompt, t.response, t.max_response_tokens, *([t.model_prompt] if t.model_prompt is not None else [])]
+                                   for t in self.texts]),
             "model": self.pool.key(settings.model),
             "layers": capture.layers,
             "metrics": list(grid.metrics),

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field
 
 from harness.base import StrictModel
+from harness.data_sources import HUMAN
 
 if TYPE_CHECKING:
     from harness.executor import Executor
@@ -55,6 +56,10 @@ class ConditionSpec(StrictModel):
         """Model aliases this source loads or tokenizes with."""
         return []
 
+    def responses(self) -> list[str]:
+        """The dataset's response columns it reads (the spec checks the dataset has them)."""
+        return []
+
     def random_seed(self) -> int | None:
         """The seed of its randomness, for the run manifest (None: deterministic)."""
         return getattr(self, "seed", None)
@@ -69,7 +74,7 @@ class SourceContext:
 
     spec: "Spec"
     samples: list[dict]
-    """The data stage's samples: sample_id, row, prompt, human_response, n_tokens."""
+    """The data stage's samples: sample_id, row, id, prompt, responses (by name), covariates, length."""
     executor: "Executor"
     """Runs (and caches) a stage: `context.executor.run(stage)`."""
     pool: "ModelPool"
@@ -121,9 +126,23 @@ class GenerationSpec(StrictModel):
 
 
 class HumanCondition(ConditionSpec):
-    """The human-written rest of the paragraph."""
+    """The human-written rest of the paragraph: the dataset's `human` response (WikiText's)."""
 
     source: Literal["human"]
+
+    def responses(self) -> list[str]:
+        return [HUMAN]
+
+
+class ColumnCondition(ConditionSpec):
+    """A response column of the dataset (`dataset.responses`): `chosen`/`rejected`, `reference`..."""
+
+    source: Literal["column"]
+    column: str
+    """The response's name in `dataset.responses` (the harness's name, not the file's)."""
+
+    def responses(self) -> list[str]:
+        return [self.column]
 
 
 class GeneratedCondition(ConditionSpec):
@@ -165,8 +184,10 @@ class ShuffledCondition(ConditionSpec):
 
 
 @condition_source(HumanCondition)
-def human(name: str, condition: HumanCondition, context: SourceContext) -> list[Text]:
-    return [text(sample["prompt"], sample["human_response"]) for sample in context.samples]
+@condition_source(ColumnCondition)
+def column(name: str, condition: HumanCondition | ColumnCondition, context: SourceContext) -> list[Text]:
+    (response,) = condition.responses()
+    return [text(sample["prompt"], sample["responses"][response]) for sample in context.samples]
 
 
 @condition_source(GeneratedCondition)
@@ -176,8 +197,12 @@ def generate(name: str, condition: GeneratedCondition, context: SourceContext) -
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
     runtime = context.spec.runtime
+    # a chat model continues its template's formatting of the prompt (one BOS: harness.chat)
+    chat = context.spec.models[alias].chat
+    model_prompts = [context.pool.model_prompt(alias, prompt) for prompt in prompts] if chat else prompts
     stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool
+        f"generate[{name}]", model_prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile,
+        context.pool, special_tokens=not chat,
     )
     output = context.executor.run(stage)
     return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]

@@ -170,19 +170,21 @@ def generate_batch(
     compile: bool = False,
     report: GenerationReport | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    special_tokens: bool = True,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
 
     The response is the new tokens only, decoded without special tokens and stripped (decodes
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
-    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
+    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch).
+    `special_tokens`: tokenize the prompts with the tokenizer's BOS (False: they hold it). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
     half's size); an out-of-memory error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
     count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, special_tokens)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -195,18 +197,19 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, special_tokens) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, special_tokens
     )
 
 
 @torch.inference_mode()
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
-    report: GenerationReport, on_tokens: Callable[[int], None],
+    report: GenerationReport, on_tokens: Callable[[int], None], special_tokens: bool = True,
 ) -> list[dict]:
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None,
+                      add_special_tokens=special_tokens)
     batch = batch.to(device)
     shape = tuple(batch["input_ids"].shape)
     kwargs = generation_kwargs(spec, tokenizer)
@@ -243,6 +246,9 @@ class GenerateStage(Stage):
     """Prompts per batch, or `auto` (from free memory, resolved when the stage computes)."""
     compile: bool
     pool: ModelPool
+    special_tokens: bool = True
+    """Tokenize the prompts with the tokenizer's special tokens (BOS); False for chat-formatted
+    prompts, which hold theirs already (`harness.chat`)."""
     report: GenerationReport = field(default_factory=GenerationReport)
     kind = "generate"
     version = STAGE_VERSION
@@ -256,11 +262,12 @@ class GenerateStage(Stage):
             "batch_size": self.batch_size,
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
+            **({} if self.special_tokens else {"special_tokens": False}),
         }
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.alias)
-        lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
+        lengths = [len(loaded.tokenizer(prompt, add_special_tokens=self.special_tokens)["input_ids"]) for prompt in self.prompts]
         if self.batch_size == "auto":
             self.batch_size = auto_batch_size(
                 loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile
@@ -282,7 +289,7 @@ class GenerateStage(Stage):
         return generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
-            on_tokens=self.progress.advance,
+            on_tokens=self.progress.advance, special_tokens=self.special_tokens,
         )
 
     def check(self, output: list[dict]) -> str | None:
