@@ -60,13 +60,13 @@ class Plan:
     pool: ModelPool
     directions: dict[str, DirectionSet] = field(default_factory=dict)
     """The spec's direction sets, read and checked against the capture model."""
-    table: Table | None = None
-    """A local dataset file's records, read and checked at collection (`harness.data_sources`)."""
     overrides: tuple[Override, ...] = ()
     """Command-line settings (and a matrix point's values), recorded in the manifest."""
     point: str | None = None
     """The matrix point's id (`name[key=value,...]`); `label` ends the run id (a --tag, a point's values)."""
     label: str | None = None
+    table: Table | None = None
+    """A local dataset file's records, read and checked at collection (`harness.data_sources`)."""
 
 
 def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
