@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from harness.stages.data import packaged_rows
+from harness.data_sources import packaged_rows
 
 # The malformed specs are data for test_bad_inputs.py: keep the harness pytest plugin (which
 # collects every spec YAML it is pointed at) from trying to run them.
