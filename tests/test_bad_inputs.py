@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,6 +148,71 @@ def _with_nan() -> np.ndarray:
     return vectors
 
 
+JSONL_ROWS = [{"uid": "a", "question": "First prompt.", "answer": "First answer."},
+              {"uid": "b", "question": "Second prompt.", "answer": "Second answer."},
+              {"uid": "c", "question": "Third prompt.", "answer": "Third answer."}]
+
+
+def jsonl_bytes(rows: list) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def dataset_file(content: bytes | Callable[[Path], None], source: str = "jsonl", file_name: str = "data.jsonl",
+                 **dataset: Any) -> Builder:
+    """A spec reading a dataset file that `content` is (bytes) or makes (a function of its path);
+    the file's columns are `uid`, `question`, `answer` unless `dataset` maps others."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        path = folder / file_name
+        if callable(content):
+            content(path)
+        else:
+            path.write_bytes(content)
+        return child_spec(folder, CORPUS / "_base.yaml", {"dataset": {
+            "source": source, "path": file_name, "columns": {"id": "uid", "prompt": "question"},
+            "responses": {"human": "answer"}, "n_samples": None, "min_tokens": None, "max_tokens": None, **dataset,
+        }})
+
+    return build
+
+
+def _parquet(rows: list[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+
+    return write
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _sparse(size: int) -> Callable[[Path], None]:
+    """A file of `size` NUL bytes that takes no disk space (the 300 MB bomb)."""
+    def write(path: Path) -> None:
+        with path.open("wb") as handle:
+            handle.truncate(size)
+
+    return write
+
+
+def _device_path(name: str, folder: Path, tiny_model: Path) -> Path:
+    return child_spec(folder, CORPUS / "_base.yaml", {"dataset": {
+        "source": "jsonl", "path": "/dev/zero", "responses": {"human": "answer"}, "min_tokens": None, "max_tokens": None}})
+
+
+def _folder_path(name: str, folder: Path, tiny_model: Path) -> Path:
+    (folder / "data.jsonl").mkdir()
+    return dataset_file(lambda path: None)(name, folder, tiny_model)
+
+
+def _chat_without_template(name: str, folder: Path, tiny_model: Path) -> Path:
+    return child_spec(folder, CORPUS / "_base.yaml", {"models": {"base": {"id": str(tiny_model), "chat": True}}})
+
+
 def valid_spec(name: str, folder: Path, tiny_model: Path) -> Path:
     return corpus_path("_base")
 
@@ -271,6 +337,11 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "matrix_unknown_key": "matrix: conditions.model.generation.temprature=0: conditions.model.generation.temprature: unknown key",
     "sweep_criterion_unknown_name": "sweep_criteria.replicates: unknown name 'p_fdr'",
     "sweep_criteria_without_matrix": "sweep_criteria: needs a matrix",
+    # data sources: conditions read response columns the dataset must have
+    "column_unknown_response": "conditions.reference.column: reads the dataset's response 'reference', and the jsonl dataset has only 'human'",
+    "prompts_only_with_human": "conditions.human.source: reads the dataset's response 'human', and the jsonl dataset has no responses",
+    "dataset_unknown_source": "dataset.source: must be one of jsonl, csv, parquet, hub, wikitext, not 'tsv'",
+    "dataset_columns_twice": "dataset: column 'question' is named twice",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):
@@ -325,6 +396,35 @@ CASES = [
     input_case("direction_unreadable", ("directions.probe.path: ", "probe.safetensors: cannot be read"),
                direction_file(lambda path: path.write_bytes(b"not a tensor file"), "probe.safetensors")),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
+    # dataset files (harness.data_sources): read at collection, before any stage or model
+    input_case("dataset_missing_column", ("dataset.path: 'data.jsonl': line 2: no column 'answer' (responses.human",),
+               dataset_file(jsonl_bytes([JSONL_ROWS[0], {"uid": "b", "question": "Q."}, JSONL_ROWS[2]]))),
+    input_case("dataset_misnamed_column", "line 1: no column 'questoin' (columns.prompt; the row has 'uid', 'question', 'answer')",
+               dataset_file(jsonl_bytes(JSONL_ROWS), columns={"id": "uid", "prompt": "questoin"})),
+    input_case("dataset_csv_missing_column", "dataset.path: 'data.csv': line 2: no column 'answer' (responses.human",
+               dataset_file(b"uid,question,reply\na,First prompt.,First reply.\n", "csv", "data.csv")),
+    input_case("dataset_empty_file", "dataset.path: 'data.jsonl': holds no rows", dataset_file(b"")),
+    input_case("dataset_duplicate_ids", "line 3: id 'a' (column 'uid') is also on line 1",
+               dataset_file(jsonl_bytes([JSONL_ROWS[0], JSONL_ROWS[1], {**JSONL_ROWS[2], "uid": "a"}]))),
+    input_case("dataset_non_string_cell", "line 2: column 'answer' (responses.human) holds a number, not a string",
+               dataset_file(jsonl_bytes([JSONL_ROWS[0], {**JSONL_ROWS[1], "answer": 5}, JSONL_ROWS[2]]))),
+    input_case("dataset_parquet_non_string_cell", "dataset.path: 'data.parquet': row 1: column 'answer' (responses.human) holds a number",
+               dataset_file(_parquet([{**row, "answer": i} for i, row in enumerate(JSONL_ROWS)]), "parquet", "data.parquet")),
+    input_case("dataset_not_parquet", "dataset.path: 'data.parquet': not a readable Parquet file",
+               dataset_file(jsonl_bytes(JSONL_ROWS), "parquet", "data.parquet")),
+    input_case("dataset_invalid_json", "dataset.path: 'data.jsonl': line 3: not valid JSON (Expecting ',' delimiter)",
+               dataset_file(jsonl_bytes(JSONL_ROWS[:2]) + b'{"uid": "c" "question": "Q."}\n')),
+    input_case("dataset_not_utf8", "dataset.path: 'data.jsonl': line 2: not UTF-8",
+               dataset_file(jsonl_bytes(JSONL_ROWS[:1]) + '{"uid": "b", "question": "Caf\u00e9.", "answer": "A."}\n'.encode("latin-1"))),
+    input_case("dataset_row_too_long", "dataset.path: 'data.jsonl': line 2: longer than the 1 MiB a line of a dataset file may have",
+               dataset_file(jsonl_bytes([JSONL_ROWS[0], {**JSONL_ROWS[1], "answer": "x" * 20 * 2**20}]))),
+    input_case("dataset_file_too_large", ("dataset.path: 'data.jsonl': is ", "more than the 256 MiB a dataset file may have"),
+               dataset_file(_sparse(300 * 10**6))),
+    input_case("dataset_nul_bytes", "dataset.path: 'data.jsonl': line 1: longer than the 1 MiB", dataset_file(_sparse(200 * 10**6))),
+    input_case("dataset_folder", "dataset.path: 'data.jsonl': is a folder, not a file", _folder_path),
+    input_case("dataset_fifo", "dataset.path: 'data.jsonl': is a FIFO (named pipe), not a regular file", dataset_file(_fifo)),
+    input_case("dataset_device", "dataset.path: '/dev/zero': is a device, not a regular file", _device_path),
+    input_case("chat_without_template", "models.base.chat: the tokenizer of ", _chat_without_template),
 ]
 
 
