@@ -10,9 +10,9 @@ from typing import Any
 import pandas as pd
 
 from harness import plots
-from harness.artifacts import read_json, write_json, write_text
+from harness.artifacts import read_json, read_jsonl, write_json, write_text
 from harness.errors import InputError
-from harness.rundir import RunFolder, read_criteria, read_stats
+from harness.rundir import SAMPLES_FILE, RunFolder, read_criteria, read_stats
 from harness.stages import criteria as criteria_stage
 from harness.statnames import OVERALL, correlation_name, descriptive_name, paired_name, per_layer_names
 from harness.sweep import FIGURE_FILE, SWEEP_FILE, Point, Sweep, sweep_statistics
@@ -24,6 +24,7 @@ TEMPLATE = "sweep.md.j2"
 def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path, tag: str | None = None):
     """Write the sweep folder; return it and the sweep criteria's verdicts."""
     run_dirs = [outcome.run_dir for _, outcome in outcomes]
+    shares = shared_samples(run_dirs)
     point_stats = [read_stats(run_dir) for run_dir in run_dirs]
     point_criteria = [read_criteria(run_dir) for run_dir in run_dirs]
     statistics = sweep_statistics(point_stats, point_criteria)
@@ -32,8 +33,8 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
     try:
         write_json(folder.path / SWEEP_FILE, {
             "spec_file": str(sweep.path.resolve()),
-            "points": [{"id": point.id, "values": point.values, "run": run_dir.name}
-                       for (point, _), run_dir in zip(outcomes, run_dirs)],
+            "points": [{"id": point.id, "values": point.values, "run": run_dir.name, "shared_samples": share}
+                       for (point, _), run_dir, share in zip(outcomes, run_dirs, shares)],
             "statistics": statistics,
             "criteria": criteria_stage.to_json(results),
         })
@@ -51,8 +52,8 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
             "metric": metric,
             "primary": next(iter(spec.comparisons.values())).model_dump(),
             "criteria_names": list(spec.criteria),
-            "rows": [_row(point, run_dir, stats, rows, spec) for (point, _), run_dir, stats, rows
-                     in zip(outcomes, run_dirs, point_stats, point_criteria)],
+            "rows": [_row(point, run_dir, stats, rows, spec) | {"shared": f"{share['shared']}/{share['of']} ({share['percent']:.0f} %)"} for (point, _), run_dir, stats, rows, share
+                     in zip(outcomes, run_dirs, point_stats, point_criteria, shares)],
             "sweep_criteria": [
                 {"outcome": criteria_stage.outcome(r), "name": r.name, "expr": r.expr, "stat_values": r.values, "error": r.error}
                 for r in results
@@ -85,6 +86,15 @@ def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], sp
         "r": stat(correlation_name("pooled", "r")),
         "outcomes": {row["name"]: criteria_stage.outcome(criteria_stage.from_json(row)) for row in criteria_rows},
     }
+
+
+def shared_samples(run_dirs: list[Path]) -> list[dict]:
+    """Per point: how many of its samples (the dataset's id and the prompt, from samples.jsonl)
+    every other point used too, of how many; the same samples compare like with like."""
+    keys = [[(row["id"], row["prompt"]) for row in read_jsonl(run_dir / SAMPLES_FILE)] for run_dir in run_dirs]
+    common = set.intersection(*map(set, keys))
+    return [{"shared": sum(key in common for key in own), "of": len(own),
+             "percent": 100.0 * sum(key in common for key in own) / len(own) if own else 0.0} for own in keys]
 
 
 def model_layers(run_dir: Path, alias: str) -> int | None:

@@ -309,3 +309,19 @@ def test_relative_depth_divides_by_the_models_number_of_layers(swept, tiny_model
     stats = {"smoothness.layer0.d": 0.5, "smoothness.layer2.d": 1.0}
     rows = sweep_report._depth_rows(["deep", "unknown"], [stats, stats], [12, None], "smoothness")
     assert [(row["point"], row["relative_depth"]) for row in rows] == [("deep", 0), ("deep", 2 / 12), ("unknown", 0), ("unknown", 2 / 3)]
+
+
+def test_the_sweep_says_how_many_samples_its_points_share(swept, tmp_path):
+    _, _, outcome, _ = swept
+    points = json.loads((outcome.sweep_dir / "sweep.json").read_text())["points"]
+    assert [point["shared_samples"] for point in points] == [{"shared": 6, "of": 6, "percent": 100.0}] * 2
+    assert "| 6/6 (100 %) |" in (outcome.sweep_dir / "RESULTS.md").read_text()
+    # points whose tokenizers kept partly different paragraphs: counted by dataset id and prompt
+    folders = []
+    for name, ids in (("a", [1, 2, 3, 4]), ("b", [2, 3, 4, 5]), ("c", [3, 4, 2])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "samples.jsonl").write_text("".join(
+            json.dumps({"sample_id": i, "id": str(row), "prompt": f"prompt {row}"}) + "\n" for i, row in enumerate(ids)))
+        folders.append(folder)
+    assert [(s["shared"], s["of"]) for s in sweep_report.shared_samples(folders)] == [(3, 4), (3, 4), (3, 3)]
