@@ -284,8 +284,7 @@ class Spec(StrictModel):
     models: dict[str, ModelSpec]
     """Model aliases used by the capture and generated conditions."""
     dataset: Dataset = WikiTextDataset()
-    """Where the samples come from (`harness.data_sources`): WikiText-2 by default, a JSONL,
-    CSV or Parquet file, or a hub dataset, with a map of its columns."""
+    """Where the samples come from (`harness.data_sources`): WikiText-2, a file, the hub."""
     conditions: dict[str, Condition]
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
@@ -354,8 +353,7 @@ class Spec(StrictModel):
 
     @property
     def dataset_tokenizer(self) -> str | None:
-        """Whose tokenizer counts the dataset's lengths: a model alias, DATASET_TOKENIZER (a
-        tokenizer of its own, `dataset.tokenizer: {id: ...}`), or None (nothing counts tokens)."""
+        """Who counts the dataset's tokens: a model alias, DATASET_TOKENIZER (one of its own), None (nobody)."""
         dataset = self.dataset
         if dataset.length_unit != "tokens" or not dataset.filters_length:
             return None
@@ -386,15 +384,8 @@ class Spec(StrictModel):
         if len(self.conditions) < 2:
             raise FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
-        if isinstance(self.dataset.tokenizer, str):
-            need("model", "dataset.tokenizer", self.dataset.tokenizer, self.models)
-        responses = self.dataset.response_names()
+        _check_dataset(self)
         for name, cond in self.conditions.items():
-            for column in cond.responses():
-                if column not in responses:
-                    field = f"conditions.{name}.column" if cond.source == "column" else f"conditions.{name}.source"
-                    raise FieldError(field, f"reads the dataset's response {column!r}, and the {self.dataset.source} "
-                                            f"dataset has {'only ' + ', '.join(map(repr, responses)) if responses else 'no responses (prompts only: conditions must generate)'}")
             for alias in cond.models(self):
                 need("model", f"conditions.{name}.generator", alias, self.models)
             for parent in cond.derived_from():
@@ -435,6 +426,22 @@ class Spec(StrictModel):
             need("metric", "report.threats.scale_free_metric", self.report.threats.scale_free_metric, whole_columns)
         _check_criteria(self)
         return self
+
+
+def _check_dataset(spec: Spec) -> None:
+    """`dataset.tokenizer` names a model alias or a model of its own; every response column a
+    condition reads is one the dataset has (a dataset of prompts only has none: its conditions
+    must generate)."""
+    tokenizer = spec.dataset.tokenizer
+    if isinstance(tokenizer, str) and tokenizer not in spec.models:
+        raise FieldError("dataset.tokenizer", f"unknown model {quoted(tokenizer)} (known: {', '.join(sorted(spec.models))})")
+    responses = spec.dataset.response_names()
+    has = f"only {', '.join(map(repr, responses))}" if responses else "no responses (prompts only: conditions must generate)"
+    for name, condition in spec.conditions.items():
+        for column in condition.responses():
+            if column not in responses:
+                field = f"conditions.{name}.column" if condition.source == "column" else f"conditions.{name}.source"
+                raise FieldError(field, f"reads the dataset's response {column!r}, and the {spec.dataset.source} dataset has {has}")
 
 
 def _windows_from_positions(data: Any) -> tuple[Any, bool]:
