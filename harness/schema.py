@@ -361,8 +361,7 @@ class Spec(StrictModel):
             return DATASET_TOKENIZER
         return dataset.tokenizer or self.capture_model
 
-    def model_spec(self, alias: str) -> ModelSpec:
-        """A model alias's spec; DATASET_TOKENIZER: the tokenizer `dataset.tokenizer` names."""
+    def model_spec(self, alias: str) -> ModelSpec:  # DATASET_TOKENIZER: the tokenizer `dataset.tokenizer` names
         return self.dataset.tokenizer if alias == DATASET_TOKENIZER else self.models[alias]
 
     @property
