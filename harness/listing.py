@@ -30,9 +30,12 @@ def metrics() -> list[str]:
 
 
 def sources() -> list[str]:
+    """Condition sources (`conditions.<name>.source`), then data sources (`dataset.source`)."""
+    from harness.data_sources import DATA_SOURCES
     from harness.stages.conditions import SOURCES
 
-    return [f"{name:<26} {first_line(source.spec_model.__doc__)}" for name, source in SOURCES.items()]
+    rows = [f"{name:<26} {first_line(source.spec_model.__doc__)}" for name, source in SOURCES.items()]
+    return rows + [f"{'dataset: ' + name:<26} {first_line(source.spec_model.__doc__)}" for name, source in DATA_SOURCES.items()]
 
 
 def sites() -> list[str]:

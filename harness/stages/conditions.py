@@ -183,8 +183,8 @@ class ShuffledCondition(ConditionSpec):
         return [spec.capture_model] if self.unit == "tokens" else []
 
 
-@condition_source(HumanCondition)
 @condition_source(ColumnCondition)
+@condition_source(HumanCondition)
 def column(name: str, condition: HumanCondition | ColumnCondition, context: SourceContext) -> list[Text]:
     (response,) = condition.responses()
     return [text(sample["prompt"], sample["responses"][response]) for sample in context.samples]
