@@ -80,7 +80,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_texts_are_the_file_rows_verbatim(own_data_run):
-    source, outcome = own_data_run
+    _, outcome = own_data_run
     texts = read_jsonl(outcome.run_dir / "texts.jsonl")
     for condition, column in (("reference", "answer"), ("alternative", "alt_answer")):
         mine = [text for text in texts if text["condition"] == condition]
@@ -92,11 +92,12 @@ def test_texts_are_the_file_rows_verbatim(own_data_run):
 
 
 def test_a_covariate_reaches_per_sample_csv(own_data_run):
-    source, outcome = own_data_run
+    _, outcome = own_data_run
     table = load_table(outcome.run_dir / "per_sample.csv")
-    by_sample = table.groupby("sample_id")["difficulty"].unique()
-    expected = {str(i): str(row["difficulty"]) if source == "csv" else row["difficulty"] for i, row in enumerate(ROWS)}
-    assert {key: value.tolist() for key, value in by_sample.items()} == {key: [value] for key, value in expected.items()}
+    by_sample = table.groupby("sample_id")["difficulty"].unique()  # one value per sample, on every row of it
+    assert {key: [str(v) for v in value] for key, value in by_sample.items()} == {
+        str(i): [str(row["difficulty"])] for i, row in enumerate(ROWS)}
+    assert set(table["condition"]) == {"reference", "alternative", "model"}
 
 
 def test_the_chat_model_reads_its_template_with_one_bos(own_data_run, tiny_tokenizer):
