@@ -47,7 +47,13 @@ def dense_nul_file(size: int):
     return write
 
 
+def valid_rows(path: Path) -> None:
+    path.write_text("".join(json.dumps({"question": f"Prompt {i}.", "answer": "An answer."}) + "\n" for i in range(3)),
+                    encoding="utf-8")
+
+
 CASES = {
+    "a valid 3-row file (the run's floor)": valid_rows,
     "300 MB of NUL bytes": dense_nul_file(300 * MB),
     "200 MB of NUL bytes (under the size limit)": dense_nul_file(200 * MB),
     "one 20 MB line": long_line(20 * MB),
@@ -55,7 +61,9 @@ CASES = {
 
 
 def measured(args: list[str]) -> tuple[int, int, float, str]:
-    """(exit code, peak RSS in MB, seconds, last stderr line) of `python -m harness ARGS`."""
+    """(exit code, peak RSS in MB, seconds, first error line) of `python -m harness ARGS`. The valid
+    file's run stops at its placeholder model (`tests/bad_inputs/_base.yaml`), after the file was
+    read: its peak is what a run costs before any stage (torch and transformers imported)."""
     start = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "harness", *args], cwd=REPO,
                           capture_output=True, text=True)
@@ -72,12 +80,19 @@ def main() -> None:
         spec.write_text(f"extends: {BASE}\ndataset: {{source: jsonl, path: data.jsonl, columns: {{prompt: question}}, "
                         "responses: {human: answer}, n_samples: null, min_tokens: null, max_tokens: null}\n", encoding="utf-8")
         code, peak, seconds, _ = measured(["validate", str(spec)])
-        print(f"harness validate (floor)                    exit {code}  peak {peak:5d} MB  {seconds:5.1f} s")
+        print(f"harness validate (floor: no torch)                      exit {code}  peak {peak:5d} MB  {seconds:5.1f} s")
         for name, write in CASES.items():
             write(folder / "data.jsonl")
             code, peak, seconds, line = measured(["run", str(spec), "--runs-dir", str(folder / "runs")])
-            print(f"harness run, {name:<31} exit {code}  peak {peak:5d} MB  {seconds:5.1f} s  {line[-110:]}")
+            print(f"harness run, {name:<42} exit {code}  peak {peak:5d} MB  {seconds:5.1f} s  {line[-110:]}")
             (folder / "data.jsonl").unlink()
+        # the same bombs as WikiText's raw `dataset.path` (the case that once reached 21 GB)
+        spec.write_text(f"extends: {BASE}\ndataset: {{path: data.txt}}\n", encoding="utf-8")
+        for name in ("300 MB of NUL bytes", "one 20 MB line"):
+            CASES[name](folder / "data.txt")
+            code, peak, seconds, line = measured(["run", str(spec), "--runs-dir", str(folder / "runs")])
+            print(f"harness run, wikitext path: {name:<27} exit {code}  peak {peak:5d} MB  {seconds:5.1f} s  {line[-110:]}")
+            (folder / "data.txt").unlink()
 
 
 if __name__ == "__main__":
