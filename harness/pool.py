@@ -106,6 +106,14 @@ class ModelPool:
             self._chat_formats[alias] = ChatFormat.of(self.tokenizer(alias), spec, f"{self.where(alias)}")
         return self._chat_formats[alias].prompt(prompt)
 
+    def with_model_prompts(self, alias: str, texts: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """Each text with `model_prompt`, its prompt as `alias` reads it, where that is a chat
+        model (capture reads those ids; texts.jsonl records it); the texts unchanged otherwise."""
+        if not self.spec.model_spec(alias).chat:
+            return texts
+        return {name: [{**row, "model_prompt": self.model_prompt(alias, row["prompt"])} for row in rows]
+                for name, rows in texts.items()}
+
     def provenance(self) -> dict[str, dict]:
         """Per model the run used: identity, where the weights came from, where it ran.
 

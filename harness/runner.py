@@ -110,18 +110,9 @@ def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], d
     """The data, conditions and capture stages: the samples, every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool, plan.table))
-    texts = with_model_prompts(plan, conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool)))
+    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
+    texts = pool.with_model_prompts(spec.capture_model, texts)  # a chat model's formatted prompts, for capture
     return samples, texts, measure(plan, texts)
-
-
-def with_model_prompts(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Each text with `model_prompt`, the prompt as the capture model reads it, where that is a
-    chat model (texts.jsonl records it); the texts unchanged otherwise."""
-    alias = plan.spec.capture_model
-    if not plan.spec.models[alias].chat:
-        return texts
-    return {name: [{**row, "model_prompt": plan.pool.model_prompt(alias, row["prompt"])} for row in rows]
-            for name, rows in texts.items()}
 
 
 def per_sample_table(plan: Plan, measured: dict[str, dict], samples: list[dict]) -> str:

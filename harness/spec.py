@@ -176,9 +176,10 @@ def spec_json_schema() -> dict:
 
 
 def _drop_required(node: Any) -> Any:
-    """A file that `extends` another may omit anything, so the editor schema requires nothing."""
+    """A file that `extends` another may omit anything, so the editor schema requires nothing;
+    a union is `anyOf` (without its required `source:`, a `dataset:` fits several sources)."""
     if isinstance(node, dict):
-        return {key: _drop_required(value) for key, value in node.items() if key != "required"}
+        return {"anyOf" if key == "oneOf" else key: _drop_required(value) for key, value in node.items() if key != "required"}
     if isinstance(node, list):
         return [_drop_required(item) for item in node]
     return node

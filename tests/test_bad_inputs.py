@@ -293,7 +293,7 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "model_without_source": "models.base: give `id`",
     # names and references
     "condition_not_identifier": "conditions: name 'model-temp07' must be an identifier",
-    "condition_unknown_source": "conditions.robot.source: must be one of human, generate, shuffle",
+    "condition_unknown_source": "conditions.robot.source: must be one of human, column, generate, shuffle",
     "generator_unknown_model": "conditions.model.generator: unknown model 'gpt5'",
     "shuffle_unknown_condition": "conditions.shuffled.of: unknown condition 'robot'",
     "capture_unknown_model": "capture.model: unknown model 'other'",
