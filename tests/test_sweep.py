@@ -277,13 +277,16 @@ def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path,
 def test_ls_lists_the_registries(tmp_path):
     from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
+    from harness.data_sources import DATA_SOURCES
     from harness.stages.conditions import SOURCES
 
     every_metric = [*LAYER_METRICS, *PROJECTION_METRICS, *TEXT_METRICS]
-    for what, names in (("metrics", every_metric), ("sources", list(SOURCES))):
+    every_source = [*SOURCES, *(f"dataset: {name}" for name in DATA_SOURCES)]
+    for what, names in (("metrics", every_metric), ("sources", every_source)):
         result = harness_cli("ls", what, cwd=tmp_path)
         assert result.returncode == 0
-        assert [line.split()[0] for line in result.stdout.splitlines()] == names
+        assert [" ".join(line.split()[:2]) if line.startswith("dataset: ") else line.split()[0]
+                for line in result.stdout.splitlines()] == names
     specs = harness_cli("ls", "specs", str(REPO / "specs"), cwd=tmp_path)
     assert "cross-model-offline, 2 points" in specs.stdout and "temperature-sweep-offline, 4 points" in specs.stdout
 
