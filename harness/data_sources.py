@@ -112,6 +112,11 @@ class DatasetSpec(StrictModel):
         are read by the data stage, and so not at all by a cached run."""
         return False
 
+    @property
+    def reads_hub(self) -> bool:
+        """Whether reading it needs the Hugging Face hub."""
+        return False
+
 
 class WikiTextDataset(DatasetSpec):
     """WikiText-2 paragraphs split at their first sentence: the prompt and the `human` response."""
