@@ -173,3 +173,17 @@ def test_lengths_count_words_or_characters_without_a_tokenizer(tmp_path):
     assert [s.length for s in kept] == [len(f"{r.prompt} {r.responses['reference']}".split()) for r in records]
     assert [s.length for s in select_samples(records, None, chars, "s")] == [
         len(f"{r.prompt} {r.responses['reference']}") for r in records]
+
+
+def test_a_dataset_of_prompts_only_is_valid_when_every_condition_generates(tmp_path):
+    spec = tmp_path / "prompts.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: prompts-only
+        models: {base: {id: m}}
+        dataset: {source: csv, path: prompts.csv, columns: {prompt: text}}
+        conditions:
+          greedy: {source: generate}
+          sampled: {source: generate, generation: {temperature: 0.7}}
+    """), encoding="utf-8")
+    dataset = load_spec(spec).dataset
+    assert dataset.response_names() == [] and dataset.n_samples is None and not dataset.filters_length
