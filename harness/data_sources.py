@@ -379,7 +379,7 @@ def _parquet_rows(data: bytes, where: str) -> Iterator[tuple[str, dict]]:
 
     limits = LIMITS["dataset"]
     try:
-        table = parquet.read_table(io.BytesIO(data))
+        table = parquet.read_table(io.BytesIO(data), use_threads=False)  # no thread pool left running at exit
     except Exception as exc:  # a damaged or foreign file fails in pyarrow's own way: one line
         raise InputError(f"{where}: not a readable Parquet file ({first_line(exc)})") from None
     if limits.max_lines is not None and table.num_rows > limits.max_lines:
