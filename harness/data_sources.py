@@ -278,7 +278,7 @@ def read_table(dataset: DatasetSpec, where: str) -> Table:
 
 def file_where(where: str, path: str) -> str:
     """How an error line names a dataset file: the spec, the field, the file."""
-    return f"{where}: dataset.path: {path!r}"
+    return f"{where}: dataset.path: {path}"
 
 
 # --- turning a file's rows into records ------------------------------------------------------

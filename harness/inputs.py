@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from harness.errors import InputError
 
-Kind = Literal["dataset", "directions", "template", "spec", "run_json"]
+Kind = Literal["dataset", "directions", "template", "spec", "run_json", "model_config"]
 """What a file is to the harness; its limits are `LIMITS[kind]`."""
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -82,6 +82,8 @@ LIMITS: dict[str, Limits] = {
     "spec": Limits(max_bytes=1 * MiB),
     # stats.json, criteria.json, manifest.json, sweep.json of a run folder
     "run_json": Limits(max_bytes=64 * MiB),
+    # a model folder's config.json (real ones are a few KB)
+    "model_config": Limits(max_bytes=4 * MiB),
 }
 """Per kind of file, its limits: the README's table "Input limits" lists these values."""
 
@@ -90,10 +92,10 @@ CHUNK = 1 * MiB
 
 
 def size_words(n_bytes: int) -> str:
-    """A size as an error line says it: `1 MiB`, `64 GiB`, `37 bytes`."""
+    """A size as an error line says it: `1 MiB`, `286.1 MiB`, `37 bytes`."""
     for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
-        if n_bytes >= unit and n_bytes % unit == 0:
-            return f"{n_bytes // unit} {name}"
+        if n_bytes >= unit:
+            return f"{n_bytes // unit} {name}" if n_bytes % unit == 0 else f"{n_bytes / unit:.1f} {name}"
     return f"{n_bytes} bytes"
 
 
@@ -168,10 +170,16 @@ class InputFile:
         """An InputError about this file: `where: problem`."""
         return InputError(f"{self.where}: {problem}")
 
+    def _read(self, read, *args) -> bytes:
+        try:
+            return read(*args)
+        except OSError as exc:  # EIO and the like: a file that stats as regular but does not read
+            raise self.error(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+
     def read(self) -> bytes:
         """The rest of the file (at most the kind's `max_bytes`), hashed as it is read."""
         parts = []
-        while chunk := self._handle.read(CHUNK):
+        while chunk := self._read(self._handle.read, CHUNK):
             parts.append(self._took(chunk))
         return b"".join(parts)
 
@@ -182,7 +190,7 @@ class InputFile:
         limit, most = self.limits.max_line_bytes, self.limits.max_lines
         number = 0
         while True:
-            raw = self._handle.readline(-1 if limit is None else limit + 1)
+            raw = self._read(self._handle.readline, -1 if limit is None else limit + 1)
             if not raw:
                 return
             number += 1

@@ -125,5 +125,5 @@ def test_rows_come_from_the_spec_file_then_the_packaged_copy_then_the_hub(tmp_pa
 
 
 def test_a_named_file_that_does_not_exist_is_an_input_error(tmp_path):
-    with pytest.raises(InputError, match=r"^spec.yaml: dataset.path: '.*missing.txt': file not found$"):
+    with pytest.raises(InputError, match=r"^spec.yaml: dataset.path: .*missing.txt: file not found$"):
         data_sources.read_table(DatasetSpec(path=str(tmp_path / "missing.txt")), "spec.yaml")
