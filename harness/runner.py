@@ -109,16 +109,15 @@ def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
 
 
 def models_used(spec: Spec) -> set[str]:
-    used = {spec.capture_model, *filter(None, [spec.dataset_tokenizer])}
-    return used | {alias for condition in spec.conditions.values() for alias in condition.models(spec)}
+    return {spec.capture_model, *filter(None, [spec.dataset_tokenizer]), *(a for c in spec.conditions.values() for a in c.models(spec))}
 
 
 def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], dict[str, dict]]:
     """The data, conditions and capture stages: the samples, every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool, plan.table))
-    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
-    texts = pool.with_model_prompts(spec.capture_model, texts)  # a chat model's formatted prompts, for capture
+    # with a chat capture model, each text holds the prompt as it reads it (`model_prompt`)
+    texts = pool.with_model_prompts(spec.capture_model, conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool)))
     return samples, texts, measure(plan, texts)
 
 
