@@ -133,8 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("HARNESS_CACHE_DIR"):
         check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
 
-    from harness.runner import run_spec
-    from harness.sweep import run_sweep
+    from harness.session import Session
+
+    session = Session(runs_dir, not args.no_cache, tag=args.tag)
 
     def report(header: str, outcome) -> None:
         print(f"\n{header}  →  {outcome.run_dir}")
@@ -154,10 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
         try:
             with disk_errors_named(runs_dir):
-                if sweep.is_matrix:
-                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
-                else:
-                    outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
+                outcome = session.run(sweep, report_point if sweep.is_matrix else lambda point, run: None)
         except InputError:
             raise
         except HarnessError as exc:
@@ -170,15 +168,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         if sweep.is_matrix:
             report(f"{path}: sweep of {len(sweep.points)} points", outcome)
-            results = outcome.all_results
             outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
         else:
             report(str(path), outcome)
-            results = outcome.results
             outcomes.append((path, outcome))
-        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
-        totals.extend(results)
-        worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
+        print(f"{summary_line(outcome.all_results)} in {outcome.seconds:.1f}s")
+        totals.extend(outcome.all_results)
+        worst = max(worst, outcome.exit_code)
     if args.junitxml:
         from harness.junit import write_junit
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.runner import run_spec
+from harness.session import run_spec
 from harness.stages import capture
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

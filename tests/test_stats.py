@@ -593,7 +593,7 @@ def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_mo
     from conftest import wikitext_rows
     from test_run import Log, tiny_spec
 
-    from harness.runner import run_spec
+    from harness.session import run_spec
 
     rows = wikitext_rows()
     data = tmp_path / "rows.raw"
