@@ -28,6 +28,7 @@ from harness.executor import Executor, Shard
 from harness.overrides import Override
 from harness.pool import ModelPool
 from harness.schema import Spec
+from harness.sources import SOURCES
 from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
 from harness.templates import find_template
@@ -77,7 +78,9 @@ def collect(spec_path: Path, spec: Spec, runs_dir: Path, use_cache: bool, log: C
     for alias in sorted(models_used(spec)):
         pool.check(alias)  # a missing package, file, path or device
     for name, condition in spec.conditions.items():
-        condition.check(name, spec, pool)
+        source = SOURCES[condition.source]
+        if source.check is not None:
+            source.check(name, condition, spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
     for field, value, check in (("capture.layers", spec.capture.layers, capture.resolve_layers),
                                 ("capture.sites", spec.capture.sites, capture.resolve_sites)):
@@ -104,7 +107,7 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
     """The data, conditions and capture stages: every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
-    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool))
+    texts = conditions.condition_texts(spec, samples, executor, pool)
     return texts, measure(plan, texts)
 
 

@@ -18,7 +18,7 @@ from harness.base import FieldError
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
-from harness.stages.conditions import SOURCES
+from harness.sources import SOURCES
 from harness.templates import find_template
 
 

@@ -11,7 +11,7 @@ from conftest import build_tiny_model, tiny_config, wikitext_rows
 from transformers import AutoModelForCausalLM
 
 from harness.stages import generate
-from harness.stages.conditions import GenerationSpec
+from harness.sources import GenerationSpec
 
 NEW_TOKENS = 6
 GREEDY = GenerationSpec(max_new_tokens=NEW_TOKENS, temperature=0)

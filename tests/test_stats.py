@@ -548,7 +548,7 @@ def test_metrics_undefined_for_a_short_response_are_nan_and_the_others_match_the
     import torch
     from torch.nn.functional import cosine_similarity
 
-    from metrics import LAYER_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, TEXT_METRICS
 
     hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(4, 6, dtype=torch.bool)

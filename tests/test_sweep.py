@@ -276,9 +276,9 @@ def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path,
 
 
 def test_ls_lists_the_registries(tmp_path):
-    from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
-    from harness.stages.conditions import SOURCES
+    from harness.sources import SOURCES
 
     every_metric = [*LAYER_METRICS, *PROJECTION_METRICS, *TEXT_METRICS]
     for what, names in (("metrics", every_metric), ("sources", list(SOURCES))):

@@ -27,7 +27,7 @@ from harness.grid import Column, Grid, Window
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
 from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture
-from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
+from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet

@@ -29,7 +29,7 @@ from transformers.generation import CompileConfig
 from harness.artifacts import content_hash
 from harness.executor import CompiledCalls, Stage
 from harness.models import check_fits_memory, free_memory_bytes
-from harness.stages.conditions import GenerationSpec
+from harness.sources import GenerationSpec
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool

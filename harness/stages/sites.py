@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-SITES: dict[str, Callable[[str], str]] = {}
+from harness.registry import Registry
+
+SITES: Registry[Callable[[str], str]] = Registry("capture site")
 DEFAULT_SITE = "resid_post"
 """The site whose metrics keep their bare names (``smoothness``, not ``smoothness_resid_post``)."""
 
@@ -23,7 +25,7 @@ class UnknownArchitecture(ValueError):
 
 def capture_site(fn: Callable[[str], str]) -> Callable[[str], str]:
     """Register a capture site under its function name."""
-    SITES[fn.__name__] = fn
+    SITES.add(fn.__name__, fn, fn.__module__)
     return fn
 
 
