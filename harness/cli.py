@@ -326,10 +326,9 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
     try:
+        args = build_parser().parse_args(argv)  # inside: the parser reads the schema, which loads the plugins
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

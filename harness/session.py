@@ -25,6 +25,11 @@ from harness.stages.stats import StatsStage
 from harness.sweep import Point, Sweep, expand
 
 
+def to_stderr(line: str) -> None:
+    """The default log: progress and stage lines on stderr."""
+    print(line, file=sys.stderr)
+
+
 @dataclass
 class Outcome:
     """What a spec's run gave: each point's run, and for a matrix the sweep folder and criteria."""
@@ -64,7 +69,7 @@ class Session:
 
     runs_dir: Path = Path("runs")
     use_cache: bool = True
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+    log: Callable[[str], None] = to_stderr
     tag: str | None = None
     plans: dict[Path, list[runner.Plan]] = field(default_factory=dict)
     """Each collected sweep's point plans, by spec path: a point is collected once."""
@@ -132,7 +137,7 @@ def run_spec(
     spec_path: Path,
     runs_dir: Path = Path("runs"),
     use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    log: Callable[[str], None] = to_stderr,
     overrides: Sequence[Override] = (),
     tag: str | None = None,
     on_point: Callable[[Point, runner.RunOutcome], None] = lambda point, outcome: None,
