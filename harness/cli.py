@@ -84,7 +84,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_directions(args: argparse.Namespace) -> int:
-    from harness.directions import difference_of_means, write_direction_file
+    from harness.direction_builder import difference_of_means, write_direction_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
