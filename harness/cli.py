@@ -1,6 +1,8 @@
 """`harness` command line: run, validate, ls, schema, compare, directions.
 
 Exit codes are pytest-style (`harness.errors.ExitCode`); `harness run --help` lists them.
+Each command imports what it runs inside its function: the start-up path (`--help`,
+`validate`, `ls`) loads no torch.
 """
 
 from __future__ import annotations

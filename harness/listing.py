@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import InputError
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
 from harness.registry import Registry, load_plugins
+from harness.sources import SOURCES
+from harness.stages.sites import SITES
 from harness.statnames import LAYER_SCOPE, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
 
 SYNTHETIC_SAMPLES = 4
@@ -22,8 +25,6 @@ def first_line(text: str | None) -> str:
 
 
 def metrics() -> list[str]:
-    from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
-
     load_plugins()
     rows = [_row(name, LAYER_METRICS, f"per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}")
             for name, fn in LAYER_METRICS.items()]
@@ -33,15 +34,11 @@ def metrics() -> list[str]:
 
 
 def sources() -> list[str]:
-    from harness.sources import SOURCES
-
     load_plugins()
     return [_row(name, SOURCES, first_line(source.spec_model.__doc__)) for name, source in SOURCES.items()]
 
 
 def sites() -> list[str]:
-    from harness.stages.sites import SITES
-
     load_plugins()
     return [_row(name, SITES, first_line(fn.__doc__)) for name, fn in SITES.items()]
 

@@ -5,7 +5,9 @@ point (`spec.yaml::name[temperature=0.7]::criterion`) and one for its sweep crit
 (it has `conditions` or `extends`) or does not parse at all, and pytest was pointed at it or
 at its folder; a spec that does not load is a collection error with the one line `harness
 validate` prints, and never stops its siblings from being collected. The experiment runs
-once, when the first of its criteria is checked.
+once, when the first of its criteria is checked, through the one `harness.session.Session`
+of the pytest run (each point collected once). The plugin loads in every pytest process, so
+it imports the engine inside its functions: a suite with no spec in it never pays for it.
 """
 
 from __future__ import annotations

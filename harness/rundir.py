@@ -32,6 +32,7 @@ from harness.base import StrictModel
 from harness.errors import InputError
 from harness.schema import Spec
 from harness.spec import dump_spec
+from harness.stages.stats import load_table
 
 FORMAT_VERSION = 1
 """Version of the run-folder format (the manifest's `format_version`)."""
@@ -302,7 +303,6 @@ class RunRecord:
 
 
 def load_run(run_dir: Path) -> RunRecord:
-    from harness.stages.stats import load_table
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

@@ -23,6 +23,7 @@ from harness.runlog import logged_warnings
 from harness.stages.criteria import CriterionResult
 from harness.stages.stats import StatsStage
 from harness.sweep import Point, Sweep, expand
+from harness.sweep_report import write_sweep
 
 
 def to_stderr(line: str) -> None:
@@ -97,7 +98,6 @@ class Session:
         """The sweep's outcome; for a matrix, the sweep folder written from the point runs."""
         if not sweep.is_matrix or outcomes[0][1].run_dir is None:  # None: a helper process under accelerate launch
             return Outcome(outcomes, None, [], time.perf_counter() - started, sweep.is_matrix)
-        from harness.sweep_report import write_sweep  # lazy: pandas and matplotlib only for a matrix
 
         sweep_dir, results = write_sweep(sweep, outcomes, Path(self.runs_dir), self.tag)
         return Outcome(outcomes, sweep_dir, results, time.perf_counter() - started, True)
