@@ -72,16 +72,16 @@ class Session:
     use_cache: bool = True
     log: Callable[[str], None] = to_stderr
     tag: str | None = None
-    plans: dict[Path, list[runner.Plan]] = field(default_factory=dict)
-    """Each collected sweep's point plans, by spec path: a point is collected once."""
+    plans: dict[Path, list[runner.Plan | None]] = field(default_factory=dict)
+    """Each collected sweep's point plans, by spec path: a point is collected once, and its plan
+    (with the models it loaded) let go once it executed."""
 
     def collect(self, sweep: Sweep) -> list[runner.Plan]:
         """Every point's plan (all checks first); InputError when two points would compute the same."""
         if sweep.path not in self.plans:
             with logged_warnings(self.log):
                 plans = [runner.collect(sweep.path, point.spec, Path(self.runs_dir), self.use_cache, self.log, point.overrides,
-                                        point.id if point.values else None,
-                                        point.run_label(self.tag) if point.values else self.tag)
+                                        point.id if point.values else None, point.run_label(self.tag))
                          for point in sweep.points]
                 if sweep.is_matrix:
                     refuse_identical_points(sweep, plans)
@@ -89,8 +89,11 @@ class Session:
         return self.plans[sweep.path]
 
     def execute(self, sweep: Sweep, index: int) -> runner.RunOutcome:
-        """Point `index`'s run (collecting the sweep first, once)."""
-        plan = self.collect(sweep)[index]
+        """Point `index`'s run (collecting the sweep first, once); each point executes once."""
+        plans = self.collect(sweep)
+        plan, plans[index] = plans[index], None
+        if plan is None:
+            raise AssertionError(f"{sweep.points[index].id}: executed twice in one session")
         with logged_warnings(self.log):
             return runner.execute(plan, time.perf_counter())
 
@@ -98,7 +101,6 @@ class Session:
         """The sweep's outcome; for a matrix, the sweep folder written from the point runs."""
         if not sweep.is_matrix or outcomes[0][1].run_dir is None:  # None: a helper process under accelerate launch
             return Outcome(outcomes, None, [], time.perf_counter() - started, sweep.is_matrix)
-
         sweep_dir, results = write_sweep(sweep, outcomes, Path(self.runs_dir), self.tag)
         return Outcome(outcomes, sweep_dir, results, time.perf_counter() - started, True)
 
@@ -107,9 +109,12 @@ class Session:
         started = time.perf_counter()
         self.collect(sweep)
         outcomes = []
-        for index, point in enumerate(sweep.points):
-            outcomes.append((point, self.execute(sweep, index)))
-            on_point(point, outcomes[-1][1])
+        try:
+            for index, point in enumerate(sweep.points):
+                outcomes.append((point, self.execute(sweep, index)))
+                on_point(point, outcomes[-1][1])
+        finally:
+            del self.plans[sweep.path]  # its models go with it; a file named twice runs twice
         return self.finish(sweep, outcomes, started)
 
 
