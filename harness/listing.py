@@ -13,7 +13,7 @@ from harness.errors import InputError
 from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
 from harness.registry import Registry, load_plugins
 from harness.sources import SOURCES
-from harness.stages.sites import SITES
+from harness.sites import SITES
 from harness.statnames import LAYER_SCOPE, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
 
 SYNTHETIC_SAMPLES = 4
@@ -39,8 +39,12 @@ def sources() -> list[str]:
 
 
 def sites() -> list[str]:
+    """The registered sites, then the decoder families whose sublayers a block is read by role in."""
+    from harness.structure import FAMILIES  # imports torch: only this listing needs the model-structure table
+
     load_plugins()
-    return [_row(name, SITES, first_line(fn.__doc__)) for name, fn in SITES.items()]
+    rows = [_row(name, SITES, first_line(fn.__doc__)) for name, fn in SITES.items()]
+    return rows + [f"{'(families)':<26} {'':<10} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
 
 
 def _row(name: str, registry: Registry, text: str) -> str:

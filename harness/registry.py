@@ -4,7 +4,7 @@ plugins that fill them from other packages.
 Every registry is a `Registry`: a read-only mapping from name to entry that records the
 package each entry comes from (`harness ls metrics|sources|sites` shows it). Built-ins and
 plugins register through the same public decorators (`harness.metrics.layer_metric`,
-`harness.sources.condition_source`, `harness.stages.sites.capture_site`, ...).
+`harness.sources.condition_source`, `harness.sites.capture_site`, ...).
 
 A plugin is a distribution with an entry point in the `harness.plugins` group; each names a
 module, imported (by `load_plugins`, before any spec is validated) for its registrations:
