@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from harness.sites import DEFAULT_SITE, SITES
 from harness.statnames import STAT_KEYWORDS, TEXT_METRIC_NAMES
-from metrics import PROJECTION_METRICS
+from harness.metrics import PROJECTION_METRICS
 
 if TYPE_CHECKING:
     from harness.schema import Spec

@@ -25,9 +25,12 @@ from pydantic import (
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
-from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS
+from harness.overrides import KEY_PATH
+from harness.registry import load_plugins
 from harness.sites import DEFAULT_SITE, SITES
+from harness.sources import SOURCES
 from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
 
 logger = logging.getLogger(__name__)
@@ -125,6 +128,8 @@ class DatasetSpec(StrictModel):
             raise ValueError(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.max_tokens})")
         return self
 
+
+load_plugins()  # before the schema is built from the registries: a plugin's condition source is in the union
 
 Condition = Annotated[
     Union[tuple(source.spec_model for source in SOURCES.values())], Field(discriminator="source")
@@ -289,7 +294,6 @@ class DirectionSpec(StrictModel):
 
 
 def _check_matrix(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    from harness.overrides import KEY_PATH
 
     for key, values in value.items():
         if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
@@ -418,7 +422,6 @@ class Spec(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> "Spec":
-        from metrics import LAYER_METRICS, PROJECTION_METRICS
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
@@ -500,7 +503,6 @@ def _note_renamed(old: str, new: str) -> None:
 
 def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`metric_options`, each validated by its metric's options model."""
-    from metrics import METRIC_OPTIONS
 
     validated = {}
     for name, options in value.items():
@@ -520,7 +522,6 @@ def _check_names(spec: Spec) -> None:
     """Condition, comparison and direction names are single words of statistic names: none may
     be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
     direction set must not share a name with a condition or comparison."""
-    from metrics import LAYER_METRICS, PROJECTION_METRICS
 
     reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
     reserved |= {column.metric_at_site for column in spec.grid.whole_columns()}

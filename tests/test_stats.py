@@ -548,7 +548,7 @@ def test_metrics_undefined_for_a_short_response_are_nan_and_the_others_match_the
     import torch
     from torch.nn.functional import cosine_similarity
 
-    from metrics import LAYER_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, TEXT_METRICS
 
     hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(4, 6, dtype=torch.bool)
@@ -593,7 +593,7 @@ def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_mo
     from conftest import wikitext_rows
     from test_run import Log, tiny_spec
 
-    from harness.runner import run_spec
+    from harness.session import run_spec
 
     rows = wikitext_rows()
     data = tmp_path / "rows.raw"
