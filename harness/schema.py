@@ -28,7 +28,7 @@ from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
 from harness.stages.sites import DEFAULT_SITE, SITES
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, depth_band_rule, words
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,33 @@ class Comparison(StrictModel):
     b: str
 
 
+class DepthBand(StrictModel):
+    """An overall rule: the mean over the captured layers whose relative depth (position among
+    the captured layers, 0 = first, 1 = last) lies in `layers`, inclusive."""
+
+    layers: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]
+    """Relative depths [from, to], e.g. [0.25, 0.75]."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DepthBand":
+        if self.layers[0] > self.layers[1]:
+            raise ValueError(f"layers: {list(self.layers)} must be [from, to] with from <= to")
+        return self
+
+    @property
+    def name(self) -> str:
+        return depth_band_rule(*self.layers)
+
+
+OverallRule = Union[Literal["mean", "standardized", "median_layer"], DepthBand]
+"""How a trajectory metric's layers make one value per sample (`StatsSpec.overall`)."""
+
+
+def rule_label(rule: OverallRule) -> str:
+    """The rule's name in statistic names: `mean`, `standardized`, `median_layer`, `layers25_75`."""
+    return rule if isinstance(rule, str) else rule.name
+
+
 class StatsSpec(StrictModel):
     """Statistical tests run on per-sample metrics."""
 
@@ -202,6 +229,34 @@ class StatsSpec(StrictModel):
     """Text metric and trajectory metric whose relation is tested."""
     mixed_model: bool = True
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
+    overall: OverallRule | list[OverallRule] = "mean"
+    """How a trajectory metric's layers make its overall value per sample: `mean` (over layers,
+    raw: layers with larger norms weigh more), `standardized` (each layer's values divided by
+    their SD, ddof 1, over every condition's texts at that layer, then the mean: every layer
+    weighs the same), `median_layer` (the median over layers), or a depth band
+    (`layers: [0.25, 0.75]`: the mean over the layers at those relative depths). A list asks for
+    several: the first names `<metric>.overall.*` (and the correlations and mixed model use
+    it), each further one `<metric>.overall_<rule>.*` (`overall_standardized`, `overall_layers25_75`)."""
+
+    @property
+    def overall_rules(self) -> list[OverallRule]:
+        """`overall` as a list, the first rule first."""
+        return self.overall if isinstance(self.overall, list) else [self.overall]
+
+    @property
+    def overall_rule_names(self) -> list[str]:
+        """The rules' names (`rule_label`), the first rule first."""
+        return [rule_label(rule) for rule in self.overall_rules]
+
+    @field_validator("overall")
+    @classmethod
+    def _distinct_rules(cls, value: OverallRule | list[OverallRule]) -> OverallRule | list[OverallRule]:
+        names = [rule_label(rule) for rule in (value if isinstance(value, list) else [value])]
+        if not names:
+            raise ValueError("must name at least one rule")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names the rule {next(n for n in names if names.count(n) > 1)!r} twice")
+        return value
 
 
 class VerdictSpec(StrictModel):
