@@ -28,7 +28,7 @@ from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
 from harness.stages.sites import DEFAULT_SITE, SITES
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, depth_band_rule, words
+from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, OVERALL_RULES, depth_band_rule, words
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class DepthBand(StrictModel):
         return depth_band_rule(*self.layers)
 
 
-OverallRule = Union[Literal["mean", "standardized", "median_layer"], DepthBand]
+OverallRule = Union[Literal[OVERALL_RULES], DepthBand]
 """How a trajectory metric's layers make one value per sample (`StatsSpec.overall`)."""
 
 

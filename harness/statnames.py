@@ -56,7 +56,6 @@ MIXEDLM_STATS = ("x_coef", "x_p", "condition_coef", "condition_p", "converged")
 
 STAT_KEYWORDS: frozenset[str] = frozenset(
     {OVERALL, "correlation", "pooled", "difference", "mixedlm", RULE, LAYER_SUMMARY_SCOPE}
-    | set(OVERALL_RULES)
     | set(LAYER_SUMMARIES)
     | set(INFLUENCE_STATS)
     | set(DESCRIPTIVE_STATS)
