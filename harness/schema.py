@@ -274,9 +274,9 @@ class ThreatsSpec(StrictModel):
     """Thresholds above which a text diagnostic is flagged as a threat to validity."""
 
     repetition_mean: float = Field(0.10, ge=0, le=1)
-    """Mean share of repeated word 4-grams in a condition's responses (loops)."""
+    """Mean share of repeated token n-grams (`diagnostics.NGRAM_SIZE`) in a condition's responses (loops)."""
     repetition_max: float = Field(0.30, ge=0, le=1)
-    """Share of repeated word 4-grams in the worst single response."""
+    """Share of repeated token n-grams in the worst single response."""
     early_stop: float = Field(0.20, ge=0, le=1)
     """Share of generated responses ended by the end-of-sequence token."""
     length_difference: float = Field(0.10, ge=0)
@@ -286,6 +286,13 @@ class ThreatsSpec(StrictModel):
     control_must_not_be: Literal["lowest", "highest"] | None = None
     """Warn when a control condition (one derived from another, e.g. shuffled) has the lowest
     or highest mean of the studied metric: the end the hypothesis reserves for real text."""
+    layer_dominance: float = Field(0.5, gt=0, le=1)
+    """Warn when a quarter of the layers (those with the largest shares) carry more than this
+    share of the studied metric's mean over layers: its overall value then mostly says what
+    those layers do."""
+    influence: float = Field(0.25, ge=0)
+    """Warn when leaving one sample out changes the primary comparison's d of the studied
+    metric by more than this (`<metric>.overall.d_loo_max_change`), and name the sample."""
 
 
 class ReportSpec(StrictModel):

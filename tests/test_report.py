@@ -72,16 +72,17 @@ def make_run(root: Path, **spec_overrides) -> Path:
             for layer in range(N_LAYERS):
                 smooth = 100 + 10 * layer + smooth_offset + 8 * ce + rng.normal(0, 3)
                 rows += [(sample, condition, layer, "smoothness", smooth), (sample, condition, layer, "magnitude", 50 + rng.normal())]
-            tokens = [" " + str(word) for word in rng.choice(WORDS, size=20 + sample)]
+            tokens = _response_tokens(condition, sample, [" " + str(word) for word in rng.choice(WORDS, size=20 + sample)])
             texts.append(
                 {
                     "sample_id": sample,
                     "condition": condition,
                     "prompt": "A first sentence.",
-                    "response": _response(condition, sample, tokens),
+                    "response": "".join(tokens).strip(),
                     "n_response_tokens": len(tokens),
                     "stopped_early": sample % 3 == 0 if condition == "model" else None,
                     "generator": "base" if condition == "model" else None,
+                    "tokens": tokens,
                 }
             )
             for layer in DELTA_LAYERS:
@@ -107,13 +108,12 @@ def make_run(root: Path, **spec_overrides) -> Path:
     return run_dir
 
 
-def _response(condition: str, sample: int, tokens: list[str]) -> str:
-    text = "".join(tokens).strip()
+def _response_tokens(condition: str, sample: int, tokens: list[str]) -> list[str]:
     if condition == "human":
-        return text + " , 1 @-@ 2"  # WikiText's tokenization
+        return tokens + [" ,", " 1", " @", "-", "@", " 2"]  # WikiText's tokenization
     if condition == "model" and sample % 2 == 0:
-        return text + " the river flows past the river flows past"  # a loop
-    return text
+        return tokens + " the river flows past the river flows past the river".split(" ")[1:]  # a loop
+    return tokens
 
 
 def row_cells(markdown: str, first_cell: str) -> list[str]:
@@ -295,10 +295,16 @@ def test_broken_template_is_an_input_error(tmp_path):
 
 
 def test_repeated_ngram_fraction_of_a_loop():
-    # 12 words, 9 four-grams; the last 3 repeat the first 3.
-    assert repeated_ngram_fraction("the cat sat on the mat The cat sat on the mat") == pytest.approx(3 / 9)
-    assert repeated_ngram_fraction("no repeats in these words here") == 0
-    assert repeated_ngram_fraction("too short") == 0
+    # 12 tokens, 9 four-grams; the last 3 repeat the first 3.
+    assert repeated_ngram_fraction("the cat sat on the mat the cat sat on the mat".split(), 4) == pytest.approx(3 / 9)
+    assert repeated_ngram_fraction("no repeats in these words here".split(), 4) == 0
+    assert repeated_ngram_fraction(["too", "short"], 4) == 0
+
+
+def test_a_digit_loop_repeats_in_tokens_though_it_is_one_word():
+    tokens = [" 12", " ironclads", " and", " ", *"12" + "0" * 40]  # digits are tokens of their own
+    assert repeated_ngram_fraction(tokens) > 0.7
+    assert repeated_ngram_fraction(" 12 ironclads and 12000000000000000000000000000000000000000000".split()) == 0
 
 
 def test_text_diagnostics_per_condition(rendered):
@@ -307,7 +313,7 @@ def test_text_diagnostics_per_condition(rendered):
     for condition in ("human", "model"):
         texts = [t for t in run.texts if t["condition"] == condition]
         got = diagnostics["conditions"][condition]
-        fractions = [repeated_ngram_fraction(t["response"]) for t in texts]
+        fractions = [repeated_ngram_fraction(t["tokens"]) for t in texts]
         assert got["repeated_ngram_fraction"] == pytest.approx({"mean": np.mean(fractions), "max": max(fractions)})
         lengths = [t["n_response_tokens"] for t in texts]
         assert got["response_tokens"] == pytest.approx({"mean": np.mean(lengths), "min": min(lengths), "max": max(lengths)})
