@@ -450,6 +450,18 @@ def test_samples_are_in_numeric_order_whatever_order_the_table_lists_them(csv_pa
     assert compute_stats(shuffled, make_spec()) == pytest.approx(stats, rel=1e-12, nan_ok=True)
 
 
+def test_intervals_are_scipys_paired_bca_on_the_samples_in_numeric_order(stats, raw, spec):
+    """The call a reader would make: both conditions' values as per_sample.csv orders them, `paired=True`."""
+    human, model = paired(raw, "human", "model", "smoothness", "overall")
+    assert paired_ids(raw, "human", "model")[:3] == ["0", "1", "2"]  # as text: "0", "1", "10"
+    bounds = scipy_bca(spec, (human, model), lambda a, b, axis: d_z(spec.stats.ddof)(a - b, axis))
+    assert interval(stats, "smoothness.overall.d_ci") == pytest.approx(bounds, rel=1e-9)
+    in_text_order = sorted(range(len(human)), key=lambda index: str(paired_ids(raw, "human", "model")[index]))
+    text_bounds = scipy_bca(spec, (human[in_text_order], model[in_text_order]),
+                            lambda a, b, axis: d_z(spec.stats.ddof)(a - b, axis))
+    assert text_bounds != pytest.approx(bounds, rel=1e-6)  # the order is part of the contract
+
+
 def per_layer_values(raw: pd.DataFrame, condition: str, metric: str) -> pd.DataFrame:
     rows = raw[(raw["condition"] == condition) & (raw["metric"] == metric)]
     return rows.pivot(index="sample_id", columns="layer", values="value")
