@@ -5,11 +5,19 @@ Input is ``per_sample.csv`` in tidy long form (``sample_id,condition,layer,metri
 are words joined by dots, so that criteria can refer to them:
 
 - descriptives, per condition ``c`` (unprefixed only): ``m.c.mean``, ``m.c.sd`` (ddof=1),
-  ``m.c.n``; for trajectory metrics also ``m.c.layer<l>.mean``. The value of a trajectory
-  metric for a sample as a whole ("overall") is its mean over layers.
+  ``m.c.n``; for trajectory metrics also ``m.c.layer<l>.mean`` and ``m.c.overall_<rule>.mean``.
+  The value of a trajectory metric for a sample as a whole ("overall") aggregates its layers by
+  the first rule of ``stats.overall`` (default ``mean``: the mean over layers); each further rule
+  names its own scope, ``overall_<rule>`` (``harness.statnames.overall_scope``), and
+  ``<scope>.rule.<rule>`` = 1 records which rule a scope used.
 - per comparison ``k`` (a vs b, on ``a - b`` per sample): ``k.m.overall.<stat>`` and, for
   trajectory metrics, ``k.m.layer<l>.<stat>`` (``PAIRED_STATS``; per layer also the
-  ``LAYER_ADJUSTED_P`` across the layers of the metric); ``k.correlation.<scope>.<stat>``;
+  ``LAYER_ADJUSTED_P`` across the layers of the metric); per overall scope the influence
+  diagnostic ``k.m.overall.d_loo_max_change`` and ``…_sample`` (``INFLUENCE_STATS``: the largest
+  change of d_z when one sample is left out, and its id); per trajectory metric
+  ``k.m.layers.<summary>`` (``LAYER_SUMMARIES``: layers with d > 0 or < 0 and p_holm below
+  ``report.alpha``, the median d, the largest share of the mean over layers one layer carries,
+  `layer_shares`); ``k.correlation.<scope>.<stat>``;
   ``k.mixedlm.<stat>``. The primary comparison (the first) also gets every name without
   the ``k.`` prefix.
 - a metric ``m`` is a column of the grid (``harness.grid``): it may be a projection column
@@ -23,6 +31,10 @@ Every name is built by ``harness.statnames``.
 
 Choices worth knowing:
 
+- Samples are in numeric order of their ids (`sample_order`; "2" before "10"), as per_sample.csv
+  lists them, whatever order the table's rows come in: the bootstrap resamples them in that order.
+- ``standardized`` divides each layer's values by their SD (ddof 1) over every text of the table
+  at that layer (every condition: for a spec of two conditions, both together), then averages.
 - Missing values are dropped pairwise. A text lacks a metric when the metric is undefined for
   it (a trajectory metric of a response shorter than the metric needs: per_sample.csv has no
   row for it, or a NaN value); a trajectory metric's overall value is missing when any of its
@@ -33,8 +45,8 @@ Choices worth knowing:
   texts that have both. Fewer than 2 pairs give NaN tests, d, r and intervals.
 - Cohen's d_z = mean(diff) / sd(diff, ddof=``stats.ddof``); the seed analysis used ddof=0.
 - Confidence intervals are BCa bootstrap intervals that resample sample ids, exactly as
-  ``scipy.stats.bootstrap(..., paired=True, method="BCa", rng=default_rng(stats.seed))`` does
-  for one statistic on the samples it uses: the same resampled ids, bias correction and
+  ``scipy.stats.bootstrap((a, b), statistic, paired=True, method="BCa", rng=default_rng(stats.seed))``
+  does for one statistic on the samples it uses, in numeric order: the same resampled ids, bias correction and
   acceleration. Only the arithmetic differs (it agrees to rounding): every statistic here is a
   function of sums over samples, so a resample's statistics are one matrix product of the
   resample counts with per-sample terms, for every column at once, and the jackknife behind
