@@ -195,10 +195,12 @@ def write_per_sample(folder: Path, table_csv: str) -> None:
 
 
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
-    """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
+    """texts.jsonl (every condition's texts, with the response tokens measured) and
+    token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
         {"sample_id": sample_id, "condition": condition, **text,
-         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"]}
+         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"],
+         "tokens": measured[condition]["records"][sample_id]["tokens"]}
         for condition, rows in texts.items()
         for sample_id, text in enumerate(rows)
     ])
