@@ -36,6 +36,7 @@ from harness.base import IDENTIFIER, StrictModel
 from harness.errors import InputError, quoted
 from harness.inputs import LIMITS, open_input, read_bytes, size_words
 from harness.model_spec import ModelSpec
+from harness.registry import Registry
 
 LengthUnit = Literal["tokens", "words", "characters"]
 """See `DatasetSpec.length_unit`."""
@@ -249,7 +250,7 @@ class DataSource:
     """`read(dataset, where)`: its records (`where`: the spec file, for error lines)."""
 
 
-DATA_SOURCES: dict[str, DataSource] = {}
+DATA_SOURCES: Registry[DataSource] = Registry("data source")
 """Registered data sources by the name a spec's `dataset.source` uses."""
 
 
@@ -258,7 +259,7 @@ def data_source(spec_model: type[DatasetSpec]):
     (name,) = spec_model.model_fields["source"].annotation.__args__
 
     def register(read: Callable[[Any, str], Table]):
-        DATA_SOURCES[name] = DataSource(spec_model, read)
+        DATA_SOURCES.add(name, DataSource(spec_model, read), read.__module__)
         return read
 
     return register

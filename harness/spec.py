@@ -19,7 +19,7 @@ from harness.data_sources import DATA_SOURCES
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
-from harness.stages.conditions import SOURCES
+from harness.sources import SOURCES
 from harness.inputs import TENSOR_SUFFIXES, open_input, read_text
 from harness.templates import check_template, find_template
 
@@ -130,8 +130,9 @@ def check_named_files(spec: Spec, path: Path, extended: Sequence[Path] = ()) -> 
     includes; the dataset and direction files are regular, readable files within their limits."""
     template = find_template(spec, path, extended)
     check_template(template, f"{path}: report.template")
-    if spec.dataset.path is not None:
-        open_input(spec.dataset.path, "dataset", f"{path}: dataset.path: {spec.dataset.path}").close()
+    dataset_path = getattr(spec.dataset, "path", None)  # a hub dataset names no file
+    if dataset_path is not None:
+        open_input(dataset_path, "dataset", f"{path}: dataset.path: {dataset_path}").close()
     for name, entry in spec.directions.items():
         where = f"{path}: directions.{name}.path: {entry.path}"
         if Path(entry.path).suffix.lower() not in TENSOR_SUFFIXES:

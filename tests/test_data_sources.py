@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness import data_sources
-from harness.runner import run_spec
+from harness.session import run_spec
 from harness.spec import load_spec
 from harness.stages.stats import load_table
 
@@ -176,6 +176,7 @@ def test_lengths_count_words_or_characters_without_a_tokenizer(tmp_path):
 
 
 def test_a_dataset_of_prompts_only_is_valid_when_every_condition_generates(tmp_path):
+    (tmp_path / "prompts.csv").write_text("text\nOnce upon a time\n", encoding="utf-8")  # validate opens the file
     spec = tmp_path / "prompts.yaml"
     spec.write_text(textwrap.dedent("""
         name: prompts-only
