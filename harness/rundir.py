@@ -10,6 +10,7 @@ run of a spec with that name.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -324,7 +325,7 @@ class RunRecord:
         value = self.stats.get(name)
         return float("nan") if value is None else value
 
-    @property
+    @functools.cached_property
     def layers(self) -> list[int]:
         """Captured layers of the studied trajectory metric, in order."""
         rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]

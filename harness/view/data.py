@@ -32,7 +32,6 @@ from harness.statnames import (
     layer_scope,
     mixedlm_name,
     paired_name,
-    per_layer_names,
 )
 from harness.sweep_report import SWEEP_FILE
 
@@ -75,6 +74,7 @@ def run_data(run_dir: Path) -> dict:
         "summary": summary_line(results),
         "primary": {"comparison": primary, "a": comparison.a, "b": comparison.b, "metric": spec.stats.correlate[1],
                     "text_metric": spec.stats.correlate[0]},
+        "alpha": spec.report.alpha,
         "comparisons": [{"name": name, "a": c.a, "b": c.b} for name, c in spec.comparisons.items()],
         "conditions": list(spec.conditions),
         "layers": run.layers,
@@ -174,31 +174,36 @@ def _comparison_label(run: RunRecord, comparison: str | None) -> str:
     return f"{name} ({pair.a} − {pair.b})"
 
 
+def _by_layer(run: RunRecord, column: str, stat: str, comparison: str | None) -> dict[int, float | None]:
+    """`stat` of `column` at each captured layer that has it."""
+    names = {layer: paired_name(column, layer_scope(layer), stat, comparison) for layer in run.layers}
+    return {layer: run.stats[name] for layer, name in names.items() if name in run.stats}
+
+
 def _paired_curve(run: RunRecord, column: str, stat: str, comparison: str | None) -> dict | None:
     """Per layer: `stat` of `column`, with its interval's bounds where it has one."""
-    values = per_layer_names(run.stats, column, stat, comparison)
+    values = _by_layer(run, column, stat, comparison)
     if not values:
         return None
-    layers = sorted(values)
-    curve = {"label": f"{column} {stat} by layer", "layers": layers, "values": [run.stats[values[layer]] for layer in layers]}
+    curve = {"label": f"{column} {stat} by layer", "layers": list(values), "values": list(values.values())}
     for side, bound in zip(("ci_low", "ci_high"), INTERVALS.get(stat, ())):
-        named = per_layer_names(run.stats, column, bound, comparison)
-        curve[side] = [run.stats.get(named.get(layer, "")) for layer in layers]
+        bounds = _by_layer(run, column, bound, comparison)
+        curve[side] = [bounds.get(layer) for layer in values]
     return curve
 
 
 def effect_curves(run: RunRecord) -> dict[str, dict[str, dict]]:
-    """Per comparison and per-layer column: d by layer with its interval, p and Holm-adjusted p."""
+    """Per comparison and per-layer column: d by layer with its interval, mean difference, p and
+    Holm-adjusted p."""
     curves: dict[str, dict[str, dict]] = {}
     for comparison in run.spec.comparisons:
         curves[comparison] = {}
         for column in run.spec.grid.per_layer_columns():
-            named = {stat: per_layer_names(run.stats, column.name, stat, comparison)
-                     for stat in ("d", "d_ci_low", "d_ci_high", "mean_diff", "p", "p_holm")}
-            layers = sorted(named["d"])
+            named = {stat: _by_layer(run, column.name, stat, comparison) for stat in ("d", "d_ci_low", "d_ci_high", "mean_diff", "p", "p_holm")}
+            layers = list(named["d"])
             if layers:
                 curves[comparison][column.name] = {"layers": layers, **{
-                    stat: [run.stats.get(by_layer.get(layer, "")) for layer in layers] for stat, by_layer in named.items()}}
+                    stat: [by_layer.get(layer) for layer in layers] for stat, by_layer in named.items()}}
     return curves
 
 

@@ -73,6 +73,7 @@
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
 
   function plot(node, traces, layout) {
+    if (layout.title) layout.title = Object.assign({ x: 0.01, xanchor: "left" }, layout.title);
     Plotly.newPlot(node, traces, Object.assign({ margin: { t: 30, r: 10, b: 45, l: 55 }, height: 320,
       hovermode: "closest", legend: { orientation: "h", y: -0.2 } }, layout), PLOT_CONFIG);
     return node;
@@ -133,12 +134,14 @@
     function draw() {
       const curve = (data.effects[state.comparison] || {})[state.column];
       if (curve) {
+        const significant = curve.layers.filter((_, i) => curve.p_holm[i] !== null && curve.p_holm[i] < data.alpha);
         plot(effect, curveTraces("Cohen's d", curve.layers, curve.d, curve.d_ci_low, curve.d_ci_high, COLORS[0]).concat([{
-          x: curve.layers, y: curve.p_holm, yaxis: "y2", mode: "markers", name: "p (Holm across layers)", marker: { color: "#999", size: 5 },
-          hovertemplate: "layer %{x}: p_holm %{y:.3g}<extra></extra>" }]),
+          x: significant, y: significant.map((layer) => curve.d[curve.layers.indexOf(layer)]), mode: "markers",
+          name: "p (Holm across layers) < " + data.alpha, marker: { color: COLORS[0], size: 11, symbol: "circle-open" },
+          customdata: significant.map((layer) => curve.p_holm[curve.layers.indexOf(layer)]),
+          hovertemplate: "layer %{x}: p_holm %{customdata:.3g}<extra></extra>" }]),
         { title: { text: state.column + ": paired effect by layer, " + state.comparison, font: { size: 13 } },
-          xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "d" }, zeroline: true },
-          yaxis2: { title: { text: "p (Holm)" }, overlaying: "y", side: "right", type: "log", showgrid: false } });
+          xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "Cohen's d (95% CI)" }, zeroline: true } });
       } else {
         effect.replaceChildren(el("p", { text: "No per-layer statistics for " + state.column + "." }));
       }
