@@ -273,17 +273,19 @@
     const ids = Object.keys(tokens.texts);
     const state = { sample: ids[0], layer: String(tokens.layer) };
     const maps = el("div", { id: "heatmap" });
+    const scale = el("p", { class: "hint", id: "heat-scale" });
     const bars = el("div", { class: "plot", id: "token-plot" });
     function draw() {
       const texts = tokens.texts[state.sample] || {};
       const norms = Object.values(texts).flatMap((t) => (t.norms[state.layer] || []).filter((v) => v !== null));
-      const top = Math.max(...norms, 1e-12);
+      const low = Math.min(...norms), span = Math.max(Math.max(...norms) - low, 1e-12);  // both conditions on one scale
+      scale.textContent = norms.length ? "white = " + fmt(low) + ", darkest = " + fmt(low + span) + " (both conditions, this sample and layer)" : "";
       maps.replaceChildren(...data.conditions.filter((c) => texts[c]).map((c) => {
         const text = texts[c], row = text.norms[state.layer] || [];
         return el("div", { class: "heat-row", "data-condition": c }, el("h4", { text: c }),
           el("p", { class: "heat" }, text.tokens.map((token, i) => {
             const norm = i === 0 ? null : row[i - 1];  // step i-1 -> i is the arrival of token i
-            const style = norm === null || norm === undefined ? null : "background: rgba(214, 39, 40, " + (norm / top).toFixed(3) + ")";
+            const style = norm === null || norm === undefined ? null : "background: rgba(214, 39, 40, " + (0.05 + 0.85 * (norm - low) / span).toFixed(3) + ")";
             return el("span", { class: "tok", style, title: norm === null || norm === undefined ? "first token" : "‖Δ‖ = " + fmt(norm),
               text: token.replace(/\n/g, "↵") });
           })));
@@ -301,7 +303,7 @@
       el("p", { class: "hint", text: "Per response token, the norm of the residual-stream step that brought it (token i−1 → i) at the chosen layer; darker = larger. Hover a token for its value." }),
       el("div", { class: "controls" }, el("label", {}, "sample ", sampleSelect),
         el("label", {}, "layer ", select("token-layer", tokens.layers.map((l) => ({ value: String(l), label: String(l) })), state.layer, (v) => { state.layer = v; draw(); }))),
-      maps, bars);
+      scale, maps, bars);
     requestAnimationFrame(draw);
     node.pick = (id) => { if (tokens.texts[String(id)]) { state.sample = String(id); sampleSelect.value = state.sample; draw(); } };
     return node;
