@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.diagnostics import overall_metric
@@ -29,15 +30,22 @@ CHROMIUM = os.environ.get("HARNESS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("HARNESS_CHROMEDRIVER", "/usr/bin/chromedriver")
 WINDOWS = "capture: {windows: [[0, 4], [4, 10]]}\n"
 MATRIX = "matrix:\n  stats.bootstrap_resamples: [100, 200]\n"
+DIRECTIONS = """
+metrics: [smoothness, magnitude, projection_mean]
+directions: {probe: {path: probe.npy}}
+criteria: {probe_moves: projection_mean.probe.layer1.d > -100}
+"""
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_model_dir):
-    """A two-point sweep (the points share every stage but stats), with position windows."""
+    """A two-point sweep (the points share every stage but stats), with position windows and a
+    direction set (a random direction per layer)."""
     folder = tmp_path_factory.mktemp("view")
+    np.save(folder / "probe.npy", np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32))
     tiny_spec(folder, tiny_model_dir, name="tinyview", extra=WINDOWS)
     spec = folder / "tinyviewsweep.yaml"
-    spec.write_text("extends: tinyview.yaml\nname: tinyviewsweep\n" + MATRIX)
+    spec.write_text("extends: tinyview.yaml\nname: tinyviewsweep\n" + MATRIX + DIRECTIONS)
     outcome = run_sweep(expand(spec), folder / "runs", log=Log())
     return outcome.sweep_dir
 
@@ -90,7 +98,9 @@ def test_the_data_reads_the_runs_own_statistic_and_column_names(run_dir, run_vie
     windows = {entry["column"]: [w["column"] for w in entry["windows"]] for entry in data["windows"]}
     assert windows["smoothness"] == ["smoothness.window0_4", "smoothness.window4_10"]
     primary = data["primary"]["comparison"]
-    assert set(data["effects"][primary]) == {"smoothness", "magnitude", *windows["smoothness"], *windows["magnitude"]}
+    assert set(data["effects"][primary]) == {name for entry in data["windows"] for name in (entry["column"], *windows[entry["column"]])}
+    assert set(windows) == {"smoothness", "magnitude", "projection_mean.probe"}
+    assert [row["metric"] for row in data["directions"][0]["rows"]] == ["projection_mean.probe"]
 
 
 def test_the_samples_carry_each_conditions_response_and_the_per_sample_difference(run_dir, run_view):
@@ -187,6 +197,7 @@ def test_the_page_loads_from_disk_and_draws_its_plots(page, run_view):
     wait_for(browser, "#window-plot .main-svg")
     assert browser.find_element("css selector", "#manifest").is_displayed()
     assert "smoothness" in browser.find_element("css selector", "#effect-plot").text
+    assert "projection_mean.probe" in browser.find_element("css selector", "#directions").text
 
 
 def test_every_criterion_is_listed_with_its_outcome(page, run_dir, run_view):
