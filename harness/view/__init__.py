@@ -73,12 +73,12 @@ def _write_sweep(sweep_dir: Path, folder: Path) -> None:
     from harness.sweep_report import point_runs
     from harness.view.data import sweep_data
 
-    links = {}
+    links, headlines = {}, {}
     for run_dir in point_runs(sweep_dir):
-        page = folder / "points" / run_dir.name
-        _write_page(page, _run_data(run_dir), "../../assets", up=("sweep", "../../index.html"))
-        links[run_dir.name] = f"points/{run_dir.name}/index.html"
-    _write_page(folder, sweep_data(sweep_dir, links), "assets")
+        data = _run_data(run_dir)
+        _write_page(folder / "points" / run_dir.name, data, "../../assets", up=("sweep", "../../index.html"))
+        links[run_dir.name], headlines[run_dir.name] = f"points/{run_dir.name}/index.html", data["headline"]
+    _write_page(folder, sweep_data(sweep_dir, links, headlines), "assets")
 
 
 def _write_page(folder: Path, data: dict, assets: str, up: tuple[str, str] | None = None) -> None:

@@ -75,6 +75,8 @@ def run_data(run_dir: Path) -> dict:
         "primary": {"comparison": primary, "a": comparison.a, "b": comparison.b, "metric": spec.stats.correlate[1],
                     "text_metric": spec.stats.correlate[0]},
         "alpha": spec.report.alpha,
+        "headline": {"metric": spec.stats.correlate[1], **{
+            stat: run.stats.get(paired_name(spec.stats.correlate[1], OVERALL, stat)) for stat in ("d", "d_ci_low", "d_ci_high", "p")}},
         "comparisons": [{"name": name, "a": c.a, "b": c.b} for name, c in spec.comparisons.items()],
         "conditions": list(spec.conditions),
         "layers": run.layers,
@@ -295,22 +297,23 @@ def token_heatmaps(run: RunRecord) -> dict | None:
 # --- sweeps -----------------------------------------------------------------------------------
 
 
-def sweep_data(sweep_dir: Path, point_links: dict[str, str]) -> dict:
-    """A sweep's page: its points (values, criteria outcomes, a link to each point's page by its
-    run folder's name in `point_links`) and the sweep criteria."""
+def sweep_data(sweep_dir: Path, point_links: dict[str, str], headlines: dict[str, dict]) -> dict:
+    """A sweep's page: its points (values, criteria outcomes, the studied metric's overall effect
+    from `headlines`, a link to each point's page; both by run folder name) and the sweep criteria."""
     record = read_json(Path(sweep_dir) / SWEEP_FILE)
     points = []
     for point in record["points"]:
         run_dir = Path(sweep_dir).parent / point["run"]
         rows = read_criteria(run_dir)
         points.append({"id": point["id"], "values": point["values"], "run": point["run"], "link": point_links[point["run"]],
+                       "headline": headlines[point["run"]],
                        "criteria": {row["name"]: outcome(from_json(row)) for row in rows}})
     sweep_results = [from_json(row) for row in record["criteria"]]
     return finite({
         "kind": "sweep",
         "title": Path(sweep_dir).parent.name,
         "run_id": Path(sweep_dir).name,
-        "summary": summary_line(sweep_results),
+        "summary": f"{len(points)} points, sweep criteria: {summary_line(sweep_results)}" if sweep_results else f"{len(points)} points, no sweep criteria",
         "points": points,
         "criteria": [{"name": row["name"], "expr": row["expr"], "outcome": outcome(result), "error": row.get("error"),
                       "statistics": [{"name": name, "value": value, "kind": "sweep", "ci": None, "related": {}, "curve": None}

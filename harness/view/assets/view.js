@@ -70,6 +70,8 @@
     return traces;
   }
 
+  // whole layers only: a model of a few layers would otherwise get ticks at 0.5
+  const layerAxis = () => Object.assign({ title: { text: "layer" } }, data.layers && data.layers.length <= 12 ? { dtick: 1 } : {});
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
 
   function plot(node, traces, layout) {
@@ -87,7 +89,7 @@
     return el("header", {}, up,
       el("h1", {}, data.title, el("span", { class: "run-id", text: data.run_id })),
       data.point ? el("p", { class: "point", text: "matrix point " + data.point }) : null,
-      el("p", { id: "summary", class: failed ? "summary failed" : "summary passed", text: data.summary }),
+      el("p", { id: "summary", class: "summary " + (failed ? "failed" : data.criteria.length ? "passed" : ""), text: data.summary }),
       data.hypothesis ? el("p", { class: "hypothesis" }, el("strong", { text: "Hypothesis: " }), data.hypothesis) : null);
   }
 
@@ -119,7 +121,7 @@
       const node = el("div", { class: "plot criterion-curve", "data-statistic": stat.name });
       detail.append(node);
       plot(node, curveTraces(curve.label, curve.layers, curve.values, curve.ci_low, curve.ci_high, COLORS[i % COLORS.length]),
-        { title: { text: curve.label, font: { size: 13 } }, xaxis: { title: { text: "layer" } } });
+        { title: { text: curve.label, font: { size: 13 } }, xaxis: layerAxis() });
     });
   }
 
@@ -141,13 +143,13 @@
           customdata: significant.map((layer) => curve.p_holm[curve.layers.indexOf(layer)]),
           hovertemplate: "layer %{x}: p_holm %{customdata:.3g}<extra></extra>" }]),
         { title: { text: state.column + ": paired effect by layer, " + state.comparison, font: { size: 13 } },
-          xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "Cohen's d (95% CI)" }, zeroline: true } });
+          xaxis: layerAxis(), yaxis: { title: { text: "Cohen's d (95% CI)" }, zeroline: true } });
       } else {
         effect.replaceChildren(el("p", { text: "No per-layer statistics for " + state.column + "." }));
       }
       plot(means, data.conditions.map((condition, i) => ({ x: data.layers, y: data.means[state.column][condition], mode: "lines+markers",
         name: condition, line: { color: COLORS[i % COLORS.length] }, hovertemplate: "layer %{x}: %{y:.4g}<extra>" + condition + "</extra>" })),
-      { title: { text: state.column + ": mean over samples by layer", font: { size: 13 } }, xaxis: { title: { text: "layer" } } });
+      { title: { text: state.column + ": mean over samples by layer", font: { size: 13 } }, xaxis: layerAxis() });
     }
     const node = section("effects", "Effects by layer",
       el("div", { class: "controls" },
@@ -169,7 +171,7 @@
         const c = curves[w.column];
         return { x: c.layers, y: c.d, mode: "lines+markers", name: "tokens " + w.start + "–" + w.end, line: { color: COLORS[i % COLORS.length] },
           hovertemplate: "layer %{x}: d %{y:.3g}<extra>" + w.name + "</extra>" };
-      }), { title: { text: state.column + ": d by layer per window", font: { size: 13 } }, xaxis: { title: { text: "layer" } } });
+      }), { title: { text: state.column + ": d by layer per window", font: { size: 13 } }, xaxis: layerAxis() });
       plot(overall, [{ type: "bar", x: entry.windows.map((w) => w.start + "–" + w.end), y: entry.windows.map((w) => w.d),
         error_y: { type: "data", symmetric: false, array: entry.windows.map((w) => w.d_ci_high === null ? null : w.d_ci_high - w.d),
           arrayminus: entry.windows.map((w) => w.d_ci_low === null ? null : w.d - w.d_ci_low) },
@@ -342,15 +344,21 @@
     app.append(manifestSection());
   }
 
+  function headlineText(h) {
+    return fmt(h.d) + " [" + fmt(h.d_ci_low) + ", " + fmt(h.d_ci_high) + "], p " + fmt(h.p);
+  }
+
   function sweepPage() {
     const names = data.points.length ? Object.keys(data.points[0].criteria) : [];
     const keys = data.points.length ? Object.keys(data.points[0].values) : [];
-    app.append(header(), criteriaSection("Sweep criteria"),
-      section("points", "Points", table(["point", ...keys, ...names], data.points.map((point) => [
+    app.append(header(), section("points", "Points", el("p", { class: "hint", text: "Each point is a run of its own: click it for its page." }),
+      table(["point", ...keys, data.points[0].headline.metric + " d [CI], p", ...names], data.points.map((point) => [
         el("a", { class: "point-link", href: point.link, text: point.id }),
         ...keys.map((k) => fmt(point.values[k])),
+        headlineText(point.headline),
         ...names.map((n) => badge(point.criteria[n] || "–")),
       ]), { id: "point-table" })));
+    if (data.criteria.length) app.append(criteriaSection("Sweep criteria"));
   }
 
   if (data.kind === "sweep") sweepPage(); else runPage();
