@@ -16,9 +16,12 @@ import yaml
 from harness.sweep_report import point_runs
 from harness.tracking import flatten
 from test_run import tiny_spec
+from conftest import unavailable
 
-mlflow = pytest.importorskip("mlflow", reason="the MLflow tests need the extra `tracking` (pip install 'harness[tracking]')")
-from mlflow.tracking import MlflowClient  # noqa: E402
+try:
+    from mlflow.tracking import MlflowClient
+except ImportError:
+    unavailable("the MLflow tests need mlflow (pip install 'harness[tracking]')")
 
 REPO = Path(__file__).resolve().parent.parent
 

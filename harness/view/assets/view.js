@@ -76,8 +76,8 @@
 
   function plot(node, traces, layout) {
     if (layout.title) layout.title = Object.assign({ x: 0.01, xanchor: "left" }, layout.title);
-    Plotly.newPlot(node, traces, Object.assign({ margin: { t: 30, r: 10, b: 45, l: 55 }, height: 320,
-      hovermode: "closest", legend: { orientation: "h", y: -0.2 } }, layout), PLOT_CONFIG);
+    Plotly.newPlot(node, traces, Object.assign({ margin: { t: 50, r: 10, b: 45, l: 55 }, height: 340,
+      hovermode: "closest", legend: { orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom" } }, layout), PLOT_CONFIG);
     return node;
   }
 
@@ -90,7 +90,9 @@
       el("h1", {}, data.title, el("span", { class: "run-id", text: data.run_id })),
       data.point ? el("p", { class: "point", text: "matrix point " + data.point }) : null,
       el("p", { id: "summary", class: "summary " + (failed ? "failed" : data.criteria.length ? "passed" : ""), text: data.summary }),
-      data.hypothesis ? el("p", { class: "hypothesis" }, el("strong", { text: "Hypothesis: " }), data.hypothesis) : null);
+      data.hypothesis ? el("p", { class: "hypothesis" }, el("strong", { text: "Hypothesis: " }), data.hypothesis) : null,
+      data.headline ? el("p", { class: "headline" }, el("strong", { text: "Effect: " }), data.headline.metric + " (" + data.primary.a + " − " +
+        data.primary.b + ", mean over layers): Cohen's d " + headlineText(data.headline) + " · " + data.samples.length + " samples") : null);
   }
 
   function criteriaSection(title) {
