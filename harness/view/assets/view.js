@@ -313,6 +313,20 @@
     return node;
   }
 
+  function diagnosticsSection() {
+    const conditions = Object.keys(data.diagnostics);
+    const row = (label, read) => [label, ...conditions.map((c) => fmt(read(data.diagnostics[c])))];
+    const artifacts = conditions.length ? Object.keys(data.diagnostics[conditions[0]].artifact_share || {}) : [];
+    return section("diagnostics", "Text diagnostics", table(["", ...conditions], [
+      row("texts", (d) => d.n_texts),
+      row("response tokens (mean, min–max)", (d) => fmt(d.response_tokens.mean) + " (" + fmt(d.response_tokens.min) + "–" + fmt(d.response_tokens.max) + ")"),
+      row("repeated n-gram fraction (mean, max)", (d) => fmt(d.repeated_ngram_fraction.mean) + ", " + fmt(d.repeated_ngram_fraction.max)),
+      row("stopped early", (d) => d.stopped_early_share),
+      ...artifacts.map((name) => row("share with " + name.replace(/_/g, " "), (d) => d.artifact_share[name])),
+      row("repetition vs " + data.primary.metric + " (r, p)", (d) => fmt(d.repetition_vs_metric.r) + ", " + fmt(d.repetition_vs_metric.p)),
+    ], { id: "diagnostics-table" }));
+  }
+
   // --- manifest -----------------------------------------------------------------------------
 
   function manifestSection() {
@@ -343,6 +357,7 @@
     const tokens = data.tokens ? tokensSection() : null;
     app.append(samplesSection((id) => tokens && tokens.pick(id)));
     if (tokens) app.append(tokens);
+    if (data.diagnostics) app.append(diagnosticsSection());
     app.append(manifestSection());
   }
 
