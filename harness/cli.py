@@ -49,6 +49,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in files:
         try:
             sweep = expand(path, overrides)  # a matrix: every point, validated like a file
+            for point in sweep.points if args.models else []:
+                _check_models(point.spec, path)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             bad += 1
@@ -64,6 +66,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return ExitCode.INPUT if bad else ExitCode.PASSED
 
 
+def _check_models(spec, path: Path) -> None:
+    """`validate --models`: the model checks of collection, and each tokenizer, loading no weights
+    (nothing is written but the model cache's memo of file hashes)."""
+    from harness.cache import StageCache
+    from harness.executor import Executor
+    from harness.pool import ModelPool
+    from harness.runner import check_models
+
+    executor = Executor(StageCache(Path(os.devnull), enabled=False), lambda line: None)  # runs no stage
+    check_models(spec, ModelPool(spec, path, executor), tokenizers=True)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from harness.spec import spec_json_schema
 
@@ -73,7 +87,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import compare_runs
+    from harness.writing import check_output_file
 
+    if args.output:
+        check_output_file(Path(args.output), "-o", args.force)
     markdown = compare_runs([Path(run) for run in args.runs], args.stat)
     print(markdown)
     if args.output:
@@ -85,10 +102,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_directions(args: argparse.Namespace) -> int:
     from harness.directions import difference_of_means, write_direction_file
+    from harness.writing import check_output_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise InputError(f"{output}: -o: the direction file must end in .safetensors")
+    check_output_file(output, "-o", args.force)
     direction, metadata = difference_of_means(Path(args.run_dir), args.a, args.b, args.split)
     write_direction_file(output, direction, metadata)
     count = len(metadata["samples"].split(","))
@@ -128,8 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"{' '.join(args.paths)}: no spec files selected")
     overrides = command_line(args.set, args.limit, args.device)
     sweeps = [expand(path, overrides) for path in files]  # every spec and point valid before anything runs
+    from harness.cache import ROOT_VARIABLE, cache_root
+
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
+<<<<<<< HEAD
     if args.view:
         from harness.view import plotly_bundle
 
@@ -140,6 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_mlflow()
     if os.environ.get("HARNESS_CACHE_DIR"):
         check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
+=======
+    check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
+>>>>>>> main
 
     from harness.runner import run_spec
     from harness.sweep import run_sweep
@@ -239,7 +264,8 @@ def _quiet_libraries() -> None:
 
 
 ENVIRONMENT = {
-    "HARNESS_CACHE_DIR": "the stage cache (default: <runs dir>/.cache)",
+    "HARNESS_CACHE_DIR": "the stage cache (default, also when empty: <runs dir>/.cache)",
+    "HARNESS_CACHE_KEY": "a secret: sign cache entries, use only entries signed with it",
     "HARNESS_MODEL_CACHE": "converted GGUF weights and file hashes (default: ~/.cache/harness)",
     "HARNESS_DEBUG": "1: print the traceback of an unexpected error",
 }
@@ -313,9 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         "harness validate specs/                       every shipped spec, one line each",
         "harness validate specs/quickstart.yaml        one spec: prints it resolved (extends, defaults)",
         "harness validate specs/baseline.yaml --set runtime.compile=true   with an override",
+        "harness validate specs/ --models              also each model's files, tokenizer and context (no weights)",
     ))
     validate.add_argument("paths", nargs="+", metavar="PATH", help=SPEC_PATHS)
     validate.add_argument("--show", action="store_true", help="print each resolved spec (one spec is always printed)")
+    validate.add_argument("--models", action="store_true",
+                          help="also check each model: its files, tokenizer and context length (no weights loaded)")
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 
@@ -345,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--stat", action="append", default=[], metavar="PATTERN",
                          help="the statistics to show (repeatable), every row of them; default: the key statistics "
                               f"that differ between the runs. A PATTERN is {PATTERN_HELP}")
-    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here")
+    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here (its folder must exist)")
+    compare.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     compare.set_defaults(handler=cmd_compare)
 
     from typing import get_args
@@ -358,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     directions.add_argument("--a", required=True, metavar="CONDITION", help="condition whose mean the direction points to")
     directions.add_argument("--b", required=True, metavar="CONDITION", help="condition whose mean it points away from")
     directions.add_argument("--split", choices=get_args(DirectionSplit), default="all", help="which samples build it (default: all)")
-    directions.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
+    directions.add_argument("-o", "--output", required=True, metavar="FILE",
+                            help="the .safetensors file to write: not inside a run folder, its folder must exist")
+    directions.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     directions.set_defaults(handler=cmd_directions)
 
     view = command("view", "write a run's or sweep's evidence as a static site that opens from disk (no server, no network)",
@@ -390,7 +422,46 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+class _ReaderMayLeave:
+    """stdout or stderr that outlives its reader (`harness validate specs/ | head -1`): once the
+    pipe is closed, the rest is written to /dev/null and the command finishes with its own exit
+    code, so a closed pipe never turns exit 2 into 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
@@ -399,18 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.INPUT
-    except BrokenPipeError:  # `harness validate specs/ | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.PASSED
     except KeyboardInterrupt as exc:
         from harness.executor import Terminated
 
         terminated = isinstance(exc, Terminated)
-        print(
-            f"\n{'terminated' if terminated else 'interrupted'}: finished batches are saved in the stage cache; "
-            "run the same command again to resume from there",
-            file=sys.stderr,
-        )
+        resume = ("finished batches are saved in the stage cache; run the same command again to resume from there"
+                  if args.command == "run" else "nothing was written")
+        print(f"\n{'terminated' if terminated else 'interrupted'}: {resume}", file=sys.stderr)
         return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

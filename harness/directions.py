@@ -14,11 +14,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from harness.artifacts import write_bytes
 from harness.errors import InputError
+from harness.inputs import TensorFile, tensor_file
 from harness.schema import DirectionSplit, Spec
 from harness.structure import decoder_blocks
 
@@ -58,12 +58,13 @@ class DirectionSet:
 
 def load_direction_sets(spec: Spec, spec_path: Path, model: torch.nn.Module) -> dict[str, DirectionSet]:
     """Every direction set of the spec, checked against the capture model's layer count and
-    width; any problem is an InputError naming the spec field and the file."""
+    width; any problem is an InputError naming the spec field and the file. The shape and
+    dtype are checked on the file's header, before its tensor is read."""
     n_layers, width = len(decoder_blocks(model)), model.config.get_text_config().hidden_size
     sets = {}
     for name, entry in spec.directions.items():
         where = f"{spec_path}: directions.{name}.path: {entry.path}"
-        tensor, metadata = read_direction_file(Path(entry.path), entry.key, where)
+        tensor, metadata = read_direction_file(Path(entry.path), entry.key, where, n_layers, width)
         vectors = _checked_vectors(tensor, n_layers, width, where)
         direction = DirectionSet(entry.path, entry.key, _file_sha256(Path(entry.path)), tuple(tensor.shape), vectors, metadata)
         if entry.evaluate_on == "held_out" and direction.built_from is None:
@@ -75,56 +76,40 @@ def load_direction_sets(spec: Spec, spec_path: Path, model: torch.nn.Module) -> 
     return sets
 
 
-def read_direction_file(path: Path, key: str | None, where: str) -> tuple[torch.Tensor, dict[str, str]]:
-    """The tensor (and the file's metadata) in a safetensors, `.pt` or `.npy` file."""
-    if not path.is_file():
-        raise InputError(f"{where}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth", ".npy"):
-        raise InputError(f"{where}: not a .safetensors, .pt or .npy file")
-    try:
-        if suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as handle:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-                metadata = dict(handle.metadata() or {})
-        elif suffix == ".npy":
-            tensors, metadata = {None: torch.from_numpy(np.load(path, allow_pickle=False))}, {}
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            tensors, metadata = (loaded if isinstance(loaded, dict) else {None: loaded}), {}
-    except Exception as exc:  # a damaged or foreign file fails in its reader's own way: one line, whatever it is
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{where}: cannot be read ({message})") from None
-    return _pick(tensors, key, where), metadata
+def read_direction_file(path: Path, key: str | None, where: str, n_layers: int, width: int) -> tuple[torch.Tensor, dict[str, str]]:
+    """The tensor (and the file's metadata) in a safetensors, `.pt` or `.npy` file, read only
+    after its header shows a floating-point `[n_layers, width]` or `[width]` tensor."""
+    contents = tensor_file(path, where)
+    name = _pick(contents, key, where)
+    _check_shape(contents.shapes[name], contents.floating[name], contents.dtypes[name], n_layers, width, where)
+    return contents.load(name), contents.metadata
 
 
-def _pick(tensors: dict, key: str | None, where: str) -> torch.Tensor:
-    if key is not None and None in tensors:
+def _pick(contents: TensorFile, key: str | None, where: str) -> str | None:
+    names = contents.shapes
+    if key is not None and None in names:
         raise InputError(f"{where}: holds a single unnamed tensor; drop `key`")
-    if key is None and len(tensors) != 1:
-        names = ", ".join(sorted(map(str, tensors))) or "none"
-        raise InputError(f"{where}: holds {len(tensors)} tensors ({names}); name one with `key`")
-    if key is not None and key not in tensors:
-        raise InputError(f"{where}: has no tensor {key!r} (it has {', '.join(sorted(map(str, tensors)))})")
-    tensor = tensors[key] if key is not None else next(iter(tensors.values()))
-    if not isinstance(tensor, torch.Tensor):
-        raise InputError(f"{where}: holds a {type(tensor).__name__}, not a tensor")
-    return tensor
+    if key is None and len(names) != 1:
+        listed = ", ".join(sorted(map(str, names))) or "none"
+        raise InputError(f"{where}: holds {len(names)} tensors ({listed}); name one with `key`")
+    if key is not None and key not in names:
+        raise InputError(f"{where}: has no tensor {key!r} (it has {', '.join(sorted(map(str, names)))})")
+    return key if key is not None else next(iter(names))
+
+
+def _check_shape(shape: tuple[int, ...], floating: bool, dtype: str, n_layers: int, width: int, where: str) -> None:
+    if not floating:
+        raise InputError(f"{where}: holds {dtype} values, not floating point")
+    if len(shape) not in (1, 2):
+        raise InputError(f"{where}: has shape {list(shape)}; expected [layers, d_model] or [d_model]")
+    if shape[-1] != width:
+        raise InputError(f"{where}: has width {shape[-1]}, the capture model's residual stream has {width}")
+    if len(shape) == 2 and shape[0] != n_layers:
+        raise InputError(f"{where}: has {shape[0]} rows, the capture model has {n_layers} layers (one row per layer)")
 
 
 def _checked_vectors(tensor: torch.Tensor, n_layers: int, width: int, where: str) -> torch.Tensor:
     """[n_layers, width] float32 unit rows, or an InputError saying what does not fit."""
-    shape = tuple(tensor.shape)
-    if not tensor.is_floating_point():
-        raise InputError(f"{where}: holds {tensor.dtype} values, not floating point")
-    if tensor.dim() not in (1, 2):
-        raise InputError(f"{where}: has shape {list(shape)}; expected [layers, d_model] or [d_model]")
-    if shape[-1] != width:
-        raise InputError(f"{where}: has width {shape[-1]}, the capture model's residual stream has {width}")
-    if tensor.dim() == 2 and shape[0] != n_layers:
-        raise InputError(f"{where}: has {shape[0]} rows, the capture model has {n_layers} layers (one row per layer)")
     vectors = tensor.float().expand(n_layers, width)
     if not torch.isfinite(vectors).all():
         raise InputError(f"{where}: contains NaN or infinite values")

@@ -112,9 +112,12 @@ def stats(target: Path) -> list[str]:
 
     if target.is_dir():
         if is_sweep_dir(target):
-            from harness.artifacts import read_json
+            from harness.inputs import read_json
 
-            return collapse(read_json(target / SWEEP_FILE)["statistics"])
+            statistics = read_json(target / SWEEP_FILE, expect=dict).get("statistics")
+            if not isinstance(statistics, dict):
+                raise InputError(f"{target / SWEEP_FILE}: 'statistics' must be a mapping of names to values")
+            return collapse(statistics)
         if not is_run_dir(target):
             raise InputError(f"{target}: neither a finished run folder, a sweep folder nor a spec")
         return collapse(read_stats(target))

@@ -42,13 +42,19 @@ class ModelPool:
         self.identity(alias)
         check_device(self.spec.models[alias], self.where(alias))
 
+    def check_tokenizer(self, alias: str) -> None:
+        """Fail when the tokenizer does not load; reads no weights."""
+        from harness.models import check_tokenizer
+
+        if alias not in self._tokenizers:
+            check_tokenizer(self.spec.models[alias], model_cache_dir(), self.where(alias))
+
     def check_fits_context(self, alias: str, new_tokens: int, prompt_tokens: int, field: str) -> None:
         """Fail before any stage runs when a prompt plus `new_tokens` exceed the model's context."""
-        from harness.models import check_fits_context, config_folder
+        from harness.models import check_context, model_context
 
-        folder = config_folder(self.spec.models[alias], model_cache_dir(), self.where(alias))
-        if folder is not None:
-            check_fits_context(folder, new_tokens, prompt_tokens, f"{self.spec_path}: {field}")
+        limit, source = model_context(self.spec.models[alias], model_cache_dir(), self.where(alias))
+        check_context(limit, source, new_tokens, prompt_tokens, f"{self.spec_path}: {field}")
 
     def identity(self, alias: str) -> str:
         from harness.models import model_identity

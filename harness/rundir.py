@@ -9,6 +9,7 @@ run of a spec with that name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -28,9 +29,10 @@ import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import content_hash, number, read_json, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import content_hash, number, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
-from harness.errors import InputError
+from harness.errors import InputError, quoted
+from harness.inputs import read_json, read_text
 from harness.schema import Spec
 from harness.spec import dump_spec
 
@@ -134,6 +136,7 @@ class RunFolder:
 
     def __init__(self, runs_dir: Path, spec_name: str, label: str | None = None):
         self.parent = Path(runs_dir) / spec_name
+        self.made_parent = not self.parent.exists()
         self.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.parent)
         stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""), 1
@@ -158,7 +161,11 @@ class RunFolder:
         return final
 
     def discard(self) -> None:
+        """Remove the staging folder, and `runs/<name>/` when this run made it and it is empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.made_parent:
+            with contextlib.suppress(OSError):  # another run's folder is in it now
+                self.parent.rmdir()
 
 
 def remove_stale_staging(parent: Path) -> None:
@@ -293,18 +300,54 @@ def package_versions() -> dict[str, str | None]:
 
 
 def read_stats(run_dir: Path) -> dict[str, float | None]:
-    """stats.json: name → value (NaN and ±inf read back as floats)."""
-    return {name: number(value) for name, value in read_json(Path(run_dir) / "stats.json").items()}
+    """stats.json: name → value (NaN and ±inf read back as floats); a file that is not a mapping
+    of numbers is one InputError line naming it (and the statistic)."""
+    path = Path(run_dir) / "stats.json"
+    return _numbers(read_json(path, expect=dict), f"{path}: ")
+
+
+def _numbers(values: dict, where: str) -> dict[str, float | None]:
+    """name → number(value); a value that is not a number, null, "nan" or "±inf" is an InputError."""
+    out = {}
+    for name, value in values.items():
+        try:
+            if isinstance(value, (bool, list, dict)):
+                raise TypeError
+            out[name] = number(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}{quoted(name)}: {quoted(str(value))} is not a number") from None
+    return out
+
+
+CRITERION_KEYS = ("name", "passed", "values")
+"""The keys every criteria.json row has (and `expr`, `error`)."""
 
 
 def read_criteria(run_dir: Path) -> list[dict]:
-    """criteria.json rows: name, expr, passed, values (floats or None), error."""
-    rows = read_json(Path(run_dir) / "criteria.json")
-    return [{**row, "values": {stat: number(value) for stat, value in row["values"].items()}} for row in rows]
+    """criteria.json rows: name, expr, passed, values (floats or None), error; a malformed file
+    is one InputError line naming it (and the row)."""
+    path = Path(run_dir) / "criteria.json"
+    rows = read_json(path, expect=list)
+    for index, row in enumerate(rows):
+        missing = [key for key in CRITERION_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise InputError(f"{path}: row {index}: no {', '.join(missing)}")
+        if not isinstance(row["values"], dict) or not isinstance(row["name"], str):
+            raise InputError(f"{path}: row {index}: 'name' must be a string and 'values' a mapping")
+    return [{**row, "values": _numbers(row["values"], f"{path}: row {index}: values: ")} for index, row in enumerate(rows)]
 
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "stats.json").is_file() and (Path(path) / "criteria.json").is_file()
+
+
+def enclosing_run_folder(path: Path) -> Path | None:
+    """The run, sweep or staging folder that `path` (symlinks followed) lies in, if any."""
+    from harness.sweep import SWEEP_FILE
+
+    markers = ("stats.json", "criteria.json", "manifest.json", SWEEP_FILE, OWNER_FILE)
+    resolved = Path(path).resolve()
+    return next((folder for folder in resolved.parents if any((folder / marker).exists() for marker in markers)), None)
 
 
 @dataclass(frozen=True)
@@ -340,8 +383,8 @@ def load_run(run_dir: Path) -> RunRecord:
         raise InputError(f"{run_dir}: not a finished run folder (no stats.json / criteria.json)")
     deltas_file = run_dir / "token_deltas.jsonl"
     return RunRecord(
-        spec=Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))),
-        manifest=read_json(run_dir / "manifest.json"),
+        spec=Spec.model_validate(yaml.safe_load(read_text(run_dir / "spec.yaml", "spec"))),
+        manifest=read_json(run_dir / "manifest.json", expect=dict),
         texts=read_jsonl(run_dir / "texts.jsonl"),
         table=load_table(run_dir / "per_sample.csv"),
         token_deltas=read_jsonl(deltas_file) if deltas_file.is_file() else [],

@@ -10,7 +10,6 @@ assembled under a hidden name and renamed into place at the end (`harness.rundir
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Callable, Sequence
 import harness
 from harness import rundir, structure
 from harness.artifacts import number
-from harness.cache import StageCache
+from harness.cache import ROOT_VARIABLE, StageCache, cache_root
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
@@ -72,15 +71,12 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     """Every check that can fail on the user's input, before anything runs or is written."""
     spec = load_spec(spec_path, overrides, point=point is not None)
     template = find_template(spec, spec_path)
-    cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
+    cache_dir = cache_root(runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-    check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
+    check_writable_folder(cache_dir, ROOT_VARIABLE)
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
-    for alias in sorted(models_used(spec)):
-        pool.check(alias)  # a missing package, file, path or device
-    for name, condition in spec.conditions.items():
-        condition.check(name, spec, pool)
+    check_models(spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
     for field, value, check in (("capture.layers", spec.capture.layers, structure.resolve_layers),
                                 ("capture.sites", spec.capture.sites, structure.resolve_sites)):
@@ -95,6 +91,18 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
         f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
     )
     return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
+
+
+def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
+    """The checks that need each model's files or config but not its weights: a missing
+    package, file, path or device, and whether each generation fits the model's context;
+    with `tokenizers`, each tokenizer loads too (`harness validate --models`)."""
+    for alias in sorted(models_used(spec)):
+        pool.check(alias)
+        if tokenizers:
+            pool.check_tokenizer(alias)
+    for name, condition in spec.conditions.items():
+        condition.check(name, spec, pool)
 
 
 def models_used(spec: Spec) -> set[str]:

@@ -26,11 +26,12 @@ from typing import Any, Iterator
 
 import yaml
 
-from harness.artifacts import read_json
+from harness.inputs import read_json
 from harness.errors import InputError
 from harness.rundir import is_run_dir, read_criteria, read_stats
 from harness.statnames import KEY_STATISTICS
-from harness.sweep_report import SWEEP_FILE, is_sweep_dir, point_runs
+from harness.sweep import SWEEP_FILE
+from harness.sweep_report import is_sweep_dir, point_runs
 
 DEFAULT_STORE = "mlruns"
 """The file store's folder, in the working directory, when MLFLOW_TRACKING_URI is not set."""

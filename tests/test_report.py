@@ -12,7 +12,8 @@ import pytest
 import yaml
 from scipy.stats import pearsonr
 
-from harness.artifacts import read_json, write_json, write_jsonl
+from harness.artifacts import write_json, write_jsonl
+from harness.inputs import read_json
 from harness.stages.criteria import evaluate_criteria, to_json
 from harness.diagnostics import repeated_ngram_fraction, text_diagnostics
 from harness.errors import InputError

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.artifacts import read_json
+from harness.inputs import read_json
 from harness.diagnostics import overall_metric, text_diagnostics
 from harness.rundir import RunRecord, load_run, read_criteria
 from harness.stages.criteria import from_json, outcome, summary_line
@@ -33,7 +33,7 @@ from harness.statnames import (
     mixedlm_name,
     paired_name,
 )
-from harness.sweep_report import SWEEP_FILE
+from harness.sweep import SWEEP_FILE
 
 SIGNIFICANT_DIGITS = 4
 """Per-token delta norms are rounded to this many significant digits: the heatmap's colours and
