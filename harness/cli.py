@@ -151,7 +151,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-<<<<<<< HEAD
     if args.view:
         from harness.view import plotly_bundle
 
@@ -160,11 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from harness.tracking import require_mlflow
 
         require_mlflow()
-    if os.environ.get("HARNESS_CACHE_DIR"):
-        check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
-=======
     check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
->>>>>>> main
 
     from harness.runner import run_spec
     from harness.sweep import run_sweep
