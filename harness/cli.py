@@ -1,6 +1,8 @@
 """`harness` command line: run, validate, ls, schema, compare, directions, view, log.
 
 Exit codes are pytest-style (`harness.errors.ExitCode`); `harness run --help` lists them.
+Each command imports what it runs inside its function: the start-up path (`--help`,
+`validate`, `ls`) loads no torch.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_directions(args: argparse.Namespace) -> int:
-    from harness.directions import difference_of_means, write_direction_file
+    from harness.direction_builder import difference_of_means, write_direction_file
     from harness.writing import check_output_file
 
     output = Path(args.output)
@@ -161,8 +163,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_mlflow()
     check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
 
-    from harness.runner import run_spec
-    from harness.sweep import run_sweep
+    from harness.session import Session
+
+    session = Session(runs_dir, not args.no_cache, tag=args.tag)
 
     def report(header: str, outcome) -> None:
         print(f"\n{header}  →  {outcome.run_dir}")
@@ -182,10 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
         try:
             with disk_errors_named(runs_dir):
-                if sweep.is_matrix:
-                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
-                else:
-                    outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
+                outcome = session.run(sweep, report_point if sweep.is_matrix else lambda point, run: None)
         except InputError:
             raise
         except HarnessError as exc:
@@ -199,15 +199,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _publish(outcome.run_dir, args.view, args.log)
         if sweep.is_matrix:
             report(f"{path}: sweep of {len(sweep.points)} points", outcome)
-            results = outcome.all_results
             outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
         else:
             report(str(path), outcome)
-            results = outcome.results
             outcomes.append((path, outcome))
-        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
-        totals.extend(results)
-        worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
+        print(f"{summary_line(outcome.all_results)} in {outcome.seconds:.1f}s")
+        totals.extend(outcome.all_results)
+        worst = max(worst, outcome.exit_code)
     if args.junitxml:
         from harness.junit import write_junit
 
@@ -457,10 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
     try:
+        args = build_parser().parse_args(argv)  # inside: the parser reads the schema, which loads the plugins
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

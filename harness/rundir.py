@@ -20,24 +20,22 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import content_hash, number, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import number, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
 from harness.errors import InputError, quoted
 from harness.inputs import read_json, read_text
 from harness.schema import Spec
 from harness.spec import dump_spec
-
-if TYPE_CHECKING:
-    from harness.runner import Plan
+from harness.stages.stats import load_table
 
 FORMAT_VERSION = 1
 """Version of the run-folder format (the manifest's `format_version`)."""
@@ -99,33 +97,6 @@ class Manifest(StrictModel):
     values, as written, in the order they were applied."""
     point: str | None = None
     """The matrix point this run is (`name[key=value,...]`), or None."""
-
-
-def build_manifest(plan: Plan, run_id: str) -> Manifest:
-    """The manifest of a run of `plan`, as its folder `run_id` records it."""
-    spec, executor = plan.spec, plan.executor
-    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
-    return Manifest(
-        harness_version=harness.__version__,
-        spec_name=spec.name,
-        spec_file=str(absolute),
-        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
-        spec_hash=content_hash(spec.model_dump(mode="json")),
-        run_id=run_id,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        packages=package_versions(),
-        models=plan.pool.provenance(),
-        processes=executor.shard.world,
-        threads=plan.pool.threads,
-        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
-        cache_keys=dict(executor.keys),
-        timings=dict(executor.timings),
-        cache=dict(executor.reuse),
-        directions={name: direction.record() for name, direction in plan.directions.items()},
-        overrides=[override.origin for override in plan.overrides],
-        point=plan.point,
-    )
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -225,10 +196,12 @@ def write_per_sample(folder: Path, table_csv: str) -> None:
 
 
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
-    """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
+    """texts.jsonl (every condition's texts, with the response tokens measured) and
+    token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
         {"sample_id": sample_id, "condition": condition, **text,
-         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"]}
+         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"],
+         "tokens": measured[condition]["records"][sample_id]["tokens"]}
         for condition, rows in texts.items()
         for sample_id, text in enumerate(rows)
     ])
@@ -376,7 +349,6 @@ class RunRecord:
 
 
 def load_run(run_dir: Path) -> RunRecord:
-    from harness.stages.stats import load_table
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

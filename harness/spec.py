@@ -18,7 +18,7 @@ from harness.base import FieldError
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
-from harness.stages.conditions import SOURCES
+from harness.sources import SOURCES
 from harness.inputs import TENSOR_SUFFIXES, open_input, read_text
 from harness.templates import check_template, find_template
 

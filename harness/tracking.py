@@ -67,7 +67,7 @@ def log_folder(target: Path) -> list[str]:
     if not (is_run_dir(target) or is_sweep_dir(target)):
         raise InputError(f"{target}: not a finished run folder or sweep folder (no stats.json / criteria.json / sweep.json)")
     require_mlflow()
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # an optional extra (harness[tracking]), checked just above
 
     client = MlflowClient(tracking_uri=tracking_uri())
     if is_run_dir(target):
@@ -137,7 +137,7 @@ def _metrics(criteria: list[dict], stats: dict[str, float | None]) -> dict[str, 
 
 
 def _log_values(client, run_id: str, params: list[tuple[str, str]], metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param  # an optional extra (harness[tracking])
 
     stamp = int(time.time() * 1000)
     for start in range(0, len(params), BATCH):

@@ -19,8 +19,8 @@ import pytest
 
 from harness.diagnostics import overall_metric
 from harness.rundir import read_criteria
+from harness.session import run_spec
 from harness.stages.stats import load_table
-from harness.sweep import expand, run_sweep
 from harness.sweep_report import point_runs
 from harness.view import write_view
 from conftest import unavailable
@@ -53,7 +53,7 @@ def sweep(tmp_path_factory, tiny_model_dir):
     tiny_spec(folder, tiny_model_dir, name="tinyview", extra=WINDOWS)
     spec = folder / "tinyviewsweep.yaml"
     spec.write_text("extends: tinyview.yaml\nname: tinyviewsweep\n" + MATRIX + DIRECTIONS)
-    outcome = run_sweep(expand(spec), folder / "runs", log=Log())
+    outcome = run_spec(spec, folder / "runs", log=Log())
     return outcome.sweep_dir
 
 

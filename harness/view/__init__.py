@@ -15,8 +15,13 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+import jinja2
+
 from harness.artifacts import json_text, staged, write_text
 from harness.errors import InputError
+from harness.rundir import is_run_dir
+from harness.sweep_report import is_sweep_dir, point_runs
+from harness.view.data import run_data, sweep_data
 
 VIEW_FOLDER = "view"
 """The site's folder inside a run or sweep folder (`harness run --view`, `harness view` without -o)."""
@@ -30,7 +35,7 @@ PLOTLY_BUNDLE = "plotly.min.js"
 def plotly_bundle() -> Path:
     """Plotly's self-contained JavaScript bundle, as its Python wheel ships it."""
     try:
-        import plotly
+        import plotly  # an optional extra (harness[view]): missing, it is one line naming the install
     except ImportError:
         raise InputError("harness view needs Plotly's offline bundle: pip install 'harness[view]' (or pip install plotly)") from None
     bundle = Path(plotly.__file__).parent / "package_data" / PLOTLY_BUNDLE
@@ -42,9 +47,6 @@ def plotly_bundle() -> Path:
 def write_view(target: Path, output: Path | None = None) -> Path:
     """Write the site of run or sweep folder `target` into `output` (default: `target`/view/),
     replacing what was there; return the index.html."""
-    from harness.rundir import is_run_dir
-    from harness.sweep_report import is_sweep_dir
-
     target = Path(target)
     if not (is_run_dir(target) or is_sweep_dir(target)):
         raise InputError(f"{target}: not a finished run folder or sweep folder (no stats.json / criteria.json / sweep.json)")
@@ -57,33 +59,22 @@ def write_view(target: Path, output: Path | None = None) -> Path:
         if is_sweep_dir(target):
             _write_sweep(target, folder)
         else:
-            _write_page(folder, _run_data(target), "assets")
+            _write_page(folder, run_data(target), "assets")
         if output.exists():  # an earlier view of the same folder: replaced whole
             shutil.rmtree(output)
     return output / "index.html"
 
 
-def _run_data(run_dir: Path) -> dict:
-    from harness.view.data import run_data
-
-    return run_data(run_dir)
-
-
 def _write_sweep(sweep_dir: Path, folder: Path) -> None:
-    from harness.sweep_report import point_runs
-    from harness.view.data import sweep_data
-
     links, headlines = {}, {}
     for run_dir in point_runs(sweep_dir):
-        data = _run_data(run_dir)
+        data = run_data(run_dir)
         _write_page(folder / "points" / run_dir.name, data, "../../assets", up=("sweep", "../../index.html"))
         links[run_dir.name], headlines[run_dir.name] = f"points/{run_dir.name}/index.html", data["headline"]
     _write_page(folder, sweep_data(sweep_dir, links, headlines), "assets")
 
 
 def _write_page(folder: Path, data: dict, assets: str, up: tuple[str, str] | None = None) -> None:
-    import jinja2
-
     folder.mkdir(parents=True, exist_ok=True)
     if up is not None:
         data = {**data, "up": {"label": up[0], "link": up[1]}}
