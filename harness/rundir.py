@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -340,7 +341,7 @@ class RunRecord:
         value = self.stats.get(name)
         return float("nan") if value is None else value
 
-    @property
+    @functools.cached_property
     def layers(self) -> list[int]:
         """Captured layers of the studied trajectory metric, in order."""
         rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]

@@ -52,6 +52,8 @@ PAIRED_STATS = (
 LAYER_ADJUSTED_P = {"p_holm": "holm", "p_bh": "fdr_bh"}
 """Per-layer p-values adjusted across the layers of one metric: name -> multipletests method."""
 CORRELATION_STATS = ("r", "p", "ci_low", "ci_high", "n")
+INTERVALS = {"mean_diff": ("mean_diff_ci_low", "mean_diff_ci_high"), "d": ("d_ci_low", "d_ci_high"), "r": ("ci_low", "ci_high")}
+"""The statistics that carry a confidence interval: stat -> the names of its bounds (same scope)."""
 MIXEDLM_STATS = ("x_coef", "x_p", "condition_coef", "condition_p", "converged")
 
 STAT_KEYWORDS: frozenset[str] = frozenset(

@@ -9,7 +9,6 @@ from typing import Any
 
 import pandas as pd
 
-from harness import plots
 from harness.artifacts import write_json, write_text
 from harness.errors import InputError
 from harness.inputs import read_json
@@ -42,6 +41,8 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
         metric = spec.stats.correlate[1]
         figure = None
         if spec.report.plots:
+            from harness import plots  # matplotlib only where the figure is drawn: `harness view` and `harness log` read this module
+
             depths = [model_layers(run_dir, spec.capture_model) for run_dir in run_dirs]
             effects = pd.DataFrame(_depth_rows([point.id for point, _ in outcomes], point_stats, depths, metric))
             figure = plots.effect_by_relative_depth(effects, metric, folder.path / FIGURE_FILE).name

@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import t as student_t
 
-from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.grid import Column, Window
 from harness.rundir import RunRecord, load_run, write_report
@@ -72,6 +71,8 @@ def render_report(run_dir: Path, template: Path | None = None) -> Path:
 
 def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
     """Draw every figure beside RESULTS.md; return [{title, file}] in report order."""
+    from harness import plots  # matplotlib (1 s to import) only where figures are drawn: `harness view` reads this module too
+
     spec, metric, x_name = run.spec, run.spec.stats.correlate[1], run.spec.stats.correlate[0]
     name, comparison = next(iter(spec.comparisons.items()))
     figures = [
