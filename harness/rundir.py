@@ -30,6 +30,7 @@ import harness
 from harness.artifacts import content_hash, number, read_json, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
 from harness.errors import InputError
+from harness.interventions import describe
 from harness.schema import Spec
 from harness.spec import dump_spec
 
@@ -96,6 +97,9 @@ class Manifest(StrictModel):
     values, as written, in the order they were applied."""
     point: str | None = None
     """The matrix point this run is (`name[key=value,...]`), or None."""
+    interventions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per `intervene` condition: its site, layers, positions, what it does (`do`), when
+    (`during`) and its direction set's file and sha256."""
 
 
 def build_manifest(plan: Plan, run_id: str) -> Manifest:
@@ -122,6 +126,10 @@ def build_manifest(plan: Plan, run_id: str) -> Manifest:
         directions={name: direction.record() for name, direction in plan.directions.items()},
         overrides=[override.origin for override in plan.overrides],
         point=plan.point,
+        interventions={
+            name: describe(c.at, c.do, c.during, plan.directions.get(next(iter(c.do.spec.direction_sets()), None)))
+            for name, c in spec.conditions.items() if c.source == "intervene"
+        },
     )
 
 

@@ -28,7 +28,14 @@ from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
 from harness.stages.sites import DEFAULT_SITE, SITES
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
+from harness.statnames import (
+    INTERVENED_TEXT_METRIC_NAMES,
+    LAYER_SCOPE,
+    STAT_KEYWORDS,
+    SWEEP_KEYWORDS,
+    TEXT_METRIC_NAMES,
+    words,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -435,6 +442,7 @@ class Spec(StrictModel):
                 need("condition", f"conditions.{name}.of", parent, self.conditions)
                 if self.conditions[parent].derived_from():
                     raise FieldError(f"conditions.{name}.of", f"{parent!r} is itself derived from another condition")
+            cond.validate_in(name, self)
         for metric in self.metrics:
             need("metric", "metrics", metric, LAYER_METRICS.keys() | PROJECTION_METRICS.keys())
             if metric in PROJECTION_METRICS and not self.directions:
@@ -521,7 +529,8 @@ def _check_names(spec: Spec) -> None:
     direction set must not share a name with a condition or comparison."""
     from metrics import LAYER_METRICS, PROJECTION_METRICS
 
-    reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+    reserved = (set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+                | set(INTERVENED_TEXT_METRIC_NAMES))
     reserved |= {column.metric_at_site for column in spec.grid.whole_columns()}
     for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
                         ("directions", spec.directions)):

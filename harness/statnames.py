@@ -56,6 +56,8 @@ LAYER_SCOPE = re.compile(r"layer(\d+)")
 
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""
+INTERVENED_TEXT_METRIC_NAMES = ("kl_from_clean",)
+"""Per-text metrics defined only on a forward an `intervene` condition changes (see metrics/)."""
 
 SWEEP = "sweep"
 """First word of every sweep-level statistic (`sweep_criteria:` of a spec with a `matrix:`)."""

@@ -27,9 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
-from harness.base import StrictModel
+from harness.base import FieldError, StrictModel
+from harness.errors import InputError
+from harness.interventions import At, Do, During
+from harness.stages.sites import SITES
 
 if TYPE_CHECKING:
+    from harness.directions import DirectionSet
     from harness.executor import Executor
     from harness.pool import ModelPool
     from harness.schema import Spec
@@ -59,6 +63,9 @@ class ConditionSpec(StrictModel):
         """The seed of its randomness, for the run manifest (None: deterministic)."""
         return getattr(self, "seed", None)
 
+    def validate_in(self, name: str, spec: "Spec") -> None:
+        """Checks against the rest of the spec (run by its validation): raise FieldError naming the field."""
+
     def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
         """Checks that need the models (run before any stage): raise InputError naming the field."""
 
@@ -76,6 +83,8 @@ class SourceContext:
     """The run's models, loaded on first use."""
     texts: dict[str, list[Text]] = field(default_factory=dict)
     """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
+    directions: dict[str, "DirectionSet"] = field(default_factory=dict)
+    """The spec's direction sets, loaded and checked against the capture model."""
 
 
 @dataclass(frozen=True)
@@ -171,13 +180,19 @@ def human(name: str, condition: HumanCondition, context: SourceContext) -> list[
 
 @condition_source(GeneratedCondition)
 def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
+    return _generated(name, condition, context)
+
+
+def _generated(name: str, condition: GeneratedCondition, context: SourceContext, steering=None) -> list[Text]:
+    """`condition`'s generation of every prompt (`steering`: an `harness.intervening.Applied` shaping it)."""
     from harness.stages.generate import GenerateStage
 
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
     runtime = context.spec.runtime
     stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool
+        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool,
+        steering,
     )
     output = context.executor.run(stage)
     return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
@@ -200,6 +215,80 @@ def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> 
             response = tokenizer.decode(ids).strip()
         texts.append(text(source["prompt"], response))
     return texts
+
+
+class InterventionCondition(ConditionSpec):
+    """Another condition's forward (or generation) with its activations changed: steer, ablate, patch."""
+
+    source: Literal["intervene"]
+    of: str
+    """The condition whose texts it reads (`during: capture`) or whose generation it shapes."""
+    at: At
+    do: Do
+    during: During = "capture"
+    """`capture`: the measured forward of `of`'s texts; `generate`: `of`'s generation (measured
+    unchanged); `both`."""
+
+    def derived_from(self) -> list[str]:
+        source = self.do.spec.patched_from()
+        return [self.of] + ([source] if source and source != self.of else [])
+
+    def models(self, spec: "Spec") -> list[str]:
+        return spec.conditions[self.of].models(spec) if self.during != "capture" else []
+
+    def validate_in(self, name: str, spec: "Spec") -> None:
+        where, kind, settings = f"conditions.{name}", self.do.kind, self.do.spec
+        if self.at.site not in SITES:
+            raise FieldError(f"{where}.at.site", f"unknown capture site {self.at.site!r} (known: {', '.join(sorted(SITES))})")
+        for direction in settings.direction_sets():
+            if direction not in spec.directions:
+                known = ", ".join(sorted(spec.directions)) or "none: name one under `directions:`"
+                raise FieldError(f"{where}.do.{kind}.direction", f"unknown direction set {direction!r} (known: {known})")
+        if spec.runtime.compile:
+            raise FieldError("runtime.compile", f"interventions ({where}) run eagerly: set runtime.compile: false")
+        of = spec.conditions[self.of]
+        if self.during != "capture":
+            if not isinstance(of, GeneratedCondition):
+                raise FieldError(f"{where}.during", f"{self.during!r} shapes a generation, and {self.of!r} does not "
+                                                     f"generate (source: {of.source}): use during: capture")
+            if of.models(spec) != [spec.capture_model]:
+                raise FieldError(f"{where}.during", f"steering a generation needs the capture model as generator "
+                                                     f"(directions are checked against it), not {of.models(spec)[0]!r}")
+            if settings.needs_whole_text() or settings.patched_from():
+                raise FieldError(f"{where}.do.{kind}", "acts on whole texts: use during: capture")
+        source = settings.patched_from()
+        if source is not None:
+            if source not in spec.conditions:
+                raise FieldError(f"{where}.do.patch.from", f"unknown condition {source!r} (known: {', '.join(spec.conditions)})")
+            positions = settings.positions(self.at)
+            if source != self.of and positions != "prompt" and not spec.capture.length_matching:
+                raise FieldError(f"{where}.do.patch.from", f"{self.of!r} and {source!r} have different texts, whose token "
+                                 f"counts at positions {positions} cannot match: set capture.length_matching: true, "
+                                 "or patch positions: prompt")
+
+    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
+        from harness.stages.capture import decoder_blocks, resolve_sites
+
+        model = pool.model(spec.capture_model).model
+        try:
+            self.at.layer_list(len(decoder_blocks(model)))
+        except ValueError as exc:
+            raise InputError(f"{pool.spec_path}: conditions.{name}.at.layers: {exc}") from None
+        try:
+            resolve_sites(model, [self.at.site])
+        except ValueError as exc:
+            raise InputError(f"{pool.spec_path}: conditions.{name}.at.site: {exc}") from None
+
+
+@condition_source(InterventionCondition)
+def intervene(name: str, condition: InterventionCondition, context: SourceContext) -> list[Text]:
+    """`of`'s texts (`during: capture`), or its generation with the intervention's hooks on."""
+    if condition.during == "capture":
+        return [dict(source) for source in context.texts[condition.of]]
+    from harness.intervening import Applied
+
+    steering = Applied.of(name, context.spec, context.directions)
+    return _generated(name, context.spec.conditions[condition.of], context, steering)
 
 
 def condition_texts(context: SourceContext) -> dict[str, list[Text]]:
