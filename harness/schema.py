@@ -33,6 +33,7 @@ from harness.statnames import (
     LAYER_SCOPE,
     STAT_KEYWORDS,
     SWEEP_KEYWORDS,
+    SWEEP_TREND,
     TEXT_METRIC_NAMES,
     words,
 )
@@ -314,6 +315,15 @@ Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
 """See `Spec.matrix`."""
 
 
+def dose_axis(matrix: dict[str, list[Any]]) -> str | None:
+    """The matrix's key when it is the only one and its values are numbers (a dose-response), else None."""
+    if len(matrix) != 1:
+        return None
+    (key, values), = matrix.items()
+    numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+    return key if numeric else None
+
+
 def _check_criteria(spec: "Spec") -> None:
     """Criteria name the spec's statistics; sweep criteria name sweep statistics: `sweep.` then
     a criterion or a statistic of a point."""
@@ -330,6 +340,8 @@ def _check_criteria(spec: "Spec") -> None:
         raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
     sweep_vocabulary = vocabulary | SWEEP_KEYWORDS | {word for name in spec.criteria for word in words(name)}
     for name, expr in spec.sweep_criteria.items():
+        if f".{SWEEP_TREND}." in expr and dose_axis(spec.matrix) is None:
+            raise FieldError(f"sweep_criteria.{name}", f"a {SWEEP_TREND} needs a matrix of one key with numeric values")
         try:
             check_criterion(expr, sweep_vocabulary)
         except ValueError as exc:
