@@ -553,7 +553,9 @@ class CaptureStage(Stage):
             "sites": list(grid.sites),
             # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
             **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
-            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}} if settings.directions else {}),
+            # only projection columns read the direction sets (an intervention keys its own)
+            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}}
+               if settings.directions and any(column.direction for column in grid.columns()) else {}),
             **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
             **({"intervention": self.intervention.record()} if self.intervention is not None else {}),
         }
