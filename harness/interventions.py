@@ -160,8 +160,11 @@ class AddSpec(InterventionSpec):
 
 
 class AblateSpec(InterventionSpec):
-    """Ablation: remove the direction's component (`project_out`), fix it at its mean over the
-    text's intervened positions (`mean`), or zero the whole activation (`zero`)."""
+    """Ablation: remove the direction's component, fix it at its mean, or zero the activation.
+
+    `project_out` removes the component along the direction, `mean` fixes it at its mean over
+    the text's intervened positions (so the text keeps where it sits along the direction, not
+    how it moves), `zero` zeroes the whole activation."""
 
     direction: str | None = None
     """A direction set of the spec; needed by `project_out` and `mean`, not by `zero`."""
@@ -183,8 +186,9 @@ class AblateSpec(InterventionSpec):
 
 
 class PatchSpec(InterventionSpec):
-    """Activation patching: the site's output at these positions copied from another condition's
-    (un-intervened) forward of the same sample."""
+    """Activation patching: the site's output copied in from another condition's forward.
+
+    At these positions, from the (un-intervened) forward of the same sample's text in condition `from`."""
 
     from_: str = Field(alias="from")
     """The condition whose activations are copied in."""

@@ -27,7 +27,7 @@ import numpy as np
 from harness.errors import InputError
 from harness.overrides import Override, flow
 from harness.runlog import logged_warnings
-from harness.schema import Spec
+from harness.schema import Spec, dose_axis
 from harness.spec import load_spec
 from harness.stages import criteria as criteria_stage
 from harness.statnames import (
@@ -74,6 +74,9 @@ class Sweep:
     name: str
     points: list[Point]
     criteria: dict[str, str]
+    dose: str | None = None
+    """The matrix's key when it is its only one, with numeric values: the sweep statistics'
+    `trend` is taken across them (`harness.schema.dose_axis`)."""
 
     @property
     def is_matrix(self) -> bool:
@@ -99,7 +102,7 @@ def expand(path: Path, overrides: Sequence[Override] = ()) -> Sweep:
         seen.add(point_id)
         point_spec = load_spec(path, (*overrides, *assignments), point=True)
         points.append(Point(point_id, values, (*overrides, *assignments), point_spec))
-    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria))
+    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria), dose_axis(spec.matrix))
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

@@ -14,7 +14,6 @@ from harness.artifacts import read_json, write_json, write_text
 from harness.errors import InputError
 from harness.rundir import RunFolder, read_criteria, read_stats
 from harness.stages import criteria as criteria_stage
-from harness.schema import dose_axis
 from harness.statnames import (
     OVERALL,
     SWEEP_TREND,
@@ -36,7 +35,7 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
     run_dirs = [outcome.run_dir for _, outcome in outcomes]
     point_stats = [read_stats(run_dir) for run_dir in run_dirs]
     point_criteria = [read_criteria(run_dir) for run_dir in run_dirs]
-    dose = dose_axis(sweep.points[0].spec.matrix) if sweep.is_matrix else None
+    dose = sweep.dose
     doses = [point.values[dose] for point, _ in outcomes] if dose else None
     statistics = sweep_statistics(point_stats, point_criteria, doses)
     results = criteria_stage.evaluate_criteria(sweep.criteria, statistics)
