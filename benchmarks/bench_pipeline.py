@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import make_random_gemma2  # noqa: E402
 
+from harness import structure  # noqa: E402
 from harness.grid import Grid  # noqa: E402
 from harness.stages import capture, data, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
@@ -275,7 +276,7 @@ def harness_generate(work: Workload, prompts: Sequence[str], compile: bool = Fal
 
 def harness_capture(work: Workload, tokenized: Sequence[capture.Tokenized], compile: bool = False) -> list[dict]:
     """The capture stage: one fused forward (metrics + CE) per token-budget batch."""
-    layers = capture.resolve_layers(work.model, "all")
+    layers = structure.resolve_layers(work.model, "all")
     records: dict[int, dict] = {}
     for unit in capture_batches(work, tokenized):
         measurement = capture.Measurement(Grid(tuple(work.metrics)), layers, capture.report_layers(layers), compile=compile)
@@ -544,7 +545,7 @@ def run_benchmark(work: Workload, skip_seed: bool = False, compiled: bool = Fals
 
 def eager_blocks(model: nn.Module) -> None:
     """Undo `capture.compile_blocks`, so the next size's eager parts run eager."""
-    for block in capture.decoder_blocks(model):
+    for block in structure.decoder_blocks(model):
         if getattr(block, "harness_compiled", False):
             del block.forward, block.harness_compiled
 

@@ -20,7 +20,7 @@ import torch
 from harness.artifacts import write_bytes
 from harness.errors import InputError
 from harness.schema import DirectionSplit, Spec
-from harness.stages.capture import decoder_blocks
+from harness.structure import decoder_blocks
 
 SAMPLES_KEY = "samples"
 """Metadata key of a file written by `harness directions`: the sample ids that built it, comma-separated."""

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from harness.stages.sites import DEFAULT_SITE, SITES
+from harness.sites import DEFAULT_SITE, SITES
 from harness.statnames import INTERVENED_TEXT_METRIC_NAMES, STAT_KEYWORDS, TEXT_METRIC_NAMES
 from metrics import PROJECTION_METRICS
 
@@ -68,7 +68,7 @@ class Column:
     metric: str
     """A trajectory or projection metric (registered in metrics/)."""
     site: str = DEFAULT_SITE
-    """Where in each decoder block the stream is read (harness/stages/sites.py)."""
+    """Where in each decoder block the stream is read (harness/sites.py)."""
     direction: str | None = None
     """The direction set a projection metric projects onto; None for a trajectory metric."""
     window: Window | None = None

@@ -1,7 +1,7 @@
 """An `intervene` condition's hooks on the model: on a capture forward, or while generating.
 
 `Applied` is one condition's intervention with its direction set loaded; `installed` puts its
-forward hooks on the site modules of the intervened layers (the kind's registered function
+hooks on the site's taps (`harness.structure`) of the intervened layers (the kind's registered function
 changes each one's output, `harness.interventions`) and takes them off again. Where it acts:
 
 - capture (`CaptureIntervention`, one per intervened capture stage): positions come from the
@@ -29,7 +29,8 @@ from torch import nn
 from harness.artifacts import content_hash
 from harness.errors import RunFailure
 from harness.interventions import INTERVENTIONS, LayerContext, PositionWord, describe
-from harness.stages.capture import PaddedBatch, TextToMeasure, Tokenized, decoder_blocks, site_modules
+from harness.stages.capture import PaddedBatch, TextToMeasure, Tokenized
+from harness.structure import decoder_blocks, site_taps
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
@@ -70,25 +71,23 @@ class Applied:
         """The intervention's hooks on `model` while the block runs (`sources`: a patch's activations per layer)."""
         kind = INTERVENTIONS[self.condition.do.kind]
         settings = self.condition.do.spec
-        modules = site_modules(model, self.condition.at.site)
+        taps = site_taps(model, self.condition.at.site)
         vectors = self.direction.vectors if self.direction is not None else None
 
-        def hook_for(layer: int):
+        def change_for(layer: int):
             calls = [0]
 
-            def hook(module, args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
+            def change(hidden: torch.Tensor) -> torch.Tensor:
                 mask = mask_for(calls[0], hidden).to(hidden.device)
                 calls[0] += 1
                 vector = vectors[layer].to(hidden.device) if vectors is not None else None
                 source = sources[layer].to(hidden.device) if sources is not None else None
-                changed = kind.apply(hidden, mask, settings, LayerContext(layer, vector, source))
-                return (changed, *output[1:]) if isinstance(output, tuple) else changed
+                return kind.apply(hidden, mask, settings, LayerContext(layer, vector, source))
 
-            return hook
+            return change
 
         layers = self.condition.at.layer_list(len(decoder_blocks(model)))
-        handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+        handles = [taps[layer].change(change_for(layer)) for layer in layers]
         try:
             yield
         finally:
@@ -188,18 +187,18 @@ def intervened_forward(
 def _recorded(applied: Applied, model: nn.Module, batch: PaddedBatch, forward: Callable[[PaddedBatch], torch.Tensor],
               length: int) -> dict[int, torch.Tensor]:
     """Per intervened layer, the site's output over `batch`, cut or zero-padded to `length` positions."""
-    modules = site_modules(model, applied.condition.at.site)
-    layers = applied.condition.at.layer_list(len(modules))
+    taps = site_taps(model, applied.condition.at.site)
+    layers = applied.condition.at.layer_list(len(taps))
     recorded: dict[int, torch.Tensor] = {}
 
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, :length]
+    def record_for(layer: int):
+        def record(hidden: torch.Tensor) -> None:
+            hidden = hidden[:, :length]
             pad = length - hidden.shape[1]
             recorded[layer] = nn.functional.pad(hidden, (0, 0, 0, pad)) if pad else hidden
-        return hook
+        return record
 
-    handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    handles = [taps[layer].register(record_for(layer)) for layer in layers]
     try:
         forward(batch)
     finally:

@@ -21,7 +21,7 @@ layer ([B, T, d], the model's dtype), `mask` [B, T] is True where the interventi
 source activations). Positions outside the mask must come back unchanged (bit for bit), so a
 kind that does nothing at some setting (`add` at scale 0) leaves the forward as it was.
 
-Where (`At`): a capture site of `harness.stages.sites`, a layer list or range, and positions:
+Where (`At`): a capture site of `harness.sites`, a layer list or range, and positions:
 `prompt`, `response`, `all` or a window `[start, end]` of response tokens. When
 (`during`): the generated text, the measured forward, or both. Each tensor function uses
 tensor methods only: validating a spec imports no torch.
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, create_model, field_validator, model_serializer, model_validator
 
 from harness.base import StrictModel
-from harness.stages.sites import DEFAULT_SITE
+from harness.sites import DEFAULT_SITE
 
 if TYPE_CHECKING:
     from torch import Tensor

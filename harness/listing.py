@@ -44,9 +44,12 @@ def sources() -> list[str]:
 
 
 def sites() -> list[str]:
-    from harness.stages.sites import SITES
+    """The registered sites, then the decoder families whose sublayers a block is read by role in."""
+    from harness.sites import SITES
+    from harness.structure import FAMILIES  # imports torch: only this listing needs the model-structure table
 
-    return [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
+    rows = [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
+    return rows + [f"{'(families)':<26} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
 
 
 def interventions() -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import harness
-from harness import rundir
+from harness import rundir, structure
 from harness.artifacts import number
 from harness.cache import StageCache
 from harness.directions import DirectionSet, load_direction_sets
@@ -29,6 +29,7 @@ from harness.overrides import Override
 from harness.pool import ModelPool
 from harness.runlog import logged_warnings
 from harness.schema import Spec
+from harness.sites import DEFAULT_SITE
 from harness.spec import load_spec
 from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
@@ -82,9 +83,9 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     for name, condition in spec.conditions.items():
         condition.check(name, spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
-    for field, value, check in (("capture.layers", spec.capture.layers, capture.resolve_layers),
-                                ("capture.sites", spec.capture.sites, capture.resolve_sites)):
-        if value not in ("all", [capture.DEFAULT_SITE]):
+    for field, value, check in (("capture.layers", spec.capture.layers, structure.resolve_layers),
+                                ("capture.sites", spec.capture.sites, structure.resolve_sites)):
+        if value not in ("all", [DEFAULT_SITE]):
             try:
                 check(pool.model(spec.capture_model).model, value)
             except ValueError as exc:

@@ -27,7 +27,7 @@ from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
 from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
-from harness.stages.sites import DEFAULT_SITE, SITES
+from harness.sites import DEFAULT_SITE, SITES
 from harness.statnames import (
     INTERVENED_TEXT_METRIC_NAMES,
     LAYER_SCOPE,
@@ -148,9 +148,10 @@ class CaptureSpec(StrictModel):
     layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
     """Decoder blocks whose outputs are captured (layer l = output of block l)."""
     sites: list[str] = [DEFAULT_SITE]
-    """Where in each block the stream is read (registered in harness/stages/sites.py):
-    `resid_post` (the block's output), `attn_out`, `mlp_out` (what the attention / MLP sublayer
-    adds to the residual stream). Metrics of a site other than `resid_post` are named
+    """Where in each block the stream is read (registered in harness/sites.py):
+    `resid_post` (the block's output), `resid_pre` (its input), `attn_out`, `mlp_out` (what the
+    attention / MLP sublayer adds to the residual stream; found by role in Llama, Mistral,
+    Qwen 2/3, Gemma 1-3, Phi-3, OLMo 2 and GPT-NeoX blocks: harness/structure.py). Metrics of a site other than `resid_post` are named
     `<metric>_<site>`; token deltas and saved activations are the first site's."""
     tokens: Literal["response"] = "response"
     """Trajectory metrics run over the response tokens."""

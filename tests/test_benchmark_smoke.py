@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness import structure
 from harness.runner import run_spec
-from harness.stages import capture
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARK = BENCHMARKS / "bench_pipeline.py"
@@ -153,7 +153,7 @@ def test_compiled_parts_match_eager(workload):
     assert set(result.parts) == set(bench.HARNESS_PARTS + bench.FLOOR_PARTS + compiled)
     assert all(result.parts[name].compile_seconds is not None for name in compiled)
     assert result.compiled_differences == 0
-    assert not any("forward" in vars(block) for block in capture.decoder_blocks(workload.model))
+    assert not any("forward" in vars(block) for block in structure.decoder_blocks(workload.model))
     report = bench.format_report(result, workload)
     assert "| harness compiled generate |" in report and "- compiled: harness " in report
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.grid import Grid
+from harness import structure
 from harness.stages import capture
 from metrics import LAYER_METRICS
 
@@ -20,7 +21,7 @@ TEXTS = [
 
 def measure(model, tokenizer, texts, **kwargs):
     tokenized = [capture.tokenize_for_capture(tokenizer, text) for text in texts]
-    layers = capture.resolve_layers(model, "all")
+    layers = structure.resolve_layers(model, "all")
     measurement = capture.Measurement(Grid(tuple(sorted(LAYER_METRICS))), layers, layers, **kwargs)
     return capture.measure_batch(model, torch.device("cpu"), tokenizer.pad_token_id, tokenized, measurement)
 
@@ -146,7 +147,7 @@ def test_device_resident_values_equal_a_per_text_computation(tiny_model, tiny_to
     block's output from a hook: hidden_states[-1] is after the final norm)."""
     batched = measure(tiny_model, tiny_tokenizer, TEXTS)
     assert set(batched[0]["layer_metrics"]) == set(LAYER_METRICS)
-    last_block = capture.decoder_blocks(tiny_model)[-1]
+    last_block = structure.decoder_blocks(tiny_model)[-1]
     for text, record in zip(TEXTS, batched):
         tokenized = capture.tokenize_for_capture(tiny_tokenizer, text)
         ids = torch.tensor([tokenized.input_ids])
@@ -196,5 +197,5 @@ def test_compiled_capture_equals_eager(tiny_tokenizer):
                 np.testing.assert_allclose(got["text_metrics"][name], value, rtol=1e-5, err_msg=name)
             for layer, norms in expected["deltas"].items():
                 np.testing.assert_allclose(got["deltas"][layer], norms, rtol=1e-5, atol=1e-6)
-    assert all(block.harness_compiled for block in capture.decoder_blocks(compiled_model))
-    assert not any(getattr(block, "harness_compiled", False) for block in capture.decoder_blocks(eager_model))
+    assert all(block.harness_compiled for block in structure.decoder_blocks(compiled_model))
+    assert not any(getattr(block, "harness_compiled", False) for block in structure.decoder_blocks(eager_model))

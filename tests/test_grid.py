@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, build_tiny_model
-from harness import schema
+from harness import schema, structure
 from harness.errors import InputError
 from harness.grid import Column, Grid, Window
 from harness.spec import load_spec
@@ -124,7 +124,7 @@ def test_capture_fills_and_names_its_buffer_in_grid_order(llama, tiny_tokenizer)
     texts = [TextToMeasure("The game began development in 2010.", "It carried over a large portion of the work, as planned."),
              TextToMeasure("A short one here.", "Yes, it is short.")]
     tokenized = [capture.tokenize_for_capture(tiny_tokenizer, text) for text in texts]
-    layers = capture.resolve_layers(llama, "all")
+    layers = structure.resolve_layers(llama, "all")
     vectors = {name: torch.nn.functional.normalize(torch.randn(len(layers), 32, generator=torch.Generator().manual_seed(seed)), dim=-1)
                for seed, name in enumerate(FULL.directions)}
 

@@ -19,6 +19,7 @@ from harness.spec import load_spec
 from harness.stages import capture
 from harness.stages.conditions import GenerationSpec, InterventionCondition
 from harness.stages.generate import GenerateStage, generate_batch
+from harness.structure import decoder_blocks, resolve_layers
 
 TEXTS = [
     capture.TextToMeasure("The game began development in 2010.", "It carried over a large portion of the work."),
@@ -44,7 +45,7 @@ def model_and_tokenizer(request, tiny_tokenizer):
 
 def probe(model, seed: int = 1) -> DirectionSet:
     """A random unit direction per layer for `model`."""
-    n_layers, width = len(capture.decoder_blocks(model)), model.config.hidden_size
+    n_layers, width = len(decoder_blocks(model)), model.config.hidden_size
     vectors = torch.randn(n_layers, width, generator=torch.Generator().manual_seed(seed))
     return DirectionSet("probe.npy", None, "0" * 64, (n_layers, width), vectors / vectors.norm(dim=-1, keepdim=True), {})
 
@@ -62,7 +63,7 @@ def measure(model, tokenizer, texts, intervention: Applied | None = None, source
     def tokens(items):
         return [item if isinstance(item, capture.Tokenized) else capture.tokenize_for_capture(tokenizer, item) for item in items]
 
-    layers = capture.resolve_layers(model, "all")
+    layers = resolve_layers(model, "all")
     direction = direction or probe(model)
     measurement = capture.Measurement(GRID, layers, layers, directions={"probe": direction.vectors})
     intervened = None

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from harness import structure
 from harness.errors import InputError
 from harness.grid import Grid
 from harness.schema import Spec
@@ -66,7 +67,7 @@ def test_variance_ddof_matches_torch_var(ddof):
 
 def test_measure_batch_passes_metric_options(tiny_model, tiny_tokenizer):
     tokenized = [capture.tokenize_for_capture(tiny_tokenizer, text) for text in TEXTS]
-    layers = capture.resolve_layers(tiny_model, "all")
+    layers = structure.resolve_layers(tiny_model, "all")
 
     def variances(options):
         measurement = capture.Measurement(Grid(("variance",)), layers, metric_options=options or {})

@@ -1,8 +1,8 @@
 """Capture stage: one fused, batched forward per batch of texts computes every metric.
 
-Forward hooks on each decoder block's capture-site modules (`harness.stages.sites`; by
-default the block itself, whose output is the residual stream after block l) reduce what
-they see to per-text trajectory metrics on the device right away, into one preallocated
+Hooks where each capture site reads a decoder block (`harness.sites`, found in the block by
+`harness.structure`; by default the block's output, the residual stream after block l) reduce
+what they see to per-text trajectory metrics on the device right away, into one preallocated
 buffer of the grid's columns (`harness.grid`) that reaches the host in one transfer per
 batch: no activation leaves the device unless the spec asks for it. (``hidden_states[-1]`` of a
 transformers model is taken after the final norm; block outputs keep every layer on the
@@ -27,7 +27,7 @@ from harness.executor import CompiledCalls, Stage
 from harness.grid import Column, Grid, Window
 from harness.models import check_fits_memory, free_memory_bytes
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
-from harness.stages.sites import DEFAULT_SITE, SITES, UnknownArchitecture
+from harness.structure import decoder_blocks, resolve_layers, site_taps
 from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRIC_SCORES, TEXT_METRICS
 
 if TYPE_CHECKING:
@@ -129,44 +129,6 @@ def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> i
     at most CPU_TOKEN_BUDGET (never less than one row of `longest`)."""
     fits = int(0.5 * (free_memory_bytes(device) - LOGITS_CHUNK_BYTES) / bytes_per_token(model, longest))
     return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
-
-
-def architecture(model: nn.Module) -> str:
-    """The text model's `model_type` (`llama`, `gemma2`, `gemma3_text`, ...), which capture sites key on."""
-    return model.config.get_text_config().model_type
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: `layers` of the model's decoder, where transformers keeps them."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnknownArchitecture(f"cannot find the decoder blocks of {type(model).__name__} (no `get_decoder().layers`)")
-    return layers
-
-
-def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
-    """Per decoder block, the module whose output is `site`."""
-    path = SITES[site](architecture(model))
-    try:
-        return [block.get_submodule(path) for block in decoder_blocks(model)]
-    except (AttributeError, UnknownArchitecture) as exc:
-        raise UnknownArchitecture(f"capture site {site!r}: {exc}") from None
-
-
-def resolve_sites(model: nn.Module, sites: Sequence[str]) -> None:
-    """Raise UnknownArchitecture (a ValueError naming the site) if `model` lacks one of `sites`."""
-    for site in sites:
-        site_modules(model, site)
-
-
-def resolve_layers(model: nn.Module, requested: str | list[int]) -> list[int]:
-    n_layers = len(decoder_blocks(model))
-    if requested == "all":
-        return list(range(n_layers))
-    too_deep = [layer for layer in requested if layer >= n_layers]
-    if too_deep:
-        raise ValueError(f"layers {too_deep} do not exist (the model has {n_layers})")
-    return list(requested)
 
 
 def report_layers(layers: list[int]) -> list[int]:
@@ -395,8 +357,8 @@ def measure_batch(
     def hook_for(site: str, layer_index: int):
         first_site, layer = site == grid.sites[0], layers[layer_index]
 
-        def hook(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, padded.first :].float()
+        def hook(states: torch.Tensor) -> None:
+            hidden = states[:, padded.first :].float()
             if hidden.device not in on_device:
                 vectors = (torch.stack([measurement.directions[name] for name in grid.directions]).to(hidden.device)
                            if grid.directions else None)
@@ -433,8 +395,8 @@ def measure_batch(
         # an intervention's hooks come first: the measuring hooks see what it changed
         handles = []
         for site in grid.sites:
-            modules = site_modules(model, site)
-            handles += [modules[layer].register_forward_hook(hook_for(site, index)) for index, layer in enumerate(layers)]
+            taps = site_taps(model, site)
+            handles += [taps[layer].register(hook_for(site, index)) for index, layer in enumerate(layers)]
         try:
             hidden = forward(padded)
         finally:

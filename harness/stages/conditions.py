@@ -30,7 +30,7 @@ from pydantic import Field
 from harness.base import FieldError, StrictModel
 from harness.errors import InputError
 from harness.interventions import At, Do, During
-from harness.stages.sites import SITES
+from harness.sites import SITES
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
@@ -267,7 +267,7 @@ class InterventionCondition(ConditionSpec):
                                  "or patch positions: prompt")
 
     def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        from harness.stages.capture import decoder_blocks, resolve_sites
+        from harness.structure import decoder_blocks, resolve_sites
 
         model = pool.model(spec.capture_model).model
         try:
