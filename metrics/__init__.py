@@ -10,7 +10,7 @@ Three kinds:
   ``target_mask`` marks every predicted token of the text, ``response_mask`` the predicted
   response tokens. ``@text_metric(scores="kl")`` gets, instead of ``nll``, the per-token KL
   divergence of an intervened forward's next-token distribution from the clean forward's of
-  the same text (NaN everywhere on a forward nothing intervened on).
+  the same text (not computed on a forward nothing intervened on).
 - projection metrics, ``fn(projection, mask) -> Tensor[B]``: ``projection`` ``[B, T]`` is
   ``<h_t, v>`` for one layer's residual stream and a unit direction ``v`` of a spec's
   ``directions:`` set, ``mask`` as above. Computed per layer and direction set.

@@ -403,14 +403,16 @@ def measure_batch(
             for handle in handles:
                 handle.remove()
     nll = token_nll(model, hidden, padded.input_ids, padded.attention).to(input_device)
-    kl = (token_kl(model, hidden, clean, padded.input_ids, padded.attention) if clean is not None
-          else torch.full_like(nll, float("nan"))).to(input_device)
+    scores = {"nll": nll}
+    if clean is not None:
+        scores["kl"] = token_kl(model, hidden, clean, padded.input_ids, padded.attention).to(input_device)
     targets = padded.attention.clone()
     targets[:, 0] = False
     targets, response_targets = targets.to(input_device), (padded.response & targets).to(input_device)
-    scores = {"nll": nll, "kl": kl}
-    for index, (name, fn) in enumerate(TEXT_METRICS.items()):
-        text_values[index] = fn(scores[TEXT_METRIC_SCORES.get(name, "nll")], targets, response_targets)
+    # a metric of the KL from the clean forward is not defined on a forward nothing changed: no value
+    measured = [(index, name) for index, name in enumerate(TEXT_METRICS) if TEXT_METRIC_SCORES.get(name, "nll") in scores]
+    for index, name in measured:
+        text_values[index] = TEXT_METRICS[name](scores[TEXT_METRIC_SCORES.get(name, "nll")], targets, response_targets)
 
     host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
     host_activations = activations.cpu() if activations is not None else None
@@ -421,7 +423,7 @@ def measure_batch(
             "n_response_tokens": len(item.input_ids) - item.response_start,
             "response_ids": item.input_ids[item.response_start :],
             "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(columns)},
-            "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
+            "text_metrics": {name: float(host_text[index, row]) for index, name in measured},
             "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
         }
         if host_activations is not None:
