@@ -74,10 +74,6 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     write_text(path, "".join(json_text(row, indent=None) + "\n" for row in rows))
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 

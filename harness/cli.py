@@ -1,6 +1,8 @@
 """`harness` command line: run, validate, ls, schema, compare, directions.
 
 Exit codes are pytest-style (`harness.errors.ExitCode`); `harness run --help` lists them.
+Each command imports what it runs inside its function: the start-up path (`--help`,
+`validate`, `ls`) loads no torch.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in files:
         try:
             sweep = expand(path, overrides)  # a matrix: every point, validated like a file
+            for point in sweep.points if args.models else []:
+                _check_models(point.spec, path)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             bad += 1
@@ -64,6 +68,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return ExitCode.INPUT if bad else ExitCode.PASSED
 
 
+def _check_models(spec, path: Path) -> None:
+    """`validate --models`: the model checks of collection, and each tokenizer, loading no weights
+    (nothing is written but the model cache's memo of file hashes)."""
+    from harness.cache import StageCache
+    from harness.executor import Executor
+    from harness.pool import ModelPool
+    from harness.runner import check_models
+
+    executor = Executor(StageCache(Path(os.devnull), enabled=False), lambda line: None)  # runs no stage
+    check_models(spec, ModelPool(spec, path, executor), tokenizers=True)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from harness.spec import spec_json_schema
 
@@ -73,7 +89,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import compare_runs
+    from harness.writing import check_output_file
 
+    if args.output:
+        check_output_file(Path(args.output), "-o", args.force)
     markdown = compare_runs([Path(run) for run in args.runs], args.stat)
     print(markdown)
     if args.output:
@@ -84,11 +103,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_directions(args: argparse.Namespace) -> int:
-    from harness.directions import difference_of_means, write_direction_file
+    from harness.direction_builder import difference_of_means, write_direction_file
+    from harness.writing import check_output_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise InputError(f"{output}: -o: the direction file must end in .safetensors")
+    check_output_file(output, "-o", args.force)
     direction, metadata = difference_of_means(Path(args.run_dir), args.a, args.b, args.split)
     write_direction_file(output, direction, metadata)
     count = len(metadata["samples"].split(","))
@@ -129,13 +150,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"{' '.join(args.paths)}: no spec files selected")
     overrides = command_line(args.set, args.limit, args.device)
     sweeps = [expand(path, overrides) for path in files]  # every spec and point valid before anything runs
+    from harness.cache import ROOT_VARIABLE, cache_root
+
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-    if os.environ.get("HARNESS_CACHE_DIR"):
-        check_writable_folder(Path(os.environ["HARNESS_CACHE_DIR"]), "HARNESS_CACHE_DIR")
+    check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
 
-    from harness.runner import run_spec
-    from harness.sweep import run_sweep
+    from harness.session import Session
+
+    session = Session(runs_dir, not args.no_cache, tag=args.tag)
 
     def report(header: str, outcome) -> None:
         print(f"\n{header}  →  {outcome.run_dir}")
@@ -155,10 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
         try:
             with disk_errors_named(runs_dir):
-                if sweep.is_matrix:
-                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
-                else:
-                    outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
+                outcome = session.run(sweep, report_point if sweep.is_matrix else lambda point, run: None)
         except InputError:
             raise
         except HarnessError as exc:
@@ -171,15 +191,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         if sweep.is_matrix:
             report(f"{path}: sweep of {len(sweep.points)} points", outcome)
-            results = outcome.all_results
             outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
         else:
             report(str(path), outcome)
-            results = outcome.results
             outcomes.append((path, outcome))
-        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
-        totals.extend(results)
-        worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
+        print(f"{summary_line(outcome.all_results)} in {outcome.seconds:.1f}s")
+        totals.extend(outcome.all_results)
+        worst = max(worst, outcome.exit_code)
     if args.junitxml:
         from harness.junit import write_junit
 
@@ -199,7 +217,8 @@ def _quiet_libraries() -> None:
 
 
 ENVIRONMENT = {
-    "HARNESS_CACHE_DIR": "the stage cache (default: <runs dir>/.cache)",
+    "HARNESS_CACHE_DIR": "the stage cache (default, also when empty: <runs dir>/.cache)",
+    "HARNESS_CACHE_KEY": "a secret: sign cache entries, use only entries signed with it",
     "HARNESS_MODEL_CACHE": "converted GGUF weights and file hashes (default: ~/.cache/harness)",
     "HARNESS_DEBUG": "1: print the traceback of an unexpected error",
 }
@@ -268,9 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "harness validate specs/                       every shipped spec, one line each",
         "harness validate specs/quickstart.yaml        one spec: prints it resolved (extends, defaults)",
         "harness validate specs/baseline.yaml --set runtime.compile=true   with an override",
+        "harness validate specs/ --models              also each model's files, tokenizer and context (no weights)",
     ))
     validate.add_argument("paths", nargs="+", metavar="PATH", help=SPEC_PATHS)
     validate.add_argument("--show", action="store_true", help="print each resolved spec (one spec is always printed)")
+    validate.add_argument("--models", action="store_true",
+                          help="also check each model: its files, tokenizer and context length (no weights loaded)")
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 
@@ -300,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--stat", action="append", default=[], metavar="PATTERN",
                          help="the statistics to show (repeatable), every row of them; default: the key statistics "
                               f"that differ between the runs. A PATTERN is {PATTERN_HELP}")
-    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here")
+    compare.add_argument("-o", "--output", metavar="FILE", help="also write the markdown table here (its folder must exist)")
+    compare.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     compare.set_defaults(handler=cmd_compare)
 
     from typing import get_args
@@ -313,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     directions.add_argument("--a", required=True, metavar="CONDITION", help="condition whose mean the direction points to")
     directions.add_argument("--b", required=True, metavar="CONDITION", help="condition whose mean it points away from")
     directions.add_argument("--split", choices=get_args(DirectionSplit), default="all", help="which samples build it (default: all)")
-    directions.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
+    directions.add_argument("-o", "--output", required=True, metavar="FILE",
+                            help="the .safetensors file to write: not inside a run folder, its folder must exist")
+    directions.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     directions.set_defaults(handler=cmd_directions)
     return parser
 
@@ -330,27 +355,60 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+class _ReaderMayLeave:
+    """stdout or stderr that outlives its reader (`harness validate specs/ | head -1`): once the
+    pipe is closed, the rest is written to /dev/null and the command finishes with its own exit
+    code, so a closed pipe never turns exit 2 into 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
     try:
+        args = build_parser().parse_args(argv)  # inside: the parser reads the schema, which loads the plugins
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.INPUT
-    except BrokenPipeError:  # `harness validate specs/ | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.PASSED
     except KeyboardInterrupt as exc:
         from harness.executor import Terminated
 
         terminated = isinstance(exc, Terminated)
-        print(
-            f"\n{'terminated' if terminated else 'interrupted'}: finished batches are saved in the stage cache; "
-            "run the same command again to resume from there",
-            file=sys.stderr,
-        )
+        resume = ("finished batches are saved in the stage cache; run the same command again to resume from there"
+                  if args.command == "run" else "nothing was written")
+        print(f"\n{'terminated' if terminated else 'interrupted'}: {resume}", file=sys.stderr)
         return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

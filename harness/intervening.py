@@ -35,7 +35,7 @@ from harness.structure import decoder_blocks, site_taps
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
     from harness.schema import Spec
-    from harness.stages.conditions import InterventionCondition
+    from harness.sources import InterventionCondition
 
 MaskFor = Callable[[int, torch.Tensor], torch.Tensor]
 """(the hook's call number, the site's output [B, T, d]) -> where to act, [B, T] bool."""

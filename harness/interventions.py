@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, create_model, field_validator, model_serializer, model_validator
 
 from harness.base import StrictModel
+from harness.registry import Registry
 from harness.sites import DEFAULT_SITE
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Intervention:
     """`fn(hidden, mask, do, layer: LayerContext) -> hidden`."""
 
 
-INTERVENTIONS: dict[str, Intervention] = {}
+INTERVENTIONS: Registry[Intervention] = Registry("intervention")
 """Registered intervention kinds by the name a spec's `do:` uses."""
 
 
@@ -138,7 +139,7 @@ def intervention(name: str, spec_model: type[InterventionSpec]):
     """Register `fn(hidden, mask, do, layer) -> hidden` as the kind `name` with its spec model."""
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        INTERVENTIONS[name] = Intervention(spec_model, fn)
+        INTERVENTIONS.add(name, Intervention(spec_model, fn), fn.__module__)
         return fn
 
     return register

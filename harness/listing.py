@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import InputError
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
+from harness.registry import Registry, load_plugins
+from harness.sources import SOURCES
+from harness.sites import SITES
 from harness.statnames import (
     LAYER_SCOPE,
     SWEEP_ADJUSTED_P,
@@ -29,33 +33,38 @@ def first_line(text: str | None) -> str:
 
 
 def metrics() -> list[str]:
-    from metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
-
-    rows = [f"{name:<26} per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}"
+    load_plugins()
+    rows = [_row(name, LAYER_METRICS, f"per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}")
             for name, fn in LAYER_METRICS.items()]
-    rows += [f"{name:<26} per layer and direction set: {first_line(fn.__doc__)}" for name, fn in PROJECTION_METRICS.items()]
-    return rows + [f"{name:<26} per text: {first_line(fn.__doc__)}" for name, fn in TEXT_METRICS.items()]
+    rows += [_row(name, PROJECTION_METRICS, f"per layer and direction set: {first_line(fn.__doc__)}")
+             for name, fn in PROJECTION_METRICS.items()]
+    return rows + [_row(name, TEXT_METRICS, f"per text: {first_line(fn.__doc__)}") for name, fn in TEXT_METRICS.items()]
 
 
 def sources() -> list[str]:
-    from harness.stages.conditions import SOURCES
-
-    return [f"{name:<26} {first_line(source.spec_model.__doc__)}" for name, source in SOURCES.items()]
+    load_plugins()
+    return [_row(name, SOURCES, first_line(source.spec_model.__doc__)) for name, source in SOURCES.items()]
 
 
 def sites() -> list[str]:
     """The registered sites, then the decoder families whose sublayers a block is read by role in."""
-    from harness.sites import SITES
     from harness.structure import FAMILIES  # imports torch: only this listing needs the model-structure table
 
-    rows = [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
-    return rows + [f"{'(families)':<26} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
+    load_plugins()
+    rows = [_row(name, SITES, first_line(fn.__doc__)) for name, fn in SITES.items()]
+    return rows + [f"{'(families)':<26} {'':<10} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
+
+
+def _row(name: str, registry: Registry, text: str) -> str:
+    """A registry entry's line: its name, the package it comes from, what it is."""
+    return f"{name:<26} {registry.origin(name):<10} {text}"
 
 
 def interventions() -> list[str]:
     from harness.interventions import INTERVENTIONS
 
-    return [f"{name:<26} {first_line(kind.spec_model.__doc__)}" for name, kind in INTERVENTIONS.items()]
+    load_plugins()
+    return [_row(name, INTERVENTIONS, first_line(kind.spec_model.__doc__)) for name, kind in INTERVENTIONS.items()]
 
 
 def specs(files: list[Path], width: int) -> list[str]:
@@ -126,9 +135,12 @@ def stats(target: Path) -> list[str]:
 
     if target.is_dir():
         if is_sweep_dir(target):
-            from harness.artifacts import read_json
+            from harness.inputs import read_json
 
-            return collapse(read_json(target / SWEEP_FILE)["statistics"])
+            statistics = read_json(target / SWEEP_FILE, expect=dict).get("statistics")
+            if not isinstance(statistics, dict):
+                raise InputError(f"{target / SWEEP_FILE}: 'statistics' must be a mapping of names to values")
+            return collapse(statistics)
         if not is_run_dir(target):
             raise InputError(f"{target}: neither a finished run folder, a sweep folder nor a spec")
         return collapse(read_stats(target))

@@ -25,12 +25,14 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
+import numpy as np
 import torch
 import transformers  # a lazy module: model classes load on first use, so a fully cached run skips them
 from huggingface_hub import HfApi, hf_hub_download
@@ -46,6 +48,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from harness.artifacts import staged
 from harness.errors import InputError
+from harness.inputs import read_json
 from harness.progress import Progress
 from harness.schema import ModelSpec
 
@@ -115,6 +118,21 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> PreTrainedTo
     return _tokenizer(spec, _pretrained(weights, spec, cache_dir, where), where)
 
 
+def check_tokenizer(spec: ModelSpec, cache_dir: Path, where: str) -> None:
+    """Load the spec's tokenizer without touching weights: a GGUF model not converted yet has
+    its tokenizer read from the GGUF file itself (`harness validate --models`)."""
+    cache_dir = Path(cache_dir)
+    weights = _locate(spec, cache_dir, where)
+    if weights.kind == "gguf" and not _converted_dir(weights, spec, cache_dir, where).is_dir():
+        assert weights.path is not None
+        try:
+            transformers.AutoTokenizer.from_pretrained(weights.path.parent, gguf_file=weights.path.name)
+        except Exception as exc:  # whatever the GGUF tokenizer reader raises, the file is the user's to fix
+            raise InputError(f"{where}: the tokenizer of {str(weights.path)!r} cannot be read: {_first_line(exc)}") from None
+        return
+    load_tokenizer(spec, cache_dir, where)
+
+
 def load_model(spec: ModelSpec, cache_dir: Path, where: str) -> LoadedModel:
     """Load the spec's model and tokenizer, placed by accelerate per `spec.device_map`."""
     cache_dir = Path(cache_dir)
@@ -155,10 +173,85 @@ def context_length(model_dir: Path) -> int | None:
 
 
 def _text_config_int(model_dir: Path, key: str) -> int | None:
-    """An integer of a model folder's config.json (a multimodal config keeps it under `text_config`)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    value = config.get(key, (config.get("text_config") or {}).get(key))
-    return value if isinstance(value, int) else None
+    """An integer of a model folder's config.json (a multimodal config keeps it under `text_config`),
+    read within the `model_config` limit; a config that is not a JSON mapping is one InputError line."""
+    config = read_json(Path(model_dir) / "config.json", "model_config", expect=dict)
+    text_config = config.get("text_config")
+    value = config.get(key, text_config.get(key) if isinstance(text_config, dict) else None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def model_context(spec: ModelSpec, cache_dir: Path, where: str) -> tuple[int | None, str]:
+    """The model's context length and where it was read, without loading or converting weights:
+    config.json of a local, hub or already converted model, else a GGUF file's own metadata
+    (`<architecture>.context_length`). (None, "") when nothing says (a hub model not cached yet)."""
+    cache_dir = Path(cache_dir)
+    weights = _locate(spec, cache_dir, where)
+    if weights.kind == "gguf":
+        converted = _converted_dir(weights, spec, cache_dir, where)
+        if not converted.is_dir():
+            assert weights.path is not None
+            metadata = gguf_metadata(weights.path, where)
+            key = f"{metadata.get('general.architecture')}.context_length"
+            value = metadata.get(key)
+            return (int(value) if isinstance(value, int) else None), f"{key} in {weights.path}"
+        folder: Path | None = converted
+    else:
+        folder = _config_dir(_pretrained(weights, spec, cache_dir, where))
+    if folder is None:
+        return None, ""
+    return context_length(folder), f"max_position_embeddings in {folder / 'config.json'}"
+
+
+_GGUF_SCALARS = {kind: np.dtype(scalar) for kind, scalar in gguf.GGUFReader.gguf_scalar_to_np.items()}
+GGUF_MAX_STRING = 2**20
+"""Longest metadata string (or key) a GGUF header may have here: a length past it means a damaged file."""
+
+
+def gguf_metadata(path: Path, where: str) -> dict[str, Any]:
+    """The scalar and string metadata of a GGUF file's header (arrays such as the vocabulary are
+    skipped), read in milliseconds without the tensors (gguf.GGUFReader parses the whole file:
+    seconds to tens of seconds). A header that does not parse is one InputError line."""
+    def read(handle, size: int) -> bytes:
+        data = handle.read(size)
+        if len(data) != size:
+            raise ValueError("the file ends inside its header")
+        return data
+
+    def string(handle) -> str:
+        (length,) = struct.unpack("<Q", read(handle, 8))
+        if length > GGUF_MAX_STRING:
+            raise ValueError(f"a string of {length} bytes")
+        return read(handle, length).decode("utf-8", errors="replace")
+
+    def value(handle, kind: int) -> Any:
+        if kind == gguf.GGUFValueType.STRING:
+            return string(handle)
+        if kind == gguf.GGUFValueType.ARRAY:
+            item_kind, count = struct.unpack("<IQ", read(handle, 12))
+            if item_kind in _GGUF_SCALARS:
+                handle.seek(_GGUF_SCALARS[item_kind].itemsize * count, 1)
+            else:
+                for _ in range(count):
+                    value(handle, item_kind)
+            return None
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown value type {kind}")
+        return np.frombuffer(read(handle, _GGUF_SCALARS[kind].itemsize), _GGUF_SCALARS[kind])[0].item()
+
+    try:
+        with path.open("rb") as handle:
+            magic, version, _, kv_count = struct.unpack("<IIQQ", read(handle, 24))
+            if magic != gguf.GGUF_MAGIC or version not in (2, 3):
+                raise ValueError("not a GGUF file (magic or version)")
+            metadata = {}
+            for _ in range(kv_count):
+                key = string(handle)
+                (kind,) = struct.unpack("<I", read(handle, 4))
+                metadata[key] = value(handle, kind)
+            return metadata
+    except (OSError, ValueError, struct.error, RecursionError) as exc:
+        raise InputError(f"{where}: {str(path)!r} is not a readable GGUF file (truncated or corrupt?): {exc}") from None
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -170,6 +263,36 @@ def free_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+MEMORY_FRACTION = 0.5
+"""Share of the device's free memory an `auto` batch (generation's prompts, capture's tokens) plans to use."""
+
+
+def block_activation_bytes(model, longest: int) -> int:
+    """Per token, one decoder block's forward activations at the peak, as generation's prefill and
+    capture's forward both run it: the residual stream, attention projections and MLP in the
+    model's dtype, and the float32 attention scores of a row of `longest` tokens."""
+    config = model.config.get_text_config()
+    per_token = (6 * config.hidden_size + 3 * config.intermediate_size) * model.dtype.itemsize
+    return per_token + config.num_attention_heads * longest * 4
+
+
+def memory_budget(setting: int | str, device: torch.device, unit_bytes: int, what: str, *,
+                  least: int = 1, most: int | None = None, reserved: int = 0) -> int:
+    """Units per batch (generation's prompts, capture's padded tokens), one unit costing `unit_bytes`.
+
+    `auto`: as many as fit in MEMORY_FRACTION of the free memory of `device` after `reserved`,
+    at least `least`, at most `most`. A number: checked to fit at the size a batch reaches (at
+    least `least`, at most `most` units; InputError naming `what`), and returned as it is.
+    """
+    device = torch.device(device)
+    if setting == "auto":
+        fits = int(MEMORY_FRACTION * (free_memory_bytes(device) - reserved) / unit_bytes)
+        return max(least, fits if most is None else min(most, fits))
+    used = max(least, setting if most is None else min(most, setting))
+    check_fits_memory(device, reserved + used * unit_bytes, what)
+    return setting
+
+
 def check_fits_memory(device: torch.device, estimate: int, what: str) -> None:
     """Raise InputError when `what` is estimated to need more than the free memory of `device`."""
     free = free_memory_bytes(torch.device(device))
@@ -178,13 +301,6 @@ def check_fits_memory(device: torch.device, estimate: int, what: str) -> None:
             f"{what} need about {estimate / 2**30:.1f} GiB, and {torch.device(device)} has {free / 2**30:.1f} GiB free: "
             "use a smaller value or `auto`"
         )
-
-
-def config_folder(spec: ModelSpec, cache_dir: Path, where: str) -> Path | None:
-    """The folder holding the model's config.json, without loading weights (a GGUF model is
-    converted first); None for a hub model whose files are not in the local cache yet."""
-    cache_dir = Path(cache_dir)
-    return _config_dir(_pretrained(_locate(spec, cache_dir, where), spec, cache_dir, where))
 
 
 def _config_dir(pretrained: _Pretrained) -> Path | None:
@@ -198,15 +314,21 @@ def _config_dir(pretrained: _Pretrained) -> Path | None:
 
 def check_fits_context(model_dir: Path, new_tokens: int, prompt_tokens: int, where: str) -> None:
     """Raise InputError when a prompt of up to `prompt_tokens` tokens plus `new_tokens`
-    generated ones exceed the model's context (reads only config.json: no torch, no weights).
+    generated ones exceed the context in a model folder's config.json (no torch, no weights)."""
+    check_context(context_length(model_dir), f"max_position_embeddings in {Path(model_dir) / 'config.json'}",
+                  new_tokens, prompt_tokens, where)
+
+
+def check_context(limit: int | None, source: str, new_tokens: int, prompt_tokens: int, where: str) -> None:
+    """Raise InputError when a prompt of up to `prompt_tokens` tokens plus `new_tokens` exceed
+    `limit` (read from `source`; None: nothing to check against).
 
     `where` names the field, e.g. `specs/x.yaml: conditions.model.generation.max_new_tokens`.
     """
-    limit = context_length(model_dir)
     if limit is not None and prompt_tokens + new_tokens > limit:
         raise InputError(
             f"{where}: {new_tokens} new tokens after a {prompt_tokens}-token prompt exceed the "
-            f"model's context of {limit} tokens (max_position_embeddings in {Path(model_dir) / 'config.json'})"
+            f"model's context of {limit} tokens ({source})"
         )
 
 
@@ -447,13 +569,20 @@ def check_device(spec: ModelSpec, where: str) -> None:
 # --- GGUF conversion ------------------------------------------------------------------
 
 
-def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> Path:
-    """The safetensors copy of a GGUF file, converted on first use."""
+def _converted_dir(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> Path:
+    """Where the safetensors copy of a GGUF file is (or will be) in the cache."""
     assert weights.path is not None
     identity = _identity(weights, spec, cache_dir, where)
     # The conversion is transformers' code: a new version converts again.
     key = hashlib.sha256(f"{identity}|transformers=={transformers.__version__}".encode()).hexdigest()[:16]
-    target = cache_dir / "models" / f"{_slug(weights.path.stem)}-{key}"
+    return cache_dir / "models" / f"{_slug(weights.path.stem)}-{key}"
+
+
+def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> Path:
+    """The safetensors copy of a GGUF file, converted on first use."""
+    assert weights.path is not None
+    identity = _identity(weights, spec, cache_dir, where)
+    target = _converted_dir(weights, spec, cache_dir, where)
     if target.is_dir():
         return target
     record = {

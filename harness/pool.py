@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.executor import Executor
+from harness.models import (
+    check_context, check_device, check_tokenizer, load_model, load_tokenizer, model_context, model_identity, model_source,
+    use_threads,
+)
 from harness.schema import ModelSpec, Spec
 
 
@@ -37,22 +41,21 @@ class ModelPool:
 
     def check(self, alias: str) -> None:
         """Fail fast, before any stage runs: a missing package, file, path or device."""
-        from harness.models import check_device
 
         self.identity(alias)
         check_device(self.spec.models[alias], self.where(alias))
 
+    def check_tokenizer(self, alias: str) -> None:
+        """Fail when the tokenizer does not load; reads no weights."""
+        if alias not in self._tokenizers:
+            check_tokenizer(self.spec.models[alias], model_cache_dir(), self.where(alias))
+
     def check_fits_context(self, alias: str, new_tokens: int, prompt_tokens: int, field: str) -> None:
         """Fail before any stage runs when a prompt plus `new_tokens` exceed the model's context."""
-        from harness.models import check_fits_context, config_folder
-
-        folder = config_folder(self.spec.models[alias], model_cache_dir(), self.where(alias))
-        if folder is not None:
-            check_fits_context(folder, new_tokens, prompt_tokens, f"{self.spec_path}: {field}")
+        limit, source = model_context(self.spec.models[alias], model_cache_dir(), self.where(alias))
+        check_context(limit, source, new_tokens, prompt_tokens, f"{self.spec_path}: {field}")
 
     def identity(self, alias: str) -> str:
-        from harness.models import model_identity
-
         if alias not in self._identities:
             self._identities[alias] = model_identity(self.spec.models[alias], model_cache_dir(), self.where(alias))
         return self._identities[alias]
@@ -73,7 +76,6 @@ class ModelPool:
 
     def model(self, alias: str):
         """The loaded model (`harness.models.LoadedModel`)."""
-        from harness.models import load_model, use_threads
 
         if alias not in self._models:
             use_threads(self.threads)
@@ -82,7 +84,6 @@ class ModelPool:
         return self._models[alias]
 
     def tokenizer(self, alias: str):
-        from harness.models import load_tokenizer
 
         if alias in self._models:
             return self._models[alias].tokenizer
@@ -95,7 +96,6 @@ class ModelPool:
 
         A fully cached run loads no model; its record still names the weights (and the device
         stays None: nothing ran)."""
-        from harness.models import model_source
 
         records = {}
         for alias, identity in self._identities.items():

@@ -9,6 +9,7 @@ run of a spec with that name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -18,24 +19,22 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import content_hash, number, read_json, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import number, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
-from harness.errors import InputError
-from harness.interventions import describe
+from harness.errors import InputError, quoted
+from harness.inputs import read_json, read_text
 from harness.schema import Spec
 from harness.spec import dump_spec
-
-if TYPE_CHECKING:
-    from harness.runner import Plan
+from harness.stages.stats import load_table
 
 FORMAT_VERSION = 1
 """Version of the run-folder format (the manifest's `format_version`)."""
@@ -102,37 +101,6 @@ class Manifest(StrictModel):
     (`during`) and its direction set's file and sha256."""
 
 
-def build_manifest(plan: Plan, run_id: str) -> Manifest:
-    """The manifest of a run of `plan`, as its folder `run_id` records it."""
-    spec, executor = plan.spec, plan.executor
-    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
-    return Manifest(
-        harness_version=harness.__version__,
-        spec_name=spec.name,
-        spec_file=str(absolute),
-        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
-        spec_hash=content_hash(spec.model_dump(mode="json")),
-        run_id=run_id,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        packages=package_versions(),
-        models=plan.pool.provenance(),
-        processes=executor.shard.world,
-        threads=plan.pool.threads,
-        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
-        cache_keys=dict(executor.keys),
-        timings=dict(executor.timings),
-        cache=dict(executor.reuse),
-        directions={name: direction.record() for name, direction in plan.directions.items()},
-        overrides=[override.origin for override in plan.overrides],
-        point=plan.point,
-        interventions={
-            name: describe(c.at, c.do, c.during, plan.directions.get(next(iter(c.do.spec.direction_sets()), None)))
-            for name, c in spec.conditions.items() if c.source == "intervene"
-        },
-    )
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 
@@ -141,6 +109,7 @@ class RunFolder:
 
     def __init__(self, runs_dir: Path, spec_name: str, label: str | None = None):
         self.parent = Path(runs_dir) / spec_name
+        self.made_parent = not self.parent.exists()
         self.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.parent)
         stamp, suffix = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""), 1
@@ -165,7 +134,11 @@ class RunFolder:
         return final
 
     def discard(self) -> None:
+        """Remove the staging folder, and `runs/<name>/` when this run made it and it is empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.made_parent:
+            with contextlib.suppress(OSError):  # another run's folder is in it now
+                self.parent.rmdir()
 
 
 def remove_stale_staging(parent: Path) -> None:
@@ -225,10 +198,12 @@ def write_per_sample(folder: Path, table_csv: str) -> None:
 
 
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
-    """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
+    """texts.jsonl (every condition's texts, with the response tokens measured) and
+    token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
         {"sample_id": sample_id, "condition": condition, **text,
-         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"]}
+         "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"],
+         "tokens": measured[condition]["records"][sample_id]["tokens"]}
         for condition, rows in texts.items()
         for sample_id, text in enumerate(rows)
     ])
@@ -300,18 +275,54 @@ def package_versions() -> dict[str, str | None]:
 
 
 def read_stats(run_dir: Path) -> dict[str, float | None]:
-    """stats.json: name → value (NaN and ±inf read back as floats)."""
-    return {name: number(value) for name, value in read_json(Path(run_dir) / "stats.json").items()}
+    """stats.json: name → value (NaN and ±inf read back as floats); a file that is not a mapping
+    of numbers is one InputError line naming it (and the statistic)."""
+    path = Path(run_dir) / "stats.json"
+    return _numbers(read_json(path, expect=dict), f"{path}: ")
+
+
+def _numbers(values: dict, where: str) -> dict[str, float | None]:
+    """name → number(value); a value that is not a number, null, "nan" or "±inf" is an InputError."""
+    out = {}
+    for name, value in values.items():
+        try:
+            if isinstance(value, (bool, list, dict)):
+                raise TypeError
+            out[name] = number(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}{quoted(name)}: {quoted(str(value))} is not a number") from None
+    return out
+
+
+CRITERION_KEYS = ("name", "passed", "values")
+"""The keys every criteria.json row has (and `expr`, `error`)."""
 
 
 def read_criteria(run_dir: Path) -> list[dict]:
-    """criteria.json rows: name, expr, passed, values (floats or None), error."""
-    rows = read_json(Path(run_dir) / "criteria.json")
-    return [{**row, "values": {stat: number(value) for stat, value in row["values"].items()}} for row in rows]
+    """criteria.json rows: name, expr, passed, values (floats or None), error; a malformed file
+    is one InputError line naming it (and the row)."""
+    path = Path(run_dir) / "criteria.json"
+    rows = read_json(path, expect=list)
+    for index, row in enumerate(rows):
+        missing = [key for key in CRITERION_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise InputError(f"{path}: row {index}: no {', '.join(missing)}")
+        if not isinstance(row["values"], dict) or not isinstance(row["name"], str):
+            raise InputError(f"{path}: row {index}: 'name' must be a string and 'values' a mapping")
+    return [{**row, "values": _numbers(row["values"], f"{path}: row {index}: values: ")} for index, row in enumerate(rows)]
 
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "stats.json").is_file() and (Path(path) / "criteria.json").is_file()
+
+
+def enclosing_run_folder(path: Path) -> Path | None:
+    """The run, sweep or staging folder that `path` (symlinks followed) lies in, if any."""
+    from harness.sweep import SWEEP_FILE
+
+    markers = ("stats.json", "criteria.json", "manifest.json", SWEEP_FILE, OWNER_FILE)
+    resolved = Path(path).resolve()
+    return next((folder for folder in resolved.parents if any((folder / marker).exists() for marker in markers)), None)
 
 
 @dataclass(frozen=True)
@@ -340,15 +351,14 @@ class RunRecord:
 
 
 def load_run(run_dir: Path) -> RunRecord:
-    from harness.stages.stats import load_table
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise InputError(f"{run_dir}: not a finished run folder (no stats.json / criteria.json)")
     deltas_file = run_dir / "token_deltas.jsonl"
     return RunRecord(
-        spec=Spec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))),
-        manifest=read_json(run_dir / "manifest.json"),
+        spec=Spec.model_validate(yaml.safe_load(read_text(run_dir / "spec.yaml", "spec"))),
+        manifest=read_json(run_dir / "manifest.json", expect=dict),
         texts=read_jsonl(run_dir / "texts.jsonl"),
         table=load_table(run_dir / "per_sample.csv"),
         token_deltas=read_jsonl(deltas_file) if deltas_file.is_file() else [],

@@ -5,35 +5,34 @@
 Collection (like pytest's) fails on any bad input before a stage runs or a file is written.
 Execution only sequences the stages; each stage module owns its inputs, key and work units,
 and `harness.executor` caches, resumes, shards, times and logs them. The run folder is
-assembled under a hidden name and renamed into place at the end (`harness.rundir`).
+assembled under a hidden name and renamed into place at the end (`harness.rundir`); its
+manifest is built here, from the plan. `harness.session` drives these for every point.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import harness
 from harness import rundir, structure
-from harness.artifacts import number
-from harness.cache import StageCache
+from harness.artifacts import content_hash, number
+from harness.cache import ROOT_VARIABLE, StageCache, cache_root
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
 from harness.intervening import CaptureIntervention
+from harness.interventions import describe
 from harness.overrides import Override
 from harness.pool import ModelPool
-from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.sites import DEFAULT_SITE
-from harness.spec import load_spec
+from harness.sources import SOURCES
 from harness.stages import capture, conditions, criteria, data, stats
 from harness.stages.report import render_report
-from harness.sweep import Point
 from harness.templates import find_template
 from harness.writing import check_writable_folder
 
@@ -68,20 +67,17 @@ class Plan:
     label: str | None = None
 
 
-def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
+def collect(spec_path: Path, spec: Spec, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
             overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None) -> Plan:
-    """Every check that can fail on the user's input, before anything runs or is written."""
-    spec = load_spec(spec_path, overrides, point=point is not None)
+    """Every check that can fail on the user's input, before anything runs or is written
+    (`spec`: loaded from `spec_path` with `overrides` set, as `harness.sweep.expand` does)."""
     template = find_template(spec, spec_path)
-    cache_dir = Path(os.environ.get("HARNESS_CACHE_DIR", runs_dir / ".cache"))
+    cache_dir = cache_root(runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
-    check_writable_folder(cache_dir, "HARNESS_CACHE_DIR")
+    check_writable_folder(cache_dir, ROOT_VARIABLE)
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
-    for alias in sorted(models_used(spec)):
-        pool.check(alias)  # a missing package, file, path or device
-    for name, condition in spec.conditions.items():
-        condition.check(name, spec, pool)
+    check_models(spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
     for field, value, check in (("capture.layers", spec.capture.layers, structure.resolve_layers),
                                 ("capture.sites", spec.capture.sites, structure.resolve_sites)):
@@ -98,6 +94,20 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
     return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
 
 
+def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
+    """The checks that need each model's files or config but not its weights: a missing
+    package, file, path or device, and whether each generation fits the model's context;
+    with `tokenizers`, each tokenizer loads too (`harness validate --models`)."""
+    for alias in sorted(models_used(spec)):
+        pool.check(alias)
+        if tokenizers:
+            pool.check_tokenizer(alias)
+    for name, condition in spec.conditions.items():
+        source = SOURCES[condition.source]
+        if source.check is not None:
+            source.check(name, condition, spec, pool)
+
+
 def models_used(spec: Spec) -> set[str]:
     return {spec.capture_model, spec.dataset_tokenizer} | {
         alias for condition in spec.conditions.values() for alias in condition.models(spec)
@@ -108,7 +118,7 @@ def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dic
     """The data, conditions and capture stages: every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
-    texts = conditions.condition_texts(conditions.SourceContext(spec, samples, executor, pool, directions=plan.directions))
+    texts = conditions.condition_texts(spec, samples, executor, pool, plan.directions)
     return texts, measure(plan, texts)
 
 
@@ -139,7 +149,7 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         rundir.write_stats(folder.path, statistics)
         results = criteria.evaluate_criteria(spec.criteria, statistics)
         rundir.write_criteria(folder.path, criteria.to_json(results))
-        manifest = rundir.build_manifest(plan, folder.run_id)
+        manifest = build_manifest(plan, folder.run_id)
         rundir.write_manifest(folder.path, manifest)
         with executor.timed("report"):
             render_report(folder.path, plan.template)
@@ -170,18 +180,32 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
     }
 
 
-def run_spec(
-    spec_path: Path,
-    runs_dir: Path = Path("runs"),
-    use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-    overrides: Sequence[Override] = (),
-    tag: str | None = None,
-    point: Point | None = None,
-) -> RunOutcome:
-    """Run one spec (a matrix's `point`; harness.sweep runs a whole matrix) end to end; returns the results and run folder."""
-    started = time.perf_counter()
-    with logged_warnings(log):
-        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id,
-                       point.run_label(tag) if point else tag)
-        return execute(plan, started)
+def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
+    """The manifest of a run of `plan`, as its folder `run_id` records it."""
+    spec, executor = plan.spec, plan.executor
+    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
+    return rundir.Manifest(
+        harness_version=harness.__version__,
+        spec_name=spec.name,
+        spec_file=str(absolute),
+        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
+        spec_hash=content_hash(spec.model_dump(mode="json")),
+        run_id=run_id,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        git_commit=rundir.git_commit(),
+        packages=rundir.package_versions(),
+        models=plan.pool.provenance(),
+        processes=executor.shard.world,
+        threads=plan.pool.threads,
+        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
+        cache_keys=dict(executor.keys),
+        timings=dict(executor.timings),
+        cache=dict(executor.reuse),
+        directions={name: direction.record() for name, direction in plan.directions.items()},
+        overrides=[override.origin for override in plan.overrides],
+        point=plan.point,
+        interventions={
+            name: describe(c.at, c.do, c.during, plan.directions.get(next(iter(c.do.spec.direction_sets()), None)))
+            for name, c in spec.conditions.items() if c.source == "intervene"
+        },
+    )

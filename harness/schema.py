@@ -25,16 +25,21 @@ from pydantic import (
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
 from harness.errors import quoted
-from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS
+from harness.overrides import KEY_PATH
+from harness.registry import load_plugins
 from harness.sites import DEFAULT_SITE, SITES
+from harness.sources import SOURCES
 from harness.statnames import (
     INTERVENED_TEXT_METRIC_NAMES,
     LAYER_SCOPE,
+    OVERALL_RULES,
     STAT_KEYWORDS,
     SWEEP_KEYWORDS,
     SWEEP_TREND,
     TEXT_METRIC_NAMES,
+    depth_band_rule,
     words,
 )
 
@@ -134,6 +139,8 @@ class DatasetSpec(StrictModel):
         return self
 
 
+load_plugins()  # before the schema is built from the registries: a plugin's condition source is in the union
+
 Condition = Annotated[
     Union[tuple(source.spec_model for source in SOURCES.values())], Field(discriminator="source")
 ]
@@ -194,6 +201,33 @@ class Comparison(StrictModel):
     b: str
 
 
+class DepthBand(StrictModel):
+    """An overall rule: the mean over the captured layers whose relative depth (position among
+    the captured layers, 0 = first, 1 = last) lies in `layers`, inclusive."""
+
+    layers: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]
+    """Relative depths [from, to], e.g. [0.25, 0.75]."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DepthBand":
+        if self.layers[0] > self.layers[1]:
+            raise ValueError(f"layers: {list(self.layers)} must be [from, to] with from <= to")
+        return self
+
+    @property
+    def name(self) -> str:
+        return depth_band_rule(*self.layers)
+
+
+OverallRule = Union[Literal[OVERALL_RULES], DepthBand]
+"""How a trajectory metric's layers make one value per sample (`StatsSpec.overall`)."""
+
+
+def rule_label(rule: OverallRule) -> str:
+    """The rule's name in statistic names: `mean`, `standardized`, `median_layer`, `layers25_75`."""
+    return rule if isinstance(rule, str) else rule.name
+
+
 class StatsSpec(StrictModel):
     """Statistical tests run on per-sample metrics."""
 
@@ -211,6 +245,34 @@ class StatsSpec(StrictModel):
     """Text metric and trajectory metric whose relation is tested."""
     mixed_model: bool = True
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
+    overall: OverallRule | list[OverallRule] = "mean"
+    """How a trajectory metric's layers make its overall value per sample: `mean` (over layers,
+    raw: layers with larger norms weigh more), `standardized` (each layer's values divided by
+    their SD, ddof 1, over every condition's texts at that layer, then the mean: every layer
+    weighs the same), `median_layer` (the median over layers), or a depth band
+    (`layers: [0.25, 0.75]`: the mean over the layers at those relative depths). A list asks for
+    several: the first names `<metric>.overall.*` (and the correlations and mixed model use
+    it), each further one `<metric>.overall_<rule>.*` (`overall_standardized`, `overall_layers25_75`)."""
+
+    @property
+    def overall_rules(self) -> list[OverallRule]:
+        """`overall` as a list, the first rule first."""
+        return self.overall if isinstance(self.overall, list) else [self.overall]
+
+    @property
+    def overall_rule_names(self) -> list[str]:
+        """The rules' names (`rule_label`), the first rule first."""
+        return [rule_label(rule) for rule in self.overall_rules]
+
+    @field_validator("overall")
+    @classmethod
+    def _distinct_rules(cls, value: OverallRule | list[OverallRule]) -> OverallRule | list[OverallRule]:
+        names = [rule_label(rule) for rule in (value if isinstance(value, list) else [value])]
+        if not names:
+            raise ValueError("must name at least one rule")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names the rule {next(n for n in names if names.count(n) > 1)!r} twice")
+        return value
 
 
 class VerdictSpec(StrictModel):
@@ -228,9 +290,9 @@ class ThreatsSpec(StrictModel):
     """Thresholds above which a text diagnostic is flagged as a threat to validity."""
 
     repetition_mean: float = Field(0.10, ge=0, le=1)
-    """Mean share of repeated word 4-grams in a condition's responses (loops)."""
+    """Mean share of repeated token n-grams (`diagnostics.NGRAM_SIZE`) in a condition's responses (loops)."""
     repetition_max: float = Field(0.30, ge=0, le=1)
-    """Share of repeated word 4-grams in the worst single response."""
+    """Share of repeated token n-grams in the worst single response."""
     early_stop: float = Field(0.20, ge=0, le=1)
     """Share of generated responses ended by the end-of-sequence token."""
     length_difference: float = Field(0.10, ge=0)
@@ -240,6 +302,13 @@ class ThreatsSpec(StrictModel):
     control_must_not_be: Literal["lowest", "highest"] | None = None
     """Warn when a control condition (one derived from another, e.g. shuffled) has the lowest
     or highest mean of the studied metric: the end the hypothesis reserves for real text."""
+    layer_dominance: float = Field(0.5, gt=0, le=1)
+    """Warn when a quarter of the layers (those with the largest shares) carry more than this
+    share of the studied metric's mean over layers: its overall value then mostly says what
+    those layers do."""
+    influence: float = Field(0.25, ge=0)
+    """Warn when leaving one sample out changes the primary comparison's d of the studied
+    metric by more than this (`<metric>.overall.d_loo_max_change`), and name the sample."""
 
 
 class ReportSpec(StrictModel):
@@ -297,7 +366,6 @@ class DirectionSpec(StrictModel):
 
 
 def _check_matrix(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    from harness.overrides import KEY_PATH
 
     for key, values in value.items():
         if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
@@ -437,7 +505,6 @@ class Spec(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> "Spec":
-        from metrics import LAYER_METRICS, PROJECTION_METRICS
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
@@ -520,7 +587,6 @@ def _note_renamed(old: str, new: str) -> None:
 
 def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`metric_options`, each validated by its metric's options model."""
-    from metrics import METRIC_OPTIONS
 
     validated = {}
     for name, options in value.items():
@@ -540,7 +606,6 @@ def _check_names(spec: Spec) -> None:
     """Condition, comparison and direction names are single words of statistic names: none may
     be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
     direction set must not share a name with a condition or comparison."""
-    from metrics import LAYER_METRICS, PROJECTION_METRICS
 
     reserved = (set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
                 | set(INTERVENED_TEXT_METRIC_NAMES))

@@ -18,8 +18,9 @@ from harness.base import FieldError
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
-from harness.stages.conditions import SOURCES
-from harness.templates import find_template
+from harness.sources import SOURCES
+from harness.inputs import TENSOR_SUFFIXES, open_input, read_text
+from harness.templates import check_template, find_template
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -56,25 +57,20 @@ def read_yaml(path: Path) -> dict:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ...]]:
     """The resolved mapping, and the files it extends (nearest first)."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
     if path.resolve() in seen:
         raise InputError(f"{path}: extends: circular chain {' -> '.join(str(p) for p in seen)}")
+    text = read_text(path, "spec")  # regular, within the limit, UTF-8: else one line naming the file
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"{path}: {where}: not valid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 text file") from None
     except ValueError as exc:  # a tagged or implicit value that does not convert (`2020-13-45`, `!!int x`)
         raise InputError(f"{path}: not valid YAML ({exc})") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise InputError(f"{path}: nested too deeply to be a spec") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
     if data is None:
         raise InputError(f"{path}: empty spec")
     if not isinstance(data, dict):
@@ -86,7 +82,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
     if not isinstance(parent, str):
         raise InputError(f"{path}: extends: must be a file name")
     parent_path = path.parent / parent
-    if not parent_path.is_file():
+    if not parent_path.exists():
         raise InputError(f"{path}: extends: {str(parent_path)!r} not found")
     base, extended = _read_yaml(parent_path, seen + (path.resolve(),))
     return _merge(base, data), (parent_path, *extended)
@@ -119,8 +115,23 @@ def load_spec(path: str | Path, overrides: Sequence[Override] = (), point: bool 
         field, message = _first_error(exc)
         culprit = next((o.origin + ": " for o in reversed(overrides) if o.touches(field)), "")
         raise InputError(f"{path}: {culprit}{field}: {message}") from None
-    find_template(spec, path, extended)  # a spec is data: its template must not be code from elsewhere
+    check_named_files(spec, path, extended)
     return spec
+
+
+def check_named_files(spec: Spec, path: Path, extended: Sequence[Path] = ()) -> None:
+    """Every check of the files a spec names that needs no model: the template is allowed (a
+    spec is data: its template must not be code from elsewhere) and compiles with what it
+    includes; the dataset and direction files are regular, readable files within their limits."""
+    template = find_template(spec, path, extended)
+    check_template(template, f"{path}: report.template")
+    if spec.dataset.path is not None:
+        open_input(spec.dataset.path, "dataset", f"{path}: dataset.path: {spec.dataset.path}").close()
+    for name, entry in spec.directions.items():
+        where = f"{path}: directions.{name}.path: {entry.path}"
+        if Path(entry.path).suffix.lower() not in TENSOR_SUFFIXES:
+            raise InputError(f"{where}: not a .safetensors, .pt or .npy file")
+        open_input(entry.path, "directions", where).close()
 
 
 def _first_error(exc: ValidationError) -> tuple[str, str]:

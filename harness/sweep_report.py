@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 
 from harness import plots
-from harness.artifacts import read_json, write_json, write_text
+from harness.artifacts import write_json, write_text
 from harness.errors import InputError
+from harness.inputs import read_json
 from harness.rundir import RunFolder, read_criteria, read_stats
 from harness.stages import criteria as criteria_stage
 from harness.statnames import (
@@ -114,7 +115,7 @@ def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], sp
 
 def model_layers(run_dir: Path, alias: str) -> int | None:
     """The capture model's number of decoder blocks, as the run's manifest records it."""
-    return read_json(run_dir / "manifest.json")["models"].get(alias, {}).get("source", {}).get("layers")
+    return read_json(run_dir / "manifest.json", expect=dict)["models"].get(alias, {}).get("source", {}).get("layers")
 
 
 def _depth_rows(point_ids: list[str], point_stats: list[dict], depths: list[int | None], metric: str) -> list[dict]:
@@ -139,4 +140,8 @@ def point_runs(sweep_dir: Path) -> list[Path]:
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
         raise InputError(f"{sweep_dir}: not a sweep folder (no {SWEEP_FILE})")
-    return [sweep_dir.parent / point["run"] for point in read_json(sweep_dir / SWEEP_FILE)["points"]]
+    path = sweep_dir / SWEEP_FILE
+    points = read_json(path, expect=dict).get("points")
+    if not isinstance(points, list) or not all(isinstance(point, dict) and isinstance(point.get("run"), str) for point in points):
+        raise InputError(f"{path}: 'points' must be a list of {{run: folder, ...}}")
+    return [sweep_dir.parent / point["run"] for point in points]

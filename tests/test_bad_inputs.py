@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -152,6 +153,50 @@ def steering_file(write: Callable[[Path], None]) -> Builder:
     return build
 
 
+def dataset_file(write: Callable[[Path], None], file_name: str = "rows.txt") -> Builder:
+    """A spec on the tiny model whose `dataset.path` is a file (or folder, FIFO, link) that `write` makes."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        write(folder / file_name)
+        return child_spec(folder, CORPUS / "_base.yaml", {"models": {"base": {"id": str(tiny_model)}},
+                                                          "dataset": {"path": file_name}})
+
+    return build
+
+
+def sparse(size: int, head: bytes = b"") -> Callable[[Path], None]:
+    """A file of `size` bytes, `head` then NUL bytes, taking no disk space (holes)."""
+
+    def write(path: Path) -> None:
+        with path.open("wb") as file:
+            file.write(head)
+            file.truncate(size)
+
+    return write
+
+
+def _lying_npy(path: Path) -> None:
+    """A [3, 32] float32 header in front of 4 GiB (of holes)."""
+    np.save(path, np.ones((3, 32), dtype=np.float32))
+    with path.open("r+b") as file:
+        file.truncate(4 * 2**30)
+
+
+def _npy_header_only(shape: tuple[int, ...]) -> Callable[[Path], None]:
+    """A consistent .npy of `shape` whose data are holes: only reading the header keeps it cheap."""
+
+    def write(path: Path) -> None:
+        with path.open("wb") as file:
+            np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            file.truncate(file.tell() + 4 * int(np.prod(shape)))
+
+    return write
+
+
+def _object_npy(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}] * 32, dtype=object), allow_pickle=True)
+
+
 def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
     return lambda path: np.save(path, array.astype(np.float32))
 
@@ -215,8 +260,8 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "only_comment": "empty spec",
     "list_not_mapping": "a spec is a mapping of keys, not a list",
     "scalar_not_mapping": "a spec is a mapping of keys, not a str",
-    "binary": "not a UTF-8 text file",
-    "latin1": "not a UTF-8 text file",
+    "binary": "line 1: not UTF-8",
+    "latin1": "not UTF-8 (byte 0x",
     "duplicate_key": "line 3: not valid YAML (key 'name' appears twice",
     "duplicate_condition": "line 5: not valid YAML (key 'model' appears twice",
     "alias_bomb": "description: Input should be a valid string",
@@ -271,6 +316,8 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "template_is_spec": "report.template: 'tests/bad_inputs/template_is_spec.yaml' is a spec file, not a template",
     "template_extended_spec": "report.template: 'tests/bad_inputs/_base.yaml' is a spec file, not a template",
     "template_outside": "report.template: '/etc/passwd' resolves to '/etc/passwd', outside",
+    "template_syntax_error": "report.template: tests/bad_inputs/broken_syntax.md.j2: line 3: unexpected '}'",
+    "template_unknown_include": "report.template: tests/bad_inputs/includes_missing.md.j2: names template 'no_such_part.md.j2', which is not found",
     # limits: a valid-looking spec must not exhaust the machine or the file system
     "name_too_long": "name: String should have at most 100 characters",
     "bootstrap_too_many": "stats.bootstrap_resamples: Input should be less than or equal to 100000",
@@ -334,9 +381,10 @@ CASES = [
     input_case("huge_criterion", ("criteria.huge: 'smoothness.overall.d > 0 and", "…' does not parse"), huge_criterion),
     runs_dir_case("runs_dir_is_a_file", "--runs-dir: it is a file, not a folder", runs_dir_is_a_file),
     runs_dir_case("runs_dir_read_only", "--runs-dir: its ancestor ", runs_dir_read_only),
+    runs_dir_case("runs_dir_proc", "/proc/x: --runs-dir: its ancestor '/proc' takes no new folder", lambda folder: Path("/proc/x")),
     # these reach the data stage or later, on the tiny local model
     input_case("few_paragraphs", "dataset.n_samples: only 3 paragraphs", corpus_file_with_tiny_model, stages=("data",)),
-    input_case("dataset_missing", ("dataset.path: file ", "no_such_file.raw' not found"), corpus_file_with_tiny_model,
+    input_case("dataset_missing", ("dataset.path: ", "no_such_file.raw: file not found"), corpus_file_with_tiny_model,
                stages=("data",)),
     input_case("layers_too_deep", "capture.layers: ", corpus_file_with_tiny_model),
     input_case(
@@ -355,6 +403,32 @@ CASES = [
                corpus_file_with_tiny_model),
     input_case("intervene_direction_wrong_width", ("directions.probe.path: ", "has width 16, the capture model's residual stream has 32"),
                steering_file(_save_npy(np.ones(16)))),
+    # dataset.path: regular files only, within the dataset limits (harness.inputs.LIMITS), read before any tokenizer
+    input_case("dataset_folder", ("dataset.path: ", "rows.txt: is a folder, not a file"), dataset_file(Path.mkdir)),
+    input_case("dataset_fifo", ("dataset.path: ", "rows.txt: is a FIFO (named pipe)"), dataset_file(os.mkfifo)),
+    input_case("dataset_device", ("dataset.path: ", "rows.txt: is a device"), dataset_file(lambda p: p.symlink_to("/dev/zero"))),
+    input_case("dataset_nul_300mb", ("dataset.path: ", "rows.txt: is 286.1 MiB, more than the 256 MiB a dataset file may have"),
+               dataset_file(sparse(300 * 10**6))),
+    input_case("dataset_nul_200mb", ("dataset.path: ", "rows.txt: line 1: longer than the 1 MiB a line of a dataset file may have"),
+               dataset_file(sparse(200 * 10**6)), stages=("data",)),
+    input_case("dataset_line_20mb", ("dataset.path: ", "rows.txt: line 2: longer than the 1 MiB"),
+               dataset_file(lambda p: p.write_bytes(b"A first line. It is short.\n" + b"word " * (4 * 10**6))), stages=("data",)),
+    input_case("dataset_not_utf8", ("dataset.path: ", "rows.txt: line 2: not UTF-8 (byte 4 of the line is 0xe9)"),
+               dataset_file(lambda p: p.write_bytes("Fine text. More of it.\n".encode() + b"caf\xe9 au lait. Yes.\n")),
+               stages=("data",)),
+    input_case("dataset_nul_line", ("dataset.path: ", "rows.txt: line 1: contains a NUL byte"),
+               dataset_file(lambda p: p.write_bytes(b"One sentence.\0 Two sentences.\n")), stages=("data",)),
+    # direction files: the header and shape before any tensor data
+    input_case("direction_fifo", ("directions.probe.path: ", "probe.npy: is a FIFO (named pipe)"), direction_file(os.mkfifo)),
+    input_case("direction_lying_npy", ("directions.probe.path: ", "its header says shape [3, 32] of float32", "the file has 4 GiB"),
+               direction_file(_lying_npy)),
+    input_case("direction_huge_npy", ("directions.probe.path: ", "has width 268435456, the capture model's residual stream has 32"),
+               direction_file(_npy_header_only((3, 2**28)))),
+    input_case("direction_object_npy", ("directions.probe.path: ", "holds Python objects (a pickle)"), direction_file(_object_npy)),
+    input_case("direction_pt_code", ("directions.probe.path: ", "probe.pt: cannot be read"),
+               direction_file(lambda p: p.write_bytes(pickle.dumps(os.system)), "probe.pt")),
+    input_case("direction_wrong_suffix", ("directions.probe.path: ", "probe.txt: not a .safetensors, .pt or .npy file"),
+               direction_file(lambda p: p.write_text("1 2 3"), "probe.txt")),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
 ]
 

@@ -4,6 +4,7 @@ spec; `ls stats` and `compare --stat` filter by pattern; `compare` leaves out eq
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def test_ls_stats_filters_by_pattern(capsys):
     every = capsys.readouterr().out.splitlines()
     assert cli.main(["ls", "stats", spec, "smoothness.overall.d*"]) == ExitCode.PASSED
     assert capsys.readouterr().out.splitlines() == [
-        "smoothness.overall.d", "smoothness.overall.d_ci_low", "smoothness.overall.d_ci_high"]
+        "smoothness.overall.d", "smoothness.overall.d_ci_low", "smoothness.overall.d_ci_high",
+        "smoothness.overall.d_loo_max_change", "smoothness.overall.d_loo_max_change_sample"]
     assert cli.main(["ls", "stats", spec, "p_holm"]) == ExitCode.PASSED
     holm = capsys.readouterr().out.splitlines()
     assert holm and set(holm) <= set(every) and all("p_holm" in name for name in holm)
@@ -112,3 +114,68 @@ def test_compare_stat_picks_the_statistics(two_runs, capsys):
     assert cli.main(["compare", *map(str, two_runs), "--stat", "nothing*"]) == ExitCode.INPUT
     error = capsys.readouterr().err.splitlines()
     assert len(error) == 1 and error[0].startswith("error: --stat 'nothing*': matches none of the 4 statistics")
+
+
+def _sparse(path: Path) -> None:
+    with path.open("wb") as file:
+        file.truncate(420 * 10**6)
+
+
+MALFORMED = {  # file, how it is broken, what the one line says
+    "stats_list": ("stats.json", lambda path: path.write_text("[1, 2]"), "stats.json: holds a list, expected a mapping"),
+    "stats_not_json": ("stats.json", lambda path: path.write_text('{"a": '), "stats.json: not valid JSON (line 1 column 7"),
+    "stats_value_list": ("stats.json", lambda path: path.write_text('{"a": [1]}'), "stats.json: 'a': '[1]' is not a number"),
+    "stats_huge": ("stats.json", _sparse, "stats.json: is 400.5 MiB, more than the 64 MiB a run_json file may have"),
+    "stats_unreadable": ("stats.json", lambda path: path.symlink_to("/proc/self/mem"), "stats.json: cannot be read"),
+    "criteria_dict": ("criteria.json", lambda path: path.write_text("{}"), "criteria.json: holds a mapping, expected a list"),
+    "criteria_missing_key": ("criteria.json", lambda path: path.write_text('[{"name": "x", "passed": true}]'),
+                             "criteria.json: row 0: no values"),
+    "criteria_values_text": ("criteria.json", lambda path: path.write_text('[{"name": "x", "passed": true, "values": {"d": "big"}}]'),
+                             "criteria.json: row 0: values: 'd': 'big' is not a number"),
+}
+
+
+@pytest.mark.parametrize("command", ["compare", "ls"])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_run_files_are_one_line_naming_the_file(two_runs, capsys, case, command):
+    name, damage, expected = MALFORMED[case]
+    path = two_runs[1] / name
+    path.unlink()
+    damage(path)
+    argv = ["compare", *map(str, two_runs)] if command == "compare" else ["ls", "stats", str(two_runs[1])]
+    if command == "ls" and name == "criteria.json":
+        pytest.skip("ls stats reads stats.json only")
+    assert cli.main(argv) == ExitCode.INPUT
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: {two_runs[1]}/") and expected in error[0], error
+
+
+def test_a_closed_pipe_keeps_the_exit_code(tmp_path):
+    """`harness validate --show DIR | head -1` with an invalid spec in DIR: still exit 2."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a_good.yaml").write_text(f"extends: {REPO / 'tests' / 'bad_inputs' / '_base.yaml'}\n", encoding="utf-8")
+    (tmp_path / "z_bad.yaml").write_text("name: [\n", encoding="utf-8")
+    done = subprocess.Popen([sys.executable, "-m", "harness", "validate", "--show", str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done.stdout.close()  # the reader leaves before the first line is written
+    errors = done.stderr.read().decode()
+    assert done.wait() == ExitCode.INPUT, errors
+    assert errors.count("\n") == 1 and "z_bad.yaml: line 2: not valid YAML" in errors, errors
+
+
+def test_validate_models_checks_the_context_without_loading_weights(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text(f"extends: {REPO / 'tests' / 'bad_inputs' / '_base.yaml'}\nmodels: {{base: {{id: {tiny_model_dir}}}}}\n"
+                    "conditions: {model: {generation: {max_new_tokens: 1000000000}}}\n", encoding="utf-8")
+    plain = subprocess.run([sys.executable, "-m", "harness", "validate", str(spec)], cwd=REPO, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr  # the spec itself is valid
+    done = subprocess.run([sys.executable, "-m", "harness", "validate", "--models", str(spec)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "HARNESS_MODEL_CACHE": str(tmp_path / "models")})
+    assert done.returncode == ExitCode.INPUT
+    assert done.stderr.count("\n") == 1 and ("long.yaml: conditions.model.generation.max_new_tokens: 1000000000 new tokens"
+                                            in done.stderr), done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -109,12 +110,14 @@ def test_rows_come_from_the_spec_file_then_the_packaged_copy_then_the_hub(tmp_pa
     )
     named = load_spec(spec_file).dataset  # relative to the spec file's folder, not the working dir
     assert Path(named.path) == spec_file.parent / "rows.txt"
-    assert data.read_rows(named, "spec.yaml") == ["first row", "second row"]
-    assert data.read_rows(DatasetSpec(), "spec.yaml") == data.packaged_rows("spec.yaml")
-    assert data.read_rows(DatasetSpec(hub_config="wikitext-103-raw-v1"), "spec.yaml") == ["hub row"]
+    from_file = data.read_rows(named, "spec.yaml")
+    assert from_file.rows == ["first row", "second row"]
+    assert from_file.file_sha256 == hashlib.sha256((spec_file.parent / "rows.txt").read_bytes()).hexdigest()
+    assert data.read_rows(DatasetSpec(), "spec.yaml").rows == data.packaged_rows("spec.yaml")
+    assert data.read_rows(DatasetSpec(hub_config="wikitext-103-raw-v1"), "spec.yaml").rows == ["hub row"]
     assert hub_calls == ["wikitext-103-raw-v1"]
 
 
 def test_a_named_file_that_does_not_exist_is_an_input_error(tmp_path):
-    with pytest.raises(InputError, match=r"^spec.yaml: dataset.path: file '.*missing.txt' not found$"):
+    with pytest.raises(InputError, match=r"^spec.yaml: dataset.path: .*missing.txt: file not found$"):
         data.read_rows(DatasetSpec(path=str(tmp_path / "missing.txt")), "spec.yaml")

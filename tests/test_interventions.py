@@ -16,7 +16,7 @@ from harness.grid import Grid
 from harness.intervening import Applied, CaptureIntervention
 from harness.spec import load_spec
 from harness.stages import capture
-from harness.stages.conditions import GenerationSpec, InterventionCondition
+from harness.sources import GenerationSpec, InterventionCondition
 from harness.stages.generate import GenerateStage, generate_batch
 from harness.structure import decoder_blocks, resolve_layers
 

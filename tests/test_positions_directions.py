@@ -18,7 +18,7 @@ from safetensors import safe_open
 from statsmodels.stats.multitest import multipletests
 
 from harness import listing
-from harness.runner import run_spec
+from harness.session import run_spec
 
 REPO = Path(__file__).resolve().parent.parent
 WINDOWS = [(0, 3), (3, 8), (8, 400)]
@@ -170,6 +170,23 @@ def test_harness_directions_builds_a_difference_of_means_tested_on_held_out_samp
     assert manifest["directions"]["built"]["metadata"]["split"] == "first_half"
     report = (run.run_dir / "RESULTS.md").read_text()
     assert "split `first_half`, samples 0–3." in report and "(`evaluate_on: held_out`)" in report
+
+
+def test_harness_directions_never_overwrites_a_run_or_an_existing_file(probed_run):
+    folder, outcome = probed_run
+    saved = outcome.run_dir / "activations" / "model.safetensors"
+    before = saved.read_bytes()
+    existing = folder / "mine.safetensors"
+    existing.write_bytes(b"keep me")
+    for output, expected in ((saved, "inside the run folder"), (existing, "exists; pass --force"),
+                             (folder / "new" / "d.safetensors", "does not exist")):
+        done = subprocess.run(
+            [sys.executable, "-m", "harness", "directions", str(outcome.run_dir), "--a", "model", "--b", "human",
+             "--force" if output == saved else "--split=all", "-o", str(output)],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 2 and expected in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert saved.read_bytes() == before and existing.read_bytes() == b"keep me" and not (folder / "new").exists()
 
 
 def test_the_report_embeds_the_window_heatmap_the_violins_and_the_projection_bands(probed_run):

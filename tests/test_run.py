@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import run_spec
+from harness.session import run_spec
 
 RUN_FILES = {"spec.yaml", "manifest.json", "texts.jsonl", "per_sample.csv", "stats.json", "criteria.json", "RESULTS.md"}
 

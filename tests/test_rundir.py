@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness import rundir
-from harness.artifacts import read_json, write_json
+from harness.artifacts import write_json
+from harness.inputs import read_json
 from harness.cache import StageCache
 from harness.executor import Executor, Stage
 
@@ -48,6 +49,14 @@ def test_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):
     (live / rundir.OWNER_FILE).write_text(str(os.getpid()))
     rundir.RunFolder(tmp_path, "small").discard()
     assert not dead.exists() and live.exists()
+
+
+def test_a_discarded_run_leaves_no_empty_spec_folder(tmp_path):
+    rundir.RunFolder(tmp_path, "new").discard()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    rundir.RunFolder(tmp_path, "old").discard()
+    assert (tmp_path / "old").is_dir()  # not made by this run: kept
 
 
 class Squares(Stage):

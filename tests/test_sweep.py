@@ -18,7 +18,8 @@ from harness import sweep_report
 from harness.errors import InputError
 from harness.overrides import command_line, parse_set
 from harness.spec import load_spec
-from harness.sweep import expand, run_sweep, sweep_statistics
+from harness.session import run_spec
+from harness.sweep import expand, sweep_statistics
 from test_run import Log, tiny_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def swept(tmp_path_factory, tiny_model_dir):
     spec = folder / "tinysweep.yaml"
     spec.write_text("extends: tinybase.yaml\nname: tinysweep\nreport: {plots: true}\n" + MATRIX)
     log = Log()
-    outcome = run_sweep(expand(spec), folder / "runs", log=log)
+    outcome = run_spec(spec, folder / "runs", log=log)
     return folder, spec, outcome, log
 
 
@@ -109,14 +110,14 @@ def test_the_combined_report_links_each_point_and_draws_relative_depth(swept):
 def test_a_rerun_reuses_every_stage(swept):
     folder, spec, _, _ = swept
     log = Log()
-    run_sweep(expand(spec), folder / "runs", log=log)
+    run_spec(spec, folder / "runs", log=log)
     assert not [stage for stage in log.stages("computed") if stage != "report"]
 
 
 def test_identical_points_are_an_error(tmp_path, tiny_model_dir):
     spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {description: [one, two]}\n")
     with pytest.raises(InputError, match=r"points 1 and 2 are identical"):
-        run_sweep(expand(spec), tmp_path / "runs", log=Log())
+        run_spec(spec, tmp_path / "runs", log=Log())
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
     # pytest too: every point's items fail on it before either point runs
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -275,9 +276,9 @@ def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path,
 
 
 def test_ls_lists_the_registries(tmp_path):
-    from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
-    from harness.stages.conditions import SOURCES
+    from harness.sources import SOURCES
 
     every_metric = [*LAYER_METRICS, *PROJECTION_METRICS, *TEXT_METRICS]
     for what, names in (("metrics", every_metric), ("sources", list(SOURCES))):
@@ -331,7 +332,7 @@ def test_a_dose_response_sweep_has_a_trend_its_figure_and_says_what_was_changed(
         "sweep_criteria: {grows: sweep.ce_loss.overall.d.trend.rho < 0}\n"
     )
     assert base.is_file()
-    outcome = run_sweep(expand(spec), tmp_path / "runs", log=Log())
+    outcome = run_spec(spec, tmp_path / "runs", log=Log())
     sweep = json.loads((outcome.sweep_dir / "sweep.json").read_text())
     points = [json.loads((outcome.sweep_dir.parent / point["run"] / "stats.json").read_text()) for point in sweep["points"]]
     name = "kl_from_clean.steered.mean"

@@ -25,10 +25,10 @@ from torch import nn
 from harness.artifacts import content_hash, staged
 from harness.executor import CompiledCalls, Stage
 from harness.grid import Column, Grid, Window
-from harness.models import check_fits_memory, free_memory_bytes
+from harness.models import block_activation_bytes, memory_budget
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
 from harness.structure import decoder_blocks, resolve_layers, site_taps
-from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRIC_SCORES, TEXT_METRICS
+from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRIC_SCORES, TEXT_METRICS
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
@@ -118,17 +118,21 @@ def bytes_per_token(model: nn.Module, longest: int) -> int:
     projections and MLP activations in the model's dtype, the hook's float32 copies, and the
     attention scores of a row of `longest` tokens. The logits are bounded separately
     (LOGITS_CHUNK_BYTES)."""
-    config = model.config.get_text_config()
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    per_token = (6 * hidden + 3 * intermediate) * model.dtype.itemsize + 8 * hidden * 4
-    return per_token + config.num_attention_heads * longest * 4
+    return block_activation_bytes(model, longest) + 8 * model.config.get_text_config().hidden_size * 4
 
 
 def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
     """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
     at most CPU_TOKEN_BUDGET (never less than one row of `longest`)."""
-    fits = int(0.5 * (free_memory_bytes(device) - LOGITS_CHUNK_BYTES) / bytes_per_token(model, longest))
-    return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
+    return token_budget("auto", model, device, longest, "")
+
+
+def token_budget(setting: int | str, model: nn.Module, device: torch.device, longest: int, what: str) -> int:
+    """`runtime.token_budget`: `auto`'s choice, or the number checked to fit (`harness.models.memory_budget`);
+    a forward holds at least one row of `longest` tokens and its logits chunk."""
+    cpu_cap = CPU_TOKEN_BUDGET if setting == "auto" and torch.device(device).type != "cuda" else None  # a CPU gains nothing from more
+    return memory_budget(setting, device, bytes_per_token(model, longest), what, least=longest, most=cpu_cap,
+                         reserved=LOGITS_CHUNK_BYTES)
 
 
 def report_layers(layers: list[int]) -> list[int]:
@@ -533,14 +537,10 @@ class CaptureStage(Stage):
                                      for text in self.intervention.sources]
         self.measurement = self.settings.measurement(resolve_layers(loaded.model, capture.layers))
         lengths = [len(t.input_ids) for t in self.tokenized]
-        budget = self.settings.token_budget
-        if budget == "auto":
-            budget = auto_token_budget(loaded.model, loaded.input_device, max(lengths))
-        else:
-            check_fits_memory(
-                loaded.input_device, LOGITS_CHUNK_BYTES + max(budget, max(lengths)) * bytes_per_token(loaded.model, max(lengths)),
-                f"{self.pool.spec_path}: runtime.token_budget: forwards of {budget} padded tokens",
-            )
+        budget = token_budget(
+            self.settings.token_budget, loaded.model, loaded.input_device, max(lengths),
+            f"{self.pool.spec_path}: runtime.token_budget: forwards of {self.settings.token_budget} padded tokens",
+        )
         return plan_batches(lengths, budget)
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:

@@ -1,36 +1,15 @@
-"""Conditions stage: the texts each condition gives for every sample.
-
-A condition *source* is one registered function plus its pydantic spec model (the model's
-``source`` literal is the name a spec uses):
-
-    class ReversedCondition(ConditionSpec):
-        source: Literal["reverse"]
-        of: str
-
-        def derived_from(self) -> list[str]:
-            return [self.of]
-
-    @condition_source(ReversedCondition)
-    def reverse(name, condition, context) -> list[Text]:
-        return [text(t["prompt"], " ".join(t["response"].split()[::-1])) for t in context.texts[condition.of]]
-
-The spec schema's ``conditions`` union is built from this registry, so a new source needs
-no edit elsewhere. Sources run in dependency order (``derived_from``); a source that needs a
-model says so in ``models`` so the run loads and checks it before anything is computed.
+"""Conditions stage: the texts each condition gives for every sample, from its registered
+source (`harness.sources`), in dependency order; a source's generation runs as the
+generation stage (`harness.stages.generate`).
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from harness.base import FieldError, StrictModel
-from harness.errors import InputError
-from harness.interventions import At, Do, During
-from harness.sites import SITES
+from harness.intervening import Applied
+from harness.sources import SOURCES, ConditionSpec, GenerationSpec, SourceContext, Text
+from harness.stages.generate import GenerateStage
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
@@ -38,265 +17,24 @@ if TYPE_CHECKING:
     from harness.pool import ModelPool
     from harness.schema import Spec
 
-Text = dict[str, Any]
-"""One condition's text for one sample: prompt, response, stopped_early, generator."""
 
-
-def text(prompt: str, response: str, stopped_early: bool | None = None, generator: str | None = None) -> Text:
-    return {"prompt": prompt, "response": response, "stopped_early": stopped_early, "generator": generator}
-
-
-class ConditionSpec(StrictModel):
-    """Base of every condition source's spec model."""
-
-    source: str
-
-    def derived_from(self) -> list[str]:
-        """Conditions whose texts this one is built from (computed first)."""
-        return []
-
-    def models(self, spec: "Spec") -> list[str]:
-        """Model aliases this source loads or tokenizes with."""
-        return []
-
-    def random_seed(self) -> int | None:
-        """The seed of its randomness, for the run manifest (None: deterministic)."""
-        return getattr(self, "seed", None)
-
-    def validate_in(self, name: str, spec: "Spec") -> None:
-        """Checks against the rest of the spec (run by its validation): raise FieldError naming the field."""
-
-    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        """Checks that need the models (run before any stage): raise InputError naming the field."""
-
-
-@dataclass
-class SourceContext:
-    """What a source may use while it computes its texts."""
-
-    spec: "Spec"
-    samples: list[dict]
-    """The data stage's samples: sample_id, row, prompt, human_response, n_tokens."""
-    executor: "Executor"
-    """Runs (and caches) a stage: `context.executor.run(stage)`."""
-    pool: "ModelPool"
-    """The run's models, loaded on first use."""
-    texts: dict[str, list[Text]] = field(default_factory=dict)
-    """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
-    directions: dict[str, "DirectionSet"] = field(default_factory=dict)
-    """The spec's direction sets, loaded and checked against the capture model."""
-
-
-@dataclass(frozen=True)
-class ConditionSource:
-    spec_model: type[ConditionSpec]
-    texts: Callable[[str, Any, SourceContext], list[Text]]
-
-
-SOURCES: dict[str, ConditionSource] = {}
-"""Registered condition sources by the name a spec's `source:` uses."""
-
-
-def condition_source(spec_model: type[ConditionSpec]):
-    """Register `fn(name, condition, context) -> list[Text]` for `spec_model`'s `source` literal."""
-    (name,) = spec_model.model_fields["source"].annotation.__args__
-
-    def register(fn: Callable[[str, Any, SourceContext], list[Text]]):
-        SOURCES[name] = ConditionSource(spec_model, fn)
-        return fn
-
-    return register
-
-
-# --- the built-in sources ---------------------------------------------------------------
-
-
-
-class GenerationSpec(StrictModel):
-    """How a model continues the prompt."""
-
-    max_new_tokens: int = Field(90, gt=0)
-    min_new_tokens: int = Field(1, ge=0)
-    """EOS is suppressed until this many tokens are out (0: no minimum, as the reference)."""
-    temperature: float = Field(0.0, ge=0)
-    """0 means greedy decoding."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    """Sampling keeps the k likeliest tokens; 0: no cut. 50 is transformers' default, which the
-    reference used."""
-    repetition_penalty: float = Field(1.0, gt=0)
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    seed: int = 0
-
-
-class HumanCondition(ConditionSpec):
-    """The human-written rest of the paragraph."""
-
-    source: Literal["human"]
-
-
-class GeneratedCondition(ConditionSpec):
-    """A model's continuation of the prompt."""
-
-    source: Literal["generate"]
-    generator: str | None = None
-    """Model alias that writes the text; default: the capture model."""
-    generation: GenerationSpec = GenerationSpec()
-
-    def models(self, spec: "Spec") -> list[str]:
-        return [self.generator or spec.capture_model]
-
-    def random_seed(self) -> int | None:
-        return self.generation.seed
-
-    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        # every prompt holds at least one token: more new tokens than the context minus one never fit
-        pool.check_fits_context(
-            self.models(spec)[0], self.generation.max_new_tokens, 1, f"conditions.{name}.generation.max_new_tokens"
-        )
-
-
-class ShuffledCondition(ConditionSpec):
-    """Another condition's response with its words (or tokens) shuffled: a control."""
-
-    source: Literal["shuffle"]
-    of: str
-    """Condition whose response is shuffled."""
-    unit: Literal["words", "tokens"] = "words"
-    """Shuffle whitespace-separated words, or the capture tokenizer's tokens."""
-    seed: int = 0
-
-    def derived_from(self) -> list[str]:
-        return [self.of]
-
-    def models(self, spec: "Spec") -> list[str]:
-        return [spec.capture_model] if self.unit == "tokens" else []
-
-
-@condition_source(HumanCondition)
-def human(name: str, condition: HumanCondition, context: SourceContext) -> list[Text]:
-    return [text(sample["prompt"], sample["human_response"]) for sample in context.samples]
-
-
-@condition_source(GeneratedCondition)
-def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
-    return _generated(name, condition, context)
-
-
-def _generated(name: str, condition: GeneratedCondition, context: SourceContext, steering=None) -> list[Text]:
-    """`condition`'s generation of every prompt (`steering`: an `harness.intervening.Applied` shaping it)."""
-    from harness.stages.generate import GenerateStage
-
-    (alias,) = condition.models(context.spec)
-    prompts = [sample["prompt"] for sample in context.samples]
-    runtime = context.spec.runtime
-    stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, runtime.generation_batch_size, runtime.compile, context.pool,
-        steering,
-    )
-    output = context.executor.run(stage)
-    return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
-
-
-@condition_source(ShuffledCondition)
-def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> list[Text]:
-    """The source condition's responses with words (or capture-model tokens) shuffled."""
-    texts = []
-    for sample_id, source in enumerate(context.texts[condition.of]):
-        rng = random.Random(f"{condition.seed}:{sample_id}")
-        if condition.unit == "words":
-            pieces = source["response"].split()
-            rng.shuffle(pieces)
-            response = " ".join(pieces)
-        else:
-            tokenizer = context.pool.tokenizer(context.spec.capture_model)
-            ids = tokenizer(source["response"], add_special_tokens=False)["input_ids"]
-            rng.shuffle(ids)
-            response = tokenizer.decode(ids).strip()
-        texts.append(text(source["prompt"], response))
-    return texts
-
-
-class InterventionCondition(ConditionSpec):
-    """Another condition's forward (or generation) with its activations changed: steer, ablate, patch."""
-
-    source: Literal["intervene"]
-    of: str
-    """The condition whose texts it reads (`during: capture`) or whose generation it shapes."""
-    at: At
-    do: Do
-    during: During = "capture"
-    """`capture`: the measured forward of `of`'s texts; `generate`: `of`'s generation (measured
-    unchanged); `both`."""
-
-    def derived_from(self) -> list[str]:
-        source = self.do.spec.patched_from()
-        return [self.of] + ([source] if source and source != self.of else [])
-
-    def models(self, spec: "Spec") -> list[str]:
-        return spec.conditions[self.of].models(spec) if self.during != "capture" else []
-
-    def validate_in(self, name: str, spec: "Spec") -> None:
-        where, kind, settings = f"conditions.{name}", self.do.kind, self.do.spec
-        if self.at.site not in SITES:
-            raise FieldError(f"{where}.at.site", f"unknown capture site {self.at.site!r} (known: {', '.join(sorted(SITES))})")
-        for direction in settings.direction_sets():
-            if direction not in spec.directions:
-                known = ", ".join(sorted(spec.directions)) or "none: name one under `directions:`"
-                raise FieldError(f"{where}.do.{kind}.direction", f"unknown direction set {direction!r} (known: {known})")
-        if spec.runtime.compile:
-            raise FieldError("runtime.compile", f"interventions ({where}) run eagerly: set runtime.compile: false")
-        of = spec.conditions[self.of]
-        if self.during != "capture":
-            if not isinstance(of, GeneratedCondition):
-                raise FieldError(f"{where}.during", f"{self.during!r} shapes a generation, and {self.of!r} does not "
-                                                     f"generate (source: {of.source}): use during: capture")
-            if of.models(spec) != [spec.capture_model]:
-                raise FieldError(f"{where}.during", f"steering a generation needs the capture model as generator "
-                                                     f"(directions are checked against it), not {of.models(spec)[0]!r}")
-            if settings.needs_whole_text() or settings.patched_from():
-                raise FieldError(f"{where}.do.{kind}", "acts on whole texts: use during: capture")
-        source = settings.patched_from()
-        if source is not None:
-            if source not in spec.conditions:
-                raise FieldError(f"{where}.do.patch.from", f"unknown condition {source!r} (known: {', '.join(spec.conditions)})")
-            positions = settings.positions(self.at)
-            if source != self.of and positions != "prompt" and not spec.capture.length_matching:
-                raise FieldError(f"{where}.do.patch.from", f"{self.of!r} and {source!r} have different texts, whose token "
-                                 f"counts at positions {positions} cannot match: set capture.length_matching: true, "
-                                 "or patch positions: prompt")
-
-    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        from harness.structure import decoder_blocks, resolve_sites
-
-        model = pool.model(spec.capture_model).model
-        try:
-            self.at.layer_list(len(decoder_blocks(model)))
-        except ValueError as exc:
-            raise InputError(f"{pool.spec_path}: conditions.{name}.at.layers: {exc}") from None
-        try:
-            resolve_sites(model, [self.at.site])
-        except ValueError as exc:
-            raise InputError(f"{pool.spec_path}: conditions.{name}.at.site: {exc}") from None
-
-
-@condition_source(InterventionCondition)
-def intervene(name: str, condition: InterventionCondition, context: SourceContext) -> list[Text]:
-    """`of`'s texts (`during: capture`), or its generation with the intervention's hooks on."""
-    if condition.during == "capture":
-        return [dict(source) for source in context.texts[condition.of]]
-    from harness.intervening import Applied
-
-    steering = Applied.of(name, context.spec, context.directions)
-    return _generated(name, context.spec.conditions[condition.of], context, steering)
-
-
-def condition_texts(context: SourceContext) -> dict[str, list[Text]]:
+def condition_texts(spec: "Spec", samples: list[dict], executor: "Executor", pool: "ModelPool",
+                    directions: dict[str, "DirectionSet"] | None = None) -> dict[str, list[Text]]:
     """Every condition's texts, in the spec's order (computed in dependency order)."""
-    for name in execution_order(context.spec.conditions):
-        condition = context.spec.conditions[name]
+
+    def generate(stage_name: str, alias: str, prompts: list[str], settings: GenerationSpec,
+                 intervention: str | None = None) -> list[dict]:
+        runtime = spec.runtime
+        steering = Applied.of(intervention, spec, directions or {}) if intervention is not None else None
+        return executor.run(GenerateStage(
+            stage_name, prompts, alias, settings, runtime.generation_batch_size, runtime.compile, pool, steering
+        ))
+
+    context = SourceContext(spec, samples, executor, pool, generate)
+    for name in execution_order(spec.conditions):
+        condition = spec.conditions[name]
         context.texts[name] = SOURCES[condition.source].texts(name, condition, context)
-    return {name: context.texts[name] for name in context.spec.conditions}
+    return {name: context.texts[name] for name in spec.conditions}
 
 
 def execution_order(conditions: dict[str, ConditionSpec]) -> list[str]:

@@ -11,12 +11,14 @@ import gzip
 import hashlib
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from harness.errors import InputError
 from harness.executor import Stage
+from harness.inputs import open_input
 from harness.schema import DatasetSpec, FirstSentenceRule, Spec
 
 if TYPE_CHECKING:
@@ -84,16 +86,28 @@ def split_first_sentence(text: str, rule: FirstSentenceRule = "next") -> tuple[s
     return text[: cut + 1], text[cut + 2 :]
 
 
-def read_rows(spec: DatasetSpec, where: str) -> list[str]:
+@dataclass(frozen=True)
+class Rows:
+    """A split's rows, and for a file the sha256 of the very bytes they were read from."""
+
+    rows: list[str]
+    file_sha256: str | None = None
+
+
+def read_rows(spec: DatasetSpec, where: str) -> Rows:
     """Rows of the split: the spec's file, else the packaged copy, else the hub."""
     if spec.path is not None:
-        path = Path(spec.path)
-        if not path.is_file():
-            raise InputError(f"{where}: dataset.path: file {str(path)!r} not found")
-        return path.read_text(encoding="utf-8").splitlines()
+        return file_rows(Path(spec.path), f"{where}: dataset.path: {spec.path}")
     if (spec.hub_name, spec.hub_config, spec.split) == PACKAGED_SPLIT:
-        return packaged_rows(where)
-    return hub_rows(spec, where)
+        return Rows(packaged_rows(where))
+    return Rows(hub_rows(spec, where))
+
+
+def file_rows(path: Path, where: str) -> Rows:
+    """A text file's lines, read once within the dataset limits (`harness.inputs`) and hashed as read."""
+    with open_input(path, "dataset", where) as file:
+        rows = [row for _, line in file.lines() for row in line.splitlines() or [""]]
+        return Rows(rows, file.sha256)
 
 
 def packaged_rows(where: str) -> list[str]:
@@ -168,14 +182,17 @@ class DataStage(Stage):
             "dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"}),
             "tokenizer": self.pool.identity(self.alias),
         }
-        path = Path(self.spec.dataset.path) if self.spec.dataset.path else None
-        if path is not None and path.is_file():  # a file edited in place must not reuse stale samples
-            inputs["file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if self.rows.file_sha256 is not None:  # a file edited in place must not reuse stale samples
+            inputs["file_sha256"] = self.rows.file_sha256
         return inputs
 
+    @cached_property
+    def rows(self) -> Rows:
+        """Read once: the key hashes the bytes that `compute` selects samples from."""
+        return read_rows(self.spec.dataset, str(self.spec_path))
+
     def compute(self, unit: None, folder: Path) -> list[dict]:
-        rows = read_rows(self.spec.dataset, str(self.spec_path))
-        samples = select_samples(rows, self.pool.tokenizer(self.alias), self.spec.dataset, str(self.spec_path))
+        samples = select_samples(self.rows.rows, self.pool.tokenizer(self.alias), self.spec.dataset, str(self.spec_path))
         return [sample.to_dict() for sample in samples]
 
     def check(self, output: list[dict]) -> str | None:

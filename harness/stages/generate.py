@@ -29,8 +29,8 @@ from transformers.generation import CompileConfig
 
 from harness.artifacts import content_hash
 from harness.executor import CompiledCalls, Stage
-from harness.models import check_fits_memory, free_memory_bytes
-from harness.stages.conditions import GenerationSpec
+from harness.models import block_activation_bytes, memory_budget
+from harness.sources import GenerationSpec
 
 if TYPE_CHECKING:
     from harness.intervening import Applied
@@ -40,8 +40,6 @@ STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters a continuation."""
 PROMPT_BUCKET = 32
 """Compiled generation pads prompts to a multiple of this many tokens (bounds the graphs)."""
-MEMORY_FRACTION = 0.5
-"""Share of the device's free memory `auto_batch_size` plans to use."""
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +85,7 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile:
     if compile:
         longest_prompt = -(-longest_prompt // PROMPT_BUCKET) * PROMPT_BUCKET
     kv_cache = config.num_hidden_layers * kv_heads * head_dim * 2 * item * (longest_prompt + max_new_tokens)
-    prefill = longest_prompt * ((6 * config.hidden_size + 3 * config.intermediate_size) * item + heads * longest_prompt * 4)
+    prefill = longest_prompt * block_activation_bytes(model, longest_prompt)
     logits = 2 * config.vocab_size * 4
     return (1 if compile else 2) * kv_cache + prefill + logits
 
@@ -99,9 +97,14 @@ def auto_batch_size(
     device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
     as the former default of 64 put the 50 prompts of every shipped spec.
     """
+    return generation_batch_size("auto", model, device, prompt_lengths, max_new_tokens, compile, "")
+
+
+def generation_batch_size(setting: int | str, model, device: torch.device, prompt_lengths: Sequence[int],
+                          max_new_tokens: int, compile: bool, what: str) -> int:
+    """`runtime.generation_batch_size`: `auto`'s choice, or the number checked to fit (`harness.models.memory_budget`)."""
     per_sequence = bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
-    fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
-    return max(1, min(len(prompt_lengths), fit))
+    return memory_budget(setting, device, per_sequence, what, most=len(prompt_lengths))
 
 
 def generation_kwargs(spec: GenerationSpec, tokenizer) -> dict:
@@ -268,16 +271,10 @@ class GenerateStage(Stage):
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.alias)
         lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
-        if self.batch_size == "auto":
-            self.batch_size = auto_batch_size(
-                loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile
-            )
-        else:
-            per_sequence = bytes_per_sequence(loaded.model, max(lengths), self.settings.max_new_tokens, self.compile)
-            check_fits_memory(
-                loaded.input_device, min(self.batch_size, len(lengths)) * per_sequence,
-                f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts",
-            )
+        self.batch_size = generation_batch_size(
+            self.batch_size, loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile,
+            f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts",
+        )
         return plan_batches(lengths, self.batch_size)
 
     def work(self, unit: list[int]) -> int:
