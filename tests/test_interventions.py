@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,6 +189,7 @@ class FakePool:
 
 
 def test_the_spec_interface_validates(tmp_path):
+    np.save(tmp_path / "mmh.npy", np.ones((30, 4), dtype=np.float32))  # a named file is checked as the spec loads
     spec = tmp_path / "steer.yaml"
     spec.write_text(
         "name: steer\n"
