@@ -132,7 +132,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         if args.paths:
             raise InputError(f"ls {args.what}: takes no path")
-        rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites}[args.what]()
+        rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites,
+                "interventions": listing.interventions}[args.what]()
     if rows:
         print("\n".join(rows))
     return ExitCode.PASSED
@@ -341,14 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    ls = command("ls", "list specs, metrics, condition sources, capture sites, or statistic names", _examples(
+    ls = command("ls", "list specs, metrics, condition sources, capture sites, interventions, or statistic names", _examples(
         "harness ls specs                              one line per spec: name, offline or hub, summary",
         "harness ls stats specs/quickstart.yaml        the statistic names its run writes (criteria use them)",
         "harness ls stats runs/quickstart/RUN 'smoothness.overall.*'   the names a run wrote, filtered",
         "harness ls stats runs/quickstart/RUN ci_low   those containing ci_low",
-        "harness ls metrics                            the registered metrics (also: sources, sites)",
+        "harness ls metrics                            the registered metrics (also: sources, sites, interventions)",
     ))
-    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "stats"], help="what to list")
+    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "interventions", "stats"], help="what to list")
     ls.add_argument("paths", nargs="*", metavar="PATH",
                     help="specs: spec files or folders (default: specs/); stats: a spec, run folder or sweep folder, "
                          f"then optionally a PATTERN: {PATTERN_HELP}")

@@ -97,6 +97,9 @@ class Manifest(StrictModel):
     values, as written, in the order they were applied."""
     point: str | None = None
     """The matrix point this run is (`name[key=value,...]`), or None."""
+    interventions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per `intervene` condition: its site, layers, positions, what it does (`do`), when
+    (`during`) and its direction set's file and sha256."""
 
 
 # --- writing ---------------------------------------------------------------------------------

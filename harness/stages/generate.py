@@ -15,6 +15,7 @@ compilation time apart from the run time.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import logging
 import time
 import warnings
@@ -32,6 +33,7 @@ from harness.models import block_activation_bytes, memory_budget
 from harness.sources import GenerationSpec
 
 if TYPE_CHECKING:
+    from harness.intervening import Applied
     from harness.pool import ModelPool
 
 STAGE_VERSION = 1
@@ -173,19 +175,21 @@ def generate_batch(
     compile: bool = False,
     report: GenerationReport | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    steering: Applied | None = None,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
 
     The response is the new tokens only, decoded without special tokens and stripped (decodes
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
-    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
+    `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch).
+    `steering`: an intervention whose hooks are on during each `generate` call. Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
     half's size); an out-of-memory error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
     count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, steering)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -198,15 +202,15 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, steering) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, steering
     )
 
 
 @torch.inference_mode()
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
-    report: GenerationReport, on_tokens: Callable[[int], None],
+    report: GenerationReport, on_tokens: Callable[[int], None], steering: Applied | None = None,
 ) -> list[dict]:
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
@@ -217,7 +221,7 @@ def _generate(
         kwargs |= compile_kwargs(model, torch.device(device), shape[0], shape[1] + spec.max_new_tokens)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), steering.generating(model) if steering is not None else nullcontext():
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
         output = model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([DecodedTokens(on_tokens)]))
     new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
@@ -246,6 +250,8 @@ class GenerateStage(Stage):
     """Prompts per batch, or `auto` (from free memory, resolved when the stage computes)."""
     compile: bool
     pool: ModelPool
+    steering: Applied | None = None
+    """An `intervene` condition's intervention, on while generating (`harness.intervening`)."""
     report: GenerationReport = field(default_factory=GenerationReport)
     kind = "generate"
     version = STAGE_VERSION
@@ -259,6 +265,7 @@ class GenerateStage(Stage):
             "batch_size": self.batch_size,
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
+            **({"steering": self.steering.record()} if self.steering is not None else {}),
         }
 
     def units(self) -> list[list[int]]:
@@ -279,7 +286,7 @@ class GenerateStage(Stage):
         return generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
-            on_tokens=self.progress.advance,
+            on_tokens=self.progress.advance, steering=self.steering,
         )
 
     def check(self, output: list[dict]) -> str | None:
