@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from test_resume import HANG_GUARD_POLLS, harness_run
+from test_resume import harness_run, wait_for_a_capture_unit
 from test_run import tiny_spec
 
 MATRIX = "matrix:\n  conditions.model.generation.temperature: [0, 0.9]\n"
@@ -57,14 +56,7 @@ def test_a_sweep_killed_mid_point_and_rerun_gives_the_same_bytes(tmp_path, tiny_
     spec = sweep_spec(tmp_path, tiny_model_dir)
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     victim = harness_run(spec, runs, cache)
-    for _ in range(HANG_GUARD_POLLS):
-        if list(cache.glob("capture/*/unit-*.json")):
-            break
-        assert victim.poll() is None, f"sweep ended before it could be killed: {victim.communicate()}"
-        time.sleep(0.002)
-    else:
-        victim.kill()
-        pytest.fail(f"no capture unit stored after {HANG_GUARD_POLLS} polls: the sweep hangs")
+    wait_for_a_capture_unit(victim, cache)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not list(runs.glob("tinysweep/*-sweep")), "the kill should land before the sweep folder is written"
