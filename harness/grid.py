@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from harness.sites import DEFAULT_SITE, SITES
-from harness.statnames import STAT_KEYWORDS, TEXT_METRIC_NAMES, overall_scope
+from harness.statnames import INTERVENED_TEXT_METRIC_NAMES, STAT_KEYWORDS, TEXT_METRIC_NAMES, overall_scope
 from harness.metrics import PROJECTION_METRICS
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Grid:
         """Every word that may appear between the dots of a statistic name (besides ``layer<N>``)."""
         words = {word for column in self.per_layer_columns() for word in column.words}
         words |= {*self.overall_scopes(), *self.overall_rules}
-        return words | set(TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
+        return words | set(TEXT_METRIC_NAMES) | set(INTERVENED_TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
 
     def held_out_samples(self, built_from: Mapping[str, Iterable[int]]) -> dict[str, set[int]]:
         """Per column of a held-out direction set (by name), the samples to leave out of

@@ -15,7 +15,15 @@ from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, T
 from harness.registry import Registry, load_plugins
 from harness.sources import SOURCES
 from harness.sites import SITES
-from harness.statnames import LAYER_SCOPE, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
+from harness.statnames import (
+    LAYER_SCOPE,
+    SWEEP_ADJUSTED_P,
+    SWEEP_CRITERION_STATS,
+    SWEEP_SUMMARIES,
+    SWEEP_TREND,
+    SWEEP_TREND_STATS,
+    sweep_name,
+)
 
 SYNTHETIC_SAMPLES = 4
 SYNTHETIC_LAYERS = 2
@@ -54,6 +62,13 @@ def sites() -> list[str]:
 def _row(name: str, registry: Registry, text: str) -> str:
     """A registry entry's line: its name, the package it comes from, what it is."""
     return f"{name:<26} {registry.origin(name):<10} {text}"
+
+
+def interventions() -> list[str]:
+    from harness.interventions import INTERVENTIONS
+
+    load_plugins()
+    return [_row(name, INTERVENTIONS, first_line(kind.spec_model.__doc__)) for name, kind in INTERVENTIONS.items()]
 
 
 def specs(files: list[Path], width: int) -> list[str]:
@@ -140,6 +155,8 @@ def stats(target: Path) -> list[str]:
         names += [sweep_name(name, "|".join(SWEEP_CRITERION_STATS)) for name in sweep.points[0].spec.criteria]
         names += [sweep_name("<statistic above>", "|".join(SWEEP_SUMMARIES)),
                   sweep_name("<statistic above ending in p>", SWEEP_ADJUSTED_P, "|".join(SWEEP_SUMMARIES))]
+        if sweep.dose is not None:
+            names += [sweep_name("<statistic above>", SWEEP_TREND, "|".join(SWEEP_TREND_STATS))]
     return names
 
 
@@ -156,14 +173,16 @@ def synthetic_stats(spec) -> dict[str, float]:
     import numpy as np
 
     from harness.stages.stats import compute_stats, load_table
-    from harness.statnames import TEXT_METRIC_NAMES
+    from harness.statnames import INTERVENED_TEXT_METRIC_NAMES, TEXT_METRIC_NAMES
 
     rng = np.random.default_rng(0)
     lines = ["sample_id,condition,layer,metric,value"]
     columns = [column.name for column in spec.grid.per_layer_columns()]
     for sample in range(SYNTHETIC_SAMPLES):
         for condition in spec.conditions:
-            lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
+            intervened = spec.conditions[condition].source == "intervene"
+            text_metrics = TEXT_METRIC_NAMES + (INTERVENED_TEXT_METRIC_NAMES if intervened else ())
+            lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in text_metrics]
             lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
                       for metric in columns for layer in range(SYNTHETIC_LAYERS)]
     quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})

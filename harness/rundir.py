@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -96,6 +97,9 @@ class Manifest(StrictModel):
     values, as written, in the order they were applied."""
     point: str | None = None
     """The matrix point this run is (`name[key=value,...]`), or None."""
+    interventions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per `intervene` condition: its site, layers, positions, what it does (`do`), when
+    (`during`) and its direction set's file and sha256."""
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -356,7 +360,7 @@ class RunRecord:
         value = self.stats.get(name)
         return float("nan") if value is None else value
 
-    @property
+    @functools.cached_property
     def layers(self) -> list[int]:
         """Captured layers of the studied trajectory metric, in order."""
         rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]

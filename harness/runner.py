@@ -25,6 +25,8 @@ from harness.data_sources import Table, read_table
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
+from harness.intervening import CaptureIntervention
+from harness.interventions import describe
 from harness.overrides import Override
 from harness.pool import ModelPool
 from harness.schema import Spec
@@ -118,7 +120,8 @@ def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], d
     spec, executor, pool = plan.spec, plan.executor, plan.pool
     samples = executor.run(data.DataStage(spec, plan.spec_path, pool, plan.table))
     # with a chat capture model, each text holds the prompt as it reads it (`model_prompt`)
-    texts = pool.with_model_prompts(spec.capture_model, conditions.condition_texts(spec, samples, executor, pool))
+    texts = pool.with_model_prompts(
+        spec.capture_model, conditions.condition_texts(spec, samples, executor, pool, plan.directions))
     return samples, texts, measure(plan, texts)
 
 
@@ -172,14 +175,14 @@ def measure(plan: Plan, texts: dict[str, list[dict]]) -> dict[str, dict]:
         texts, spec.capture.length_matching, spec.capture.response_tokenization,
     )
     settings = capture.CaptureSettings.from_spec(spec, plan.directions)
+    measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
+                       for row, limit in zip(rows, limits[name])]
+                for name, rows in texts.items()}
     return {
         name: plan.executor.run(capture.CaptureStage(
-            f"capture[{name}]",
-            [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
-             for row, limit in zip(rows, limits[name])],
-            settings, pool,
+            f"capture[{name}]", rows, settings, pool, CaptureIntervention.of(name, spec, plan.directions, measured),
         ))
-        for name, rows in texts.items()
+        for name, rows in measured.items()
     }
 
 
@@ -207,4 +210,8 @@ def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
         directions={name: direction.record() for name, direction in plan.directions.items()},
         overrides=[override.origin for override in plan.overrides],
         point=plan.point,
+        interventions={
+            name: describe(c.at, c.do, c.during, plan.directions.get(next(iter(c.do.spec.direction_sets()), None)))
+            for name, c in spec.conditions.items() if c.source == "intervene"
+        },
     )

@@ -35,10 +35,12 @@ from harness.registry import load_plugins
 from harness.sites import DEFAULT_SITE, SITES
 from harness.sources import SOURCES
 from harness.statnames import (
+    INTERVENED_TEXT_METRIC_NAMES,
     LAYER_SCOPE,
     OVERALL_RULES,
     STAT_KEYWORDS,
     SWEEP_KEYWORDS,
+    SWEEP_TREND,
     TEXT_METRIC_NAMES,
     depth_band_rule,
     words,
@@ -328,6 +330,15 @@ Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
 """See `Spec.matrix`."""
 
 
+def dose_axis(matrix: dict[str, list[Any]]) -> str | None:
+    """The matrix's key when it is the only one and its values are numbers (a dose-response), else None."""
+    if len(matrix) != 1:
+        return None
+    (key, values), = matrix.items()
+    numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+    return key if numeric else None
+
+
 def _check_criteria(spec: "Spec") -> None:
     """Criteria name the spec's statistics; sweep criteria name sweep statistics: `sweep.` then
     a criterion or a statistic of a point."""
@@ -344,6 +355,8 @@ def _check_criteria(spec: "Spec") -> None:
         raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
     sweep_vocabulary = vocabulary | SWEEP_KEYWORDS | {word for name in spec.criteria for word in words(name)}
     for name, expr in spec.sweep_criteria.items():
+        if f".{SWEEP_TREND}." in expr and dose_axis(spec.matrix) is None:
+            raise FieldError(f"sweep_criteria.{name}", f"a {SWEEP_TREND} needs a matrix of one key with numeric values")
         try:
             check_criterion(expr, sweep_vocabulary)
         except ValueError as exc:
@@ -465,6 +478,7 @@ class Spec(StrictModel):
                 need("condition", f"conditions.{name}.of", parent, self.conditions)
                 if self.conditions[parent].derived_from():
                     raise FieldError(f"conditions.{name}.of", f"{parent!r} is itself derived from another condition")
+            cond.validate_in(name, self)
         for metric in self.metrics:
             need("metric", "metrics", metric, LAYER_METRICS.keys() | PROJECTION_METRICS.keys())
             if metric in PROJECTION_METRICS and not self.directions:
@@ -565,7 +579,8 @@ def _check_names(spec: Spec) -> None:
     be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
     direction set must not share a name with a condition or comparison."""
 
-    reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+    reserved = (set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+                | set(INTERVENED_TEXT_METRIC_NAMES))
     reserved |= {column.metric_at_site for column in spec.grid.whole_columns()}
     for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
                         ("directions", spec.directions)):

@@ -31,9 +31,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
-from harness.base import StrictModel
+from harness.base import FieldError, StrictModel
 from harness.data_sources import HUMAN
+from harness.errors import InputError
+from harness.interventions import At, Do, During
 from harness.registry import Registry
+from harness.sites import SITES
 
 if TYPE_CHECKING:
     from harness.executor import Executor
@@ -69,6 +72,9 @@ class ConditionSpec(StrictModel):
         """The seed of its randomness, for the run manifest (None: deterministic)."""
         return getattr(self, "seed", None)
 
+    def validate_in(self, name: str, spec: "Spec") -> None:
+        """Checks against the rest of the spec (run by its validation): raise FieldError naming the field."""
+
 
 @dataclass
 class SourceContext:
@@ -81,9 +87,10 @@ class SourceContext:
     """Runs (and caches) a stage: `context.executor.run(stage)`."""
     pool: "ModelPool"
     """The run's models, loaded on first use."""
-    generate: Callable[[str, str, list["str"], "GenerationSpec"], list[dict]]
-    """`generate(stage_name, model_alias, prompts, settings)`: the generation stage's continuations
-    (response, n_new_tokens, stopped_early per prompt), cached like any stage."""
+    generate: Callable[..., list[dict]]
+    """`generate(stage_name, model_alias, prompts, settings, intervention=None)`: the generation
+    stage's continuations (response, n_new_tokens, stopped_early per prompt), cached like any
+    stage; `intervention`: the `intervene` condition whose hooks are on while it generates."""
     texts: dict[str, list[Text]] = field(default_factory=dict)
     """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
 
@@ -203,9 +210,14 @@ def _generation_fits(name: str, condition: GeneratedCondition, spec: "Spec", poo
 
 @condition_source(GeneratedCondition, check=_generation_fits)
 def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
+    return _generated(name, condition, context)
+
+
+def _generated(name: str, condition: GeneratedCondition, context: SourceContext, intervention: str | None = None) -> list[Text]:
+    """`condition`'s generation of every prompt (`intervention`: the `intervene` condition shaping it)."""
     (alias,) = condition.models(context.spec)
     prompts = [sample["prompt"] for sample in context.samples]
-    output = context.generate(f"generate[{name}]", alias, prompts, condition.generation)
+    output = context.generate(f"generate[{name}]", alias, prompts, condition.generation, intervention)
     return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
 
 
@@ -226,3 +238,76 @@ def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> 
             response = tokenizer.decode(ids).strip()
         texts.append(text(source["prompt"], response))
     return texts
+
+
+class InterventionCondition(ConditionSpec):
+    """Another condition's forward (or generation) with its activations changed: steer, ablate, patch."""
+
+    source: Literal["intervene"]
+    of: str
+    """The condition whose texts it reads (`during: capture`) or whose generation it shapes."""
+    at: At
+    do: Do
+    during: During = "capture"
+    """`capture`: the measured forward of `of`'s texts; `generate`: `of`'s generation (measured
+    unchanged); `both`."""
+
+    def derived_from(self) -> list[str]:
+        source = self.do.spec.patched_from()
+        return [self.of] + ([source] if source and source != self.of else [])
+
+    def models(self, spec: "Spec") -> list[str]:
+        return spec.conditions[self.of].models(spec) if self.during != "capture" else []
+
+    def validate_in(self, name: str, spec: "Spec") -> None:
+        where, kind, settings = f"conditions.{name}", self.do.kind, self.do.spec
+        if self.at.site not in SITES:
+            raise FieldError(f"{where}.at.site", f"unknown capture site {self.at.site!r} (known: {', '.join(sorted(SITES))})")
+        for direction in settings.direction_sets():
+            if direction not in spec.directions:
+                known = ", ".join(sorted(spec.directions)) or "none: name one under `directions:`"
+                raise FieldError(f"{where}.do.{kind}.direction", f"unknown direction set {direction!r} (known: {known})")
+        if spec.runtime.compile:
+            raise FieldError("runtime.compile", f"interventions ({where}) run eagerly: set runtime.compile: false")
+        of = spec.conditions[self.of]
+        if self.during != "capture":
+            if not isinstance(of, GeneratedCondition):
+                raise FieldError(f"{where}.during", f"{self.during!r} shapes a generation, and {self.of!r} does not "
+                                                     f"generate (source: {of.source}): use during: capture")
+            if of.models(spec) != [spec.capture_model]:
+                raise FieldError(f"{where}.during", f"steering a generation needs the capture model as generator "
+                                                     f"(directions are checked against it), not {of.models(spec)[0]!r}")
+            if settings.needs_whole_text() or settings.patched_from():
+                raise FieldError(f"{where}.do.{kind}", "acts on whole texts: use during: capture")
+        source = settings.patched_from()
+        if source is not None:
+            if source not in spec.conditions:
+                raise FieldError(f"{where}.do.patch.from", f"unknown condition {source!r} (known: {', '.join(spec.conditions)})")
+            positions = settings.positions(self.at)
+            if source != self.of and positions != "prompt" and not spec.capture.length_matching:
+                raise FieldError(f"{where}.do.patch.from", f"{self.of!r} and {source!r} have different texts, whose token "
+                                 f"counts at positions {positions} cannot match: set capture.length_matching: true, "
+                                 "or patch positions: prompt")
+
+
+def _intervention_fits(name: str, condition: InterventionCondition, spec: "Spec", pool: "ModelPool") -> None:
+    """The layers and the site exist in the capture model (its structure: loads the model)."""
+    from harness.structure import decoder_blocks, resolve_sites  # imports torch: only once a run is collected
+
+    model = pool.model(spec.capture_model).model
+    try:
+        condition.at.layer_list(len(decoder_blocks(model)))
+    except ValueError as exc:
+        raise InputError(f"{pool.spec_path}: conditions.{name}.at.layers: {exc}") from None
+    try:
+        resolve_sites(model, [condition.at.site])
+    except ValueError as exc:
+        raise InputError(f"{pool.spec_path}: conditions.{name}.at.site: {exc}") from None
+
+
+@condition_source(InterventionCondition, check=_intervention_fits)
+def intervene(name: str, condition: InterventionCondition, context: SourceContext) -> list[Text]:
+    """`of`'s texts (`during: capture`), or its generation with the intervention's hooks on."""
+    if condition.during == "capture":
+        return [dict(source) for source in context.texts[condition.of]]
+    return _generated(name, context.spec.conditions[condition.of], context, name)

@@ -52,6 +52,8 @@ PAIRED_STATS = (
 LAYER_ADJUSTED_P = {"p_holm": "holm", "p_bh": "fdr_bh"}
 """Per-layer p-values adjusted across the layers of one metric: name -> multipletests method."""
 CORRELATION_STATS = ("r", "p", "ci_low", "ci_high", "n")
+INTERVALS = {"mean_diff": ("mean_diff_ci_low", "mean_diff_ci_high"), "d": ("d_ci_low", "d_ci_high"), "r": ("ci_low", "ci_high")}
+"""The statistics that carry a confidence interval: stat -> the names of its bounds (same scope)."""
 MIXEDLM_STATS = ("x_coef", "x_p", "condition_coef", "condition_p", "converged")
 
 STAT_KEYWORDS: frozenset[str] = frozenset(
@@ -72,6 +74,8 @@ LAYER_SCOPE = re.compile(r"layer(\d+)")
 
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""
+INTERVENED_TEXT_METRIC_NAMES = ("kl_from_clean",)
+"""Per-text metrics defined only on a forward an `intervene` condition changes (see metrics/)."""
 
 SWEEP = "sweep"
 """First word of every sweep-level statistic (`sweep_criteria:` of a spec with a `matrix:`)."""
@@ -81,7 +85,13 @@ SWEEP_SUMMARIES = ("min", "median", "max")
 """Per statistic across the points: `sweep.<statistic>.min`, ..."""
 SWEEP_ADJUSTED_P = "p_bh"
 """Per `…p` statistic, Benjamini–Hochberg adjusted across the points: `sweep.<statistic>.p_bh.max`, ..."""
-SWEEP_KEYWORDS: frozenset[str] = frozenset({SWEEP, SWEEP_ADJUSTED_P, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES})
+SWEEP_TREND = "trend"
+"""Per statistic, Spearman's rank correlation with a one-key numeric matrix's values (a dose-response):
+`sweep.<statistic>.trend.rho`, `sweep.<statistic>.trend.p`."""
+SWEEP_TREND_STATS = ("rho", "p")
+SWEEP_KEYWORDS: frozenset[str] = frozenset(
+    {SWEEP, SWEEP_ADJUSTED_P, SWEEP_TREND, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES, *SWEEP_TREND_STATS}
+)
 
 
 def layer_scope(layer: int) -> str:

@@ -24,9 +24,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from harness.overrides import Override, flow
-from harness.schema import Spec
+from harness.schema import Spec, dose_axis
 from harness.spec import load_spec
-from harness.statnames import SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
+from harness.statnames import (
+    SWEEP_ADJUSTED_P,
+    SWEEP_CRITERION_STATS,
+    SWEEP_SUMMARIES,
+    SWEEP_TREND,
+    SWEEP_TREND_STATS,
+    sweep_name,
+)
 
 SWEEP_FILE = "sweep.json"
 FIGURE_FILE = "effect_by_relative_depth.png"
@@ -63,6 +70,9 @@ class Sweep:
     name: str
     points: list[Point]
     criteria: dict[str, str]
+    dose: str | None = None
+    """The matrix's key when it is its only one, with numeric values: the sweep statistics'
+    `trend` is taken across them (`harness.schema.dose_axis`)."""
 
     @property
     def is_matrix(self) -> bool:
@@ -88,7 +98,7 @@ def expand(path: Path, overrides: Sequence[Override] = ()) -> Sweep:
         seen.add(point_id)
         point_spec = load_spec(path, (*overrides, *assignments), point=True)
         points.append(Point(point_id, values, (*overrides, *assignments), point_spec))
-    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria))
+    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria), dose_axis(spec.matrix))
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -112,12 +122,18 @@ def _value_label(name: str, value: Any, index: int) -> str:
 # --- sweep statistics ---------------------------------------------------------------------
 
 
-def sweep_statistics(point_stats: list[dict[str, float | None]], point_criteria: list[list[dict]]) -> dict[str, float]:
+def sweep_statistics(
+    point_stats: list[dict[str, float | None]], point_criteria: list[list[dict]], doses: list[float] | None = None
+) -> dict[str, float]:
     """Sweep-level statistics, flat like stats.json (see `Spec.sweep_criteria`).
 
     A statistic enters only where every point computed it (a layer that one model lacks has no
     minimum over the sweep); a NaN makes its summaries NaN, and its BH adjustment is left out.
+    With `doses` (a one-key numeric matrix's values, point by point: `dose_axis`), each
+    statistic's `trend` is Spearman's rho with them and its p (NaN where either is constant or
+    a point's value is NaN).
     """
+    from scipy.stats import spearmanr
     from statsmodels.stats.multitest import multipletests
 
     stats: dict[str, float] = {}
@@ -132,6 +148,10 @@ def sweep_statistics(point_stats: list[dict[str, float | None]], point_criteria:
         if name.endswith("p") and np.all(np.isfinite(values)):
             adjusted = multipletests(values, method="fdr_bh")[1]
             stats |= _summaries((name, SWEEP_ADJUSTED_P), adjusted)
+        if doses is not None:
+            finite = np.all(np.isfinite(values)) and len(set(values)) > 1 and len(set(doses)) > 1
+            rho, p = spearmanr(doses, values) if finite else (math.nan, math.nan)
+            stats |= {sweep_name(name, SWEEP_TREND, stat): float(value) for stat, value in zip(SWEEP_TREND_STATS, (rho, p))}
     return stats
 
 

@@ -9,17 +9,25 @@ from typing import Any
 
 import pandas as pd
 
-from harness import plots
 from harness.artifacts import read_jsonl, write_json, write_text
 from harness.errors import InputError
 from harness.inputs import read_json
 from harness.rundir import SAMPLES_FILE, RunFolder, read_criteria, read_stats
 from harness.stages import criteria as criteria_stage
-from harness.statnames import OVERALL, correlation_name, descriptive_name, paired_name, per_layer_names
+from harness.statnames import (
+    OVERALL,
+    SWEEP_TREND,
+    correlation_name,
+    descriptive_name,
+    paired_name,
+    per_layer_names,
+    sweep_name,
+)
 from harness.sweep import FIGURE_FILE, SWEEP_FILE, Point, Sweep, sweep_statistics
 from harness.templates import TEMPLATES_DIR, render_template
 
 TEMPLATE = "sweep.md.j2"
+DOSE_FIGURE_FILE = "dose_response.png"
 
 
 def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path, tag: str | None = None):
@@ -28,7 +36,9 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
     shares = shared_samples(run_dirs)
     point_stats = [read_stats(run_dir) for run_dir in run_dirs]
     point_criteria = [read_criteria(run_dir) for run_dir in run_dirs]
-    statistics = sweep_statistics(point_stats, point_criteria)
+    dose = sweep.dose
+    doses = [point.values[dose] for point, _ in outcomes] if dose else None
+    statistics = sweep_statistics(point_stats, point_criteria, doses)
     results = criteria_stage.evaluate_criteria(sweep.criteria, statistics)
     folder = RunFolder(runs_dir, sweep.name, "-".join(filter(None, (tag, "sweep"))))
     try:
@@ -41,11 +51,20 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
         })
         spec = outcomes[0][0].spec
         metric = spec.stats.correlate[1]
-        figure = None
+        figure = dose_figure = None
+        comparison = next(iter(spec.comparisons))
         if spec.report.plots:
+            from harness import plots  # matplotlib only where the figure is drawn: `harness view` and `harness log` read this module
+
             depths = [model_layers(run_dir, spec.capture_model) for run_dir in run_dirs]
             effects = pd.DataFrame(_depth_rows([point.id for point, _ in outcomes], point_stats, depths, metric))
             figure = plots.effect_by_relative_depth(effects, metric, folder.path / FIGURE_FILE).name
+            if doses is not None:
+                rows = [{"dose": value, **{key: _number(stats.get(paired_name(metric, OVERALL, key)))
+                                           for key in ("d", "d_ci_low", "d_ci_high")}}
+                        for value, stats in zip(doses, point_stats)]
+                dose_figure = plots.dose_response(pd.DataFrame(rows), dose, metric, comparison,
+                                                  folder.path / DOSE_FIGURE_FILE).name
         context = {
             "title": sweep.name,
             "hypothesis": spec.report.hypothesis.strip(),
@@ -61,12 +80,19 @@ def write_sweep(sweep: Sweep, outcomes: list[tuple[Point, Any]], runs_dir: Path,
             ],
             "summary": criteria_stage.summary_line(results),
             "figure": figure,
+            "dose": dose and {"key": dose, "figure": dose_figure, "comparison": comparison,
+                              "rho": statistics.get(sweep_name(paired_name(metric, OVERALL, "d"), SWEEP_TREND, "rho")),
+                              "p": statistics.get(sweep_name(paired_name(metric, OVERALL, "d"), SWEEP_TREND, "p"))},
         }
         write_text(folder.path / "RESULTS.md", render_template(TEMPLATES_DIR / TEMPLATE, context))
         return folder.commit(), results
     except BaseException:
         folder.discard()
         raise
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _row(point: Point, run_dir: Path, stats: dict, criteria_rows: list[dict], spec) -> dict:

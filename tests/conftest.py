@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+def unavailable(message: str) -> None:
+    """Skip (a test, or at import a whole module) where a part it needs is not installed, saying
+    what to install; fail instead in CI (CI=true), which must run every test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + "; CI must run these tests", pytrace=False)
+    pytest.skip(message, allow_module_level=True)

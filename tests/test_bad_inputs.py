@@ -139,6 +139,21 @@ def direction_file(write: Callable[[Path], None], file_name: str = "probe.npy") 
     return build
 
 
+def steering_file(write: Callable[[Path], None]) -> Builder:
+    """A spec on the tiny model steering the human text along a direction file that `write` makes."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        write(folder / "probe.npy")
+        return child_spec(folder, CORPUS / "_base.yaml", {
+            "models": {"base": {"id": str(tiny_model)}},
+            "directions": {"probe": {"path": "probe.npy"}},
+            "conditions": {"steered": {"source": "intervene", "of": "human", "at": {"layers": [1]},
+                                       "do": {"add": {"direction": "probe", "scale": 1.0}}}},
+        })
+
+    return build
+
+
 def dataset_file(write: Callable[[Path], None], file_name: str = "rows.txt") -> Builder:
     """A spec on the tiny model whose `dataset.path` is a file (or folder, FIFO, link) that `write` makes."""
 
@@ -380,6 +395,18 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "prompts_only_with_human": "conditions.human.source: reads the dataset's response 'human', and the jsonl dataset has no responses",
     "dataset_unknown_source": "dataset.source: must be one of jsonl, csv, parquet, hub, wikitext, not 'tsv'",
     "dataset_columns_twice": "dataset: column 'question' is named twice",
+    # interventions: where, what and when are checked before anything runs
+    "intervene_unknown_site": "conditions.steered.at.site: unknown capture site 'resid_middle'",
+    "intervene_unknown_direction": "conditions.steered.do.add.direction: unknown direction set 'refusal' (known: mmh)",
+    "intervene_scale_not_finite": "conditions.steered.do.add.scale: Input should be a finite number",
+    "intervene_scale_infinite": "conditions.steered.do.add.scale: Input should be a finite number",
+    "intervene_generate_without_generation": "conditions.steered.during: 'generate' shapes a generation, and 'human' does not generate",
+    "intervene_patch_token_counts": "conditions.steered.do.patch.from: 'human' and 'model' have different texts, whose token counts",
+    "intervene_two_kinds": "conditions.steered.do: needs exactly one of add, ablate, patch (got add, ablate)",
+    "intervene_unknown_kind": "conditions.steered.do.clamp: unknown key",
+    "intervene_bad_layer_range": "conditions.steered.at.layers: '3-1' is not a layer range",
+    "intervene_mean_during_generate": "conditions.steered.do.ablate: acts on whole texts: use during: capture",
+    "intervene_compile": "runtime.compile: interventions (conditions.steered) run eagerly",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):
@@ -434,6 +461,10 @@ CASES = [
     input_case("direction_nan", ("directions.probe.path: ", "contains NaN or infinite values"), direction_file(_save_npy(_with_nan()))),
     input_case("direction_unreadable", ("directions.probe.path: ", "probe.safetensors: cannot be read"),
                direction_file(lambda path: path.write_bytes(b"not a tensor file"), "probe.safetensors")),
+    input_case("intervene_layer_out_of_range", "conditions.steered.at.layers: layers [7] do not exist (the model has 3",
+               corpus_file_with_tiny_model),
+    input_case("intervene_direction_wrong_width", ("directions.probe.path: ", "has width 16, the capture model's residual stream has 32"),
+               steering_file(_save_npy(np.ones(16)))),
     # dataset.path: regular files only, within the dataset limits (harness.inputs.LIMITS), read before any tokenizer
     input_case("dataset_folder", ("dataset.path: ", "rows.txt: is a folder, not a file"), dataset_file(Path.mkdir)),
     input_case("dataset_fifo", ("dataset.path: ", "rows.txt: is a FIFO (named pipe)"), dataset_file(os.mkfifo)),

@@ -329,3 +329,47 @@ def test_the_sweep_says_how_many_samples_its_points_share(swept, tmp_path):
             json.dumps({"sample_id": i, "id": str(row), "prompt": f"prompt {row}"}) + "\n" for i, row in enumerate(ids)))
         folders.append(folder)
     assert [(s["shared"], s["of"]) for s in sweep_report.shared_samples(folders)] == [(3, 4), (3, 4), (3, 3)]
+
+
+def test_a_dose_response_sweep_has_a_trend_its_figure_and_says_what_was_changed(tmp_path, tiny_model_dir):
+    import json
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    np.save(tmp_path / "probe.npy", np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32))
+    base = tiny_spec(tmp_path, tiny_model_dir, name="tinybase")
+    spec = tmp_path / "dose.yaml"
+    spec.write_text(
+        "extends: tinybase.yaml\nname: dose\nreport: {plots: true}\n"
+        "directions: {probe: {path: probe.npy}}\n"
+        "conditions:\n  model: null\n"
+        "  steered: {source: intervene, of: human, at: {layers: [1], positions: response},"
+        " do: {add: {direction: probe, scale: 1.0}}}\n"
+        "criteria: {model_text_less_surprising: null, model_text_smoother: null, moved: kl_from_clean.steered.mean > 0}\n"
+        "matrix: {conditions.steered.do.add.scale: [1.0, 4.0, 16.0]}\n"
+        "sweep_criteria: {grows: sweep.ce_loss.overall.d.trend.rho < 0}\n"
+    )
+    assert base.is_file()
+    outcome = run_spec(spec, tmp_path / "runs", log=Log())
+    sweep = json.loads((outcome.sweep_dir / "sweep.json").read_text())
+    points = [json.loads((outcome.sweep_dir.parent / point["run"] / "stats.json").read_text()) for point in sweep["points"]]
+    name = "kl_from_clean.steered.mean"
+    rho, p = spearmanr([1.0, 4.0, 16.0], [stats[name] for stats in points])
+    assert sweep["statistics"][f"sweep.{name}.trend.rho"] == pytest.approx(rho)
+    assert sweep["statistics"][f"sweep.{name}.trend.p"] == pytest.approx(p)
+    assert [row["name"] for row in sweep["criteria"]] == ["grows"]
+    report = (outcome.sweep_dir / "RESULTS.md").read_text()
+    assert "## Dose-response" in report and (outcome.sweep_dir / "dose_response.png").stat().st_size > 0
+    first = outcome.sweep_dir.parent / sweep["points"][0]["run"]
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["interventions"]["steered"]["do"] == {"add": {"direction": "probe", "scale": 1.0}}
+    assert manifest["interventions"]["steered"]["direction"]["path"].endswith("probe.npy")
+    assert "## What was changed" in (first / "RESULTS.md").read_text()
+
+
+def test_a_trend_needs_a_one_key_numeric_matrix(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {dataset.n_samples: [5, 6], dataset.min_tokens: [40, 41]}\n"
+                                                      "sweep_criteria: {x: sweep.smoothness.overall.d.trend.rho > 0}\n")
+    with pytest.raises(InputError, match="sweep_criteria.x: a trend needs a matrix of one key with numeric values"):
+        expand(spec)

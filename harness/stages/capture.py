@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -27,10 +28,11 @@ from harness.grid import Column, Grid, Window
 from harness.models import block_activation_bytes, memory_budget
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
 from harness.structure import decoder_blocks, resolve_layers, site_taps
-from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
+from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRIC_SCORES, TEXT_METRICS
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
+    from harness.intervening import CaptureIntervention
     from harness.pool import ModelPool
 
 STAGE_VERSION = 4
@@ -62,6 +64,10 @@ class TextToMeasure:
     @property
     def full_text(self) -> str:
         return f"{self.prompt} {self.response}"
+
+
+Intervened = Callable[["PaddedBatch", Callable[["PaddedBatch"], torch.Tensor]], AbstractContextManager[torch.Tensor]]
+"""See `measure_batch`."""
 
 
 @dataclass
@@ -152,28 +158,64 @@ def token_nll(
     (`attention`, [B, T] on the host; default: every position), with the model's final-logit
     softcapping (Gemma 2) applied as its own forward does.
     """
-    head = model.get_output_embeddings()
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    at, targets = _scored(hidden, input_ids, attention)
+    rows = _predicting_rows(hidden, at)
+    flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for chunk, logits in _chunked_logits(model, rows):
+        flat[chunk] = nn.functional.cross_entropy(logits, targets[chunk], reduction="none")
+    return _per_token(flat, at, input_ids.shape)
+
+
+def token_kl(
+    model: nn.Module, hidden: torch.Tensor, clean: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(intervened || clean) of the next-token distributions [B, T], placed as `token_nll`'s
+    values are: `hidden` and `clean` are the final hidden states of the same batch with and
+    without an intervention."""
+    at, _ = _scored(hidden, input_ids, attention)
+    rows, clean_rows = _predicting_rows(hidden, at), _predicting_rows(clean, at)
+    flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    # two chunks of logits at a time: half as many rows each
+    for (chunk, logits), (_, clean_logits) in zip(_chunked_logits(model, rows, 2), _chunked_logits(model, clean_rows, 2)):
+        flat[chunk] = nn.functional.kl_div(
+            clean_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+    return _per_token(flat, at, input_ids.shape)
+
+
+def _scored(hidden: torch.Tensor, input_ids: torch.Tensor, attention: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat index of every scored token (found on the host, so that gathering never waits on
+    the device) and its token id."""
     batch, length = input_ids.shape
     scored = torch.zeros(batch, length, dtype=torch.bool)
     scored[:, 1:] = True if attention is None else attention[:, 1:].bool()
-    # Flat index of every scored token, found on the host so that gathering never waits on the
-    # device; its logits come from the position before it. Gathered rows are contiguous: a
-    # strided 3-D slice makes matmul re-read the head's weight per text.
     at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
-    rows = hidden.reshape(batch * length, -1).index_select(0, at - 1)
-    targets = input_ids.to(hidden.device).flatten().index_select(0, at)
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
-    flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    for start in range(0, rows.shape[0], chunk):
-        logits = head(rows[start : start + chunk]).float()
+    return at, input_ids.to(hidden.device).flatten().index_select(0, at)
+
+
+def _predicting_rows(hidden: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The hidden state before each scored token: gathered rows are contiguous (a strided 3-D
+    slice makes matmul re-read the head's weight per text)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, at - 1)
+
+
+def _chunked_logits(model: nn.Module, rows: torch.Tensor, at_once: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
+    """fp32 logits of `rows`, chunk by chunk, so that `at_once` chunks stay within LOGITS_CHUNK_BYTES."""
+    head = model.get_output_embeddings()
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    size = max(1, LOGITS_CHUNK_BYTES // (4 * vocab * at_once))
+    for start in range(0, rows.shape[0], size):
+        logits = head(rows[start : start + size]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-    nll = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
-    nll[at] = flat
-    return nll.view(batch, length)
+        yield slice(start, start + size), logits
+
+
+def _per_token(flat: torch.Tensor, at: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    values = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=flat.device)
+    values[at] = flat
+    return values.view(*shape)
 
 
 @dataclass
@@ -276,7 +318,8 @@ def _column_values(
 
 @torch.inference_mode()
 def measure_batch(
-    model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement
+    model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement,
+    intervened: Intervened | None = None,
 ) -> list[dict]:
     """Every column of `measurement.grid` for a batch of texts, from one right-padded forward.
 
@@ -284,6 +327,10 @@ def measure_batch(
     ``text_metrics[name]``, ``n_response_tokens``, ``deltas[layer]`` (per-token delta norms of
     the first site for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d] of
     the first site, in `activation_dtype`) if asked.
+
+    `intervened(padded, forward)`: a context manager (`harness.intervening`) under which the
+    forward of `padded` is intervened on, yielding the clean forward's final hidden states of
+    the same batch (`kl_from_clean`).
 
     The hooks write every value into one preallocated device buffer, row by row of
     `grid.columns()`, which names the values too; it reaches the host in one transfer per batch
@@ -351,23 +398,33 @@ def measure_batch(
 
         return hook
 
-    handles = []
-    for site in grid.sites:
-        taps = site_taps(model, site)
-        handles += [taps[layer].register(hook_for(site, index)) for index, layer in enumerate(layers)]
-    try:
-        hidden = model.get_decoder()(
-            input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
+    def forward(batch: PaddedBatch) -> torch.Tensor:
+        return model.get_decoder()(
+            input_ids=batch.input_ids.to(input_device), attention_mask=batch.attention.long().to(input_device), use_cache=False
         ).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    with intervened(padded, forward) if intervened is not None else nullcontext() as clean:
+        # an intervention's hooks come first: the measuring hooks see what it changed
+        handles = []
+        for site in grid.sites:
+            taps = site_taps(model, site)
+            handles += [taps[layer].register(hook_for(site, index)) for index, layer in enumerate(layers)]
+        try:
+            hidden = forward(padded)
+        finally:
+            for handle in handles:
+                handle.remove()
     nll = token_nll(model, hidden, padded.input_ids, padded.attention).to(input_device)
+    scores = {"nll": nll}
+    if clean is not None:
+        scores["kl"] = token_kl(model, hidden, clean, padded.input_ids, padded.attention).to(input_device)
     targets = padded.attention.clone()
     targets[:, 0] = False
     targets, response_targets = targets.to(input_device), (padded.response & targets).to(input_device)
-    for index, fn in enumerate(TEXT_METRICS.values()):
-        text_values[index] = fn(nll, targets, response_targets)
+    # a metric of the KL from the clean forward is not defined on a forward nothing changed: no value
+    measured = [(index, name) for index, name in enumerate(TEXT_METRICS) if TEXT_METRIC_SCORES.get(name, "nll") in scores]
+    for index, name in measured:
+        text_values[index] = TEXT_METRICS[name](scores[TEXT_METRIC_SCORES.get(name, "nll")], targets, response_targets)
 
     host_values, host_deltas, host_text = (view.numpy() for view in split_views(buffer.cpu(), shapes))
     host_activations = activations.cpu() if activations is not None else None
@@ -378,7 +435,7 @@ def measure_batch(
             "n_response_tokens": len(item.input_ids) - item.response_start,
             "response_ids": item.input_ids[item.response_start :],
             "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(columns)},
-            "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
+            "text_metrics": {name: float(host_text[index, row]) for index, name in measured},
             "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist() for k, layer in enumerate(keep_deltas_for)},
         }
         if host_activations is not None:
@@ -448,9 +505,13 @@ class CaptureStage(Stage):
     kind = "capture"
     version = STAGE_VERSION
     progress_unit = "texts"
+    intervention: CaptureIntervention | None = None
+    """An `intervene` condition's intervention on this forward (`harness.intervening`)."""
     measurement: Measurement | None = None
     """Set by `units`, once the model's layers are known."""
     tokenized: list[Tokenized] = field(default_factory=list)
+    source_tokenized: list[Tokenized] = field(default_factory=list)
+    """A patch's source texts, tokenized by `units`."""
     forwards: CompiledCalls = field(default_factory=CompiledCalls)
     """Seconds of the forwards; with `compile`, per (rows, padded length)."""
 
@@ -470,14 +531,20 @@ class CaptureStage(Stage):
             "sites": list(grid.sites),
             # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
             **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
-            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}} if settings.directions else {}),
+            # only projection columns read the direction sets (an intervention keys its own)
+            **({"directions": {name: [d.sha256, d.key] for name, d in settings.directions.items()}}
+               if settings.directions and any(column.direction for column in grid.columns()) else {}),
             **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
+            **({"intervention": self.intervention.record()} if self.intervention is not None else {}),
         }
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.settings.model)
         capture = self.settings.capture
         self.tokenized = [tokenize_for_capture(loaded.tokenizer, text, capture.response_tokenization) for text in self.texts]
+        if self.intervention is not None and self.intervention.sources is not None:
+            self.source_tokenized = [tokenize_for_capture(loaded.tokenizer, text, capture.response_tokenization)
+                                     for text in self.intervention.sources]
         self.measurement = self.settings.measurement(resolve_layers(loaded.model, capture.layers))
         lengths = [len(t.input_ids) for t in self.tokenized]
         budget = token_budget(
@@ -490,7 +557,12 @@ class CaptureStage(Stage):
         loaded = self.pool.model(self.settings.model)
         batch = [self.tokenized[i] for i in unit]
         start = time.perf_counter()
-        records = measure_batch(loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.measurement)
+        intervened = None
+        if self.intervention is not None:
+            sources = [self.source_tokenized[i] for i in unit] if self.source_tokenized else None
+            intervened = self.intervention.around(loaded.model, sources, loaded.tokenizer.pad_token_id)
+        records = measure_batch(loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.measurement,
+                                intervened)
         compiled = self.settings.compile
         shape = (len(unit), padded_length(batch, COMPILE_BUCKET if compiled else 1))
         self.forwards.record(shape, time.perf_counter() - start, compiled)

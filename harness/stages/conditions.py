@@ -7,26 +7,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from harness.intervening import Applied
 from harness.sources import SOURCES, ConditionSpec, GenerationSpec, SourceContext, Text
 from harness.stages.generate import GenerateStage
 
 if TYPE_CHECKING:
+    from harness.directions import DirectionSet
     from harness.executor import Executor
     from harness.pool import ModelPool
     from harness.schema import Spec
 
 
-def condition_texts(spec: "Spec", samples: list[dict], executor: "Executor", pool: "ModelPool") -> dict[str, list[Text]]:
+def condition_texts(spec: "Spec", samples: list[dict], executor: "Executor", pool: "ModelPool",
+                    directions: dict[str, "DirectionSet"] | None = None) -> dict[str, list[Text]]:
     """Every condition's texts, in the spec's order (computed in dependency order)."""
 
-    def generate(stage_name: str, alias: str, prompts: list[str], settings: GenerationSpec) -> list[dict]:
+    def generate(stage_name: str, alias: str, prompts: list[str], settings: GenerationSpec,
+                 intervention: str | None = None) -> list[dict]:
         runtime = spec.runtime
         # a chat model continues its template's formatting of the prompt (one BOS: harness.chat)
         chat = spec.model_spec(alias).chat
         model_prompts = [pool.model_prompt(alias, prompt) for prompt in prompts] if chat else prompts
+        steering = Applied.of(intervention, spec, directions or {}) if intervention is not None else None
         return executor.run(GenerateStage(
             stage_name, model_prompts, alias, settings, runtime.generation_batch_size, runtime.compile, pool,
-            special_tokens=not chat,
+            steering, special_tokens=not chat,
         ))
 
     context = SourceContext(spec, samples, executor, pool, generate)

@@ -15,6 +15,7 @@ compilation time apart from the run time.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import logging
 import time
 import warnings
@@ -32,6 +33,7 @@ from harness.models import block_activation_bytes, memory_budget
 from harness.sources import GenerationSpec
 
 if TYPE_CHECKING:
+    from harness.intervening import Applied
     from harness.pool import ModelPool
 
 STAGE_VERSION = 1
@@ -173,6 +175,7 @@ def generate_batch(
     compile: bool = False,
     report: GenerationReport | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    steering: Applied | None = None,
     special_tokens: bool = True,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
@@ -181,13 +184,14 @@ def generate_batch(
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
     `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch).
-    `special_tokens`: tokenize the prompts with the tokenizer's BOS (False: they hold it). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
+    `steering`: an intervention whose hooks are on during each `generate` call. `special_tokens`:
+    tokenize the prompts with the tokenizer's BOS (False: they hold it). Out of memory, the batch runs again as two halves (seeded `seed` and `seed` + the first
     half's size); an out-of-memory error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
     count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, special_tokens)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, steering, special_tokens)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -200,15 +204,16 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, special_tokens) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, special_tokens
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, steering, special_tokens) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, steering, special_tokens
     )
 
 
 @torch.inference_mode()
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
-    report: GenerationReport, on_tokens: Callable[[int], None], special_tokens: bool = True,
+    report: GenerationReport, on_tokens: Callable[[int], None], steering: Applied | None = None,
+    special_tokens: bool = True,
 ) -> list[dict]:
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None,
@@ -220,7 +225,7 @@ def _generate(
         kwargs |= compile_kwargs(model, torch.device(device), shape[0], shape[1] + spec.max_new_tokens)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), steering.generating(model) if steering is not None else nullcontext():
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
         output = model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([DecodedTokens(on_tokens)]))
     new_tokens = output[:, shape[1] :].tolist()  # to the host: the clock stops once the device is done
@@ -249,6 +254,8 @@ class GenerateStage(Stage):
     """Prompts per batch, or `auto` (from free memory, resolved when the stage computes)."""
     compile: bool
     pool: ModelPool
+    steering: Applied | None = None
+    """An `intervene` condition's intervention, on while generating (`harness.intervening`)."""
     special_tokens: bool = True
     """Tokenize the prompts with the tokenizer's special tokens (BOS); False for chat-formatted
     prompts, which hold theirs already (`harness.chat`)."""
@@ -265,6 +272,7 @@ class GenerateStage(Stage):
             "batch_size": self.batch_size,
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
+            **({"steering": self.steering.record()} if self.steering is not None else {}),
             **({} if self.special_tokens else {"special_tokens": False}),
         }
 
@@ -286,7 +294,7 @@ class GenerateStage(Stage):
         return generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
-            on_tokens=self.progress.advance, special_tokens=self.special_tokens,
+            on_tokens=self.progress.advance, steering=self.steering, special_tokens=self.special_tokens,
         )
 
     def check(self, output: list[dict]) -> str | None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import t as student_t
 
-from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.grid import Column, Window
 from harness.rundir import RunRecord, load_run, write_report
@@ -72,6 +71,8 @@ def render_report(run_dir: Path, template: Path | None = None) -> Path:
 
 def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
     """Draw every figure beside RESULTS.md; return [{title, file}] in report order."""
+    from harness import plots  # matplotlib (1 s to import) only where figures are drawn: `harness view` reads this module too
+
     spec, metric, x_name = run.spec, run.spec.stats.correlate[1], run.spec.stats.correlate[0]
     name, comparison = next(iter(spec.comparisons.items()))
     figures = [
@@ -194,6 +195,7 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "layer_rows": layer_rows(run),
         "windows": window_tables(run, name),
         "directions": direction_notes(run, name),
+        "interventions": intervention_notes(run),
         "other_comparisons": [
             {"name": other, "a": cmp.a, "b": cmp.b, "rows": _paired_rows(run, other)}
             for other, cmp in list(spec.comparisons.items())[1:]
@@ -292,6 +294,26 @@ def direction_notes(run: RunRecord, comparison: str) -> list[dict]:
             "name": name, "path": entry.path, "sha256": record.get("sha256"), "shape": record.get("shape"),
             "held_out": entry.evaluate_on == "held_out", "metadata": metadata, "rows": rows,
             "built_from": samples is not None and id_ranges([int(sample) for sample in samples.split(",") if sample]),
+        })
+    return notes
+
+
+def intervention_notes(run: RunRecord) -> list[dict]:
+    """Per `intervene` condition, what was changed (as the manifest records it) and what it did to
+    the next-token distribution: its mean KL from the clean forward, its CE beside `of`'s."""
+    notes = []
+    for name, record in run.manifest.get("interventions", {}).items():
+        condition = run.spec.conditions[name]
+        (kind, settings), = record["do"].items()
+        notes.append({
+            "name": name, "of": condition.of, "site": record["site"], "layers": record["layers"],
+            "positions": record["positions"], "during": record["during"], "kind": kind,
+            "settings": {key: value for key, value in settings.items() if key != "direction"},
+            "direction": settings.get("direction"), "file": record.get("direction", {}).get("path"),
+            "sha256": record.get("direction", {}).get("sha256"),
+            "kl": run.stat(descriptive_name("kl_from_clean", name, "mean")),
+            "ce": run.stat(descriptive_name("ce_loss", name, "mean")),
+            "ce_of": run.stat(descriptive_name("ce_loss", condition.of, "mean")),
         })
     return notes
 
