@@ -60,8 +60,8 @@ from harness.grid import Grid  # noqa: E402
 from harness.stages import capture, data, decode_capture, generate  # noqa: E402
 from harness.schema import Spec  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.stages.conditions import GenerationSpec  # noqa: E402
-from metrics import LAYER_METRICS  # noqa: E402
+from harness.sources import GenerationSpec  # noqa: E402
+from harness.metrics import LAYER_METRICS  # noqa: E402
 
 SPEC_FILES = {"gemma3-270m": "gemma3-270m.yaml", "smollm2": "quickstart.yaml", "random": "baseline.yaml"}
 """Which spec each --model takes its model, metrics, generation and runtime settings from."""

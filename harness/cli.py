@@ -1,6 +1,8 @@
-"""`harness` command line: run, validate, ls, schema, compare, directions.
+"""`harness` command line: run, validate, ls, schema, compare, directions, view, log.
 
 Exit codes are pytest-style (`harness.errors.ExitCode`); `harness run --help` lists them.
+Each command imports what it runs inside its function: the start-up path (`--help`,
+`validate`, `ls`) loads no torch.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_directions(args: argparse.Namespace) -> int:
-    from harness.directions import difference_of_means, write_direction_file
+    from harness.direction_builder import difference_of_means, write_direction_file
     from harness.writing import check_output_file
 
     output = Path(args.output)
@@ -130,7 +132,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         if args.paths:
             raise InputError(f"ls {args.what}: takes no path")
-        rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites}[args.what]()
+        rows = {"metrics": listing.metrics, "sources": listing.sources, "sites": listing.sites,
+                "interventions": listing.interventions}[args.what]()
     if rows:
         print("\n".join(rows))
     return ExitCode.PASSED
@@ -151,10 +154,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runs_dir = Path(args.runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
+    if args.view:
+        from harness.view import plotly_bundle
+
+        plotly_bundle()
+    if args.log:
+        from harness.tracking import require_mlflow
+
+        require_mlflow()
     check_writable_folder(cache_root(runs_dir), ROOT_VARIABLE)
 
-    from harness.runner import run_spec
-    from harness.sweep import run_sweep
+    from harness.session import Session
+
+    session = Session(runs_dir, not args.no_cache, tag=args.tag)
 
     def report(header: str, outcome) -> None:
         print(f"\n{header}  →  {outcome.run_dir}")
@@ -174,10 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
         try:
             with disk_errors_named(runs_dir):
-                if sweep.is_matrix:
-                    outcome = run_sweep(sweep, runs_dir, not args.no_cache, on_point=report_point, tag=args.tag)
-                else:
-                    outcome = run_spec(path, runs_dir, use_cache=not args.no_cache, overrides=overrides, tag=args.tag)
+                outcome = session.run(sweep, report_point if sweep.is_matrix else lambda point, run: None)
         except InputError:
             raise
         except HarnessError as exc:
@@ -188,17 +197,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         if outcome.run_dir is None:  # a helper process under accelerate launch
             continue
+        _publish(outcome.run_dir, args.view, args.log)
         if sweep.is_matrix:
             report(f"{path}: sweep of {len(sweep.points)} points", outcome)
-            results = outcome.all_results
             outcomes += [(f"{path}::{point.id}", run) for point, run in outcome.points] + [(f"{path}::sweep", outcome)]
         else:
             report(str(path), outcome)
-            results = outcome.results
             outcomes.append((path, outcome))
-        print(f"{summary_line(results)} in {outcome.seconds:.1f}s")
-        totals.extend(results)
-        worst = max(worst, ExitCode.PASSED if all(result.passed for result in results) else ExitCode.FAILED)
+        print(f"{summary_line(outcome.all_results)} in {outcome.seconds:.1f}s")
+        totals.extend(outcome.all_results)
+        worst = max(worst, outcome.exit_code)
     if args.junitxml:
         from harness.junit import write_junit
 
@@ -207,6 +215,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\n{len(outcomes)} specs and points run")
         print(summary_line(totals))
     return worst
+
+
+def _publish(folder: Path, view: bool, log: str | None) -> None:
+    """`run --view` / `run --log`: the finished run or sweep folder's site, its MLflow runs."""
+    if view:
+        from harness.view import write_view
+
+        print(f"view: {write_view(folder)}")
+    if log:
+        from harness.tracking import log_folder, tracking_uri
+
+        print(f"logged to MLflow ({tracking_uri()}): {len(log_folder(folder))} runs")
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from harness.view import write_view
+
+    index = write_view(Path(args.target), Path(args.output) if args.output else None)
+    print(index)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+    return ExitCode.PASSED
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from harness.tracking import log_folder, tracking_uri
+
+    ids = log_folder(Path(args.target))
+    print(f"{args.target}: logged to MLflow ({tracking_uri()}) as {len(ids)} runs: {', '.join(ids)}")
+    return ExitCode.PASSED
 
 
 def _quiet_libraries() -> None:
@@ -235,6 +275,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="shorthand for --set dataset.n_samples=N")
     parser.add_argument("--device", help="placement of every model (models.*.device_map), e.g. cpu or cuda:0")
 
+
+TRACKERS = ("mlflow",)
+"""Experiment trackers `harness log --to` and `harness run --log` write to (harness/tracking.py)."""
 
 SPEC_PATHS = "spec files, or folders of them (their *.yaml files; names starting with _ are left out)"
 
@@ -284,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every stage (overwriting its cache entries)")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
     run.add_argument("--junitxml", metavar="FILE", help="also write criteria results as JUnit XML")
+    run.add_argument("--view", action="store_true", help="also write the run's static site into its folder as view/ (harness view)")
+    run.add_argument("--log", choices=TRACKERS, help="also log each finished run or sweep (harness log --to)")
     run.set_defaults(handler=cmd_run)
 
     validate = command("validate", "parse and validate specs (every matrix point); run nothing", _examples(
@@ -299,14 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    ls = command("ls", "list specs, metrics, condition sources, capture sites, or statistic names", _examples(
+    ls = command("ls", "list specs, metrics, condition sources, capture sites, interventions, or statistic names", _examples(
         "harness ls specs                              one line per spec: name, offline or hub, summary",
         "harness ls stats specs/quickstart.yaml        the statistic names its run writes (criteria use them)",
         "harness ls stats runs/quickstart/RUN 'smoothness.overall.*'   the names a run wrote, filtered",
         "harness ls stats runs/quickstart/RUN ci_low   those containing ci_low",
-        "harness ls metrics                            the registered metrics (also: sources, sites)",
+        "harness ls metrics                            the registered metrics (also: sources, sites, interventions)",
     ))
-    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "stats"], help="what to list")
+    ls.add_argument("what", choices=["specs", "metrics", "sources", "sites", "interventions", "stats"], help="what to list")
     ls.add_argument("paths", nargs="*", metavar="PATH",
                     help="specs: spec files or folders (default: specs/); stats: a spec, run folder or sweep folder, "
                          f"then optionally a PATTERN: {PATTERN_HELP}")
@@ -343,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the .safetensors file to write: not inside a run folder, its folder must exist")
     directions.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     directions.set_defaults(handler=cmd_directions)
+
+    view = command("view", "write a run's or sweep's evidence as a static site that opens from disk (no server, no network)",
+                   _examples("harness view runs/quickstart/RUN                 writes runs/quickstart/RUN/view/index.html",
+                             "harness view runs/x/TIME-sweep -o /tmp/x-view --open   a sweep: its points, each linking to its page"))
+    view.add_argument("target", metavar="RUN|SWEEP", help="a finished run folder or sweep folder")
+    view.add_argument("-o", "--output", metavar="DIR", help="where the site goes (default: RUN/view; replaced if it is a view)")
+    view.add_argument("--open", action="store_true", help="open index.html in the default browser")
+    view.set_defaults(handler=cmd_view)
+
+    log = command("log", "log a finished run or sweep into experiment tracking (MLflow)",
+                  _examples("harness log runs/quickstart/RUN --to mlflow      into ./mlruns, or MLFLOW_TRACKING_URI",
+                            "harness log runs/x/TIME-sweep --to mlflow       a parent run and a child run per point"))
+    log.add_argument("target", metavar="RUN|SWEEP", help="a finished run folder or sweep folder")
+    log.add_argument("--to", required=True, choices=TRACKERS, help="where to log it")
+    log.set_defaults(handler=cmd_log)
     return parser
 
 
@@ -398,10 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # timeout, docker stop, schedulers: like Ctrl-C
     try:
+        args = build_parser().parse_args(argv)  # inside: the parser reads the schema, which loads the plugins
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,8 +18,9 @@ from scipy.stats import pearsonr
 from harness.schema import Spec
 from harness.statnames import TEXT_METRIC_NAMES
 
-NGRAM_SIZE = 4
-"""Repetition is measured on word n-grams of this size."""
+NGRAM_SIZE = 6
+"""Repetition is measured on token n-grams of this size (the response tokens the metrics saw:
+a loop of digits, one word but many tokens, counts)."""
 
 ARTIFACT_PATTERNS: dict[str, re.Pattern[str]] = {
     "line_breaks": re.compile(r"\n"),
@@ -29,14 +30,11 @@ ARTIFACT_PATTERNS: dict[str, re.Pattern[str]] = {
 """Formatting artifacts, by name: a response has one when its pattern occurs anywhere in it."""
 
 
-def repeated_ngram_fraction(text: str, n: int = NGRAM_SIZE) -> float:
-    """Share of the text's word n-grams that already occurred earlier in it (0 when it has none).
-
-    Words are whitespace-separated and compared case-insensitively, so a loop such as
-    "a b c d a b c d" scores 1/5: of its five 4-grams only the last repeats the first.
-    """
-    words = text.lower().split()
-    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+def repeated_ngram_fraction(units: list[str], n: int = NGRAM_SIZE) -> float:
+    """Share of the n-grams of `units` (a response's tokens) that already occurred earlier in it
+    (0 when it has none): the loop "a b c d a b c d" scores 1/5 with n = 4, of its five 4-grams
+    only the last repeats the first."""
+    ngrams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
     seen: set[tuple[str, ...]] = set()
     repeats = 0
     for ngram in ngrams:
@@ -53,7 +51,8 @@ def overall_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict:
-    """Per condition: repetition, early stops, length, formatting artifacts, repetition vs. the metric.
+    """Per condition: repetition (also per sample), early stops, length, formatting artifacts,
+    repetition vs. the metric.
 
     ``texts`` are texts.jsonl rows, ``table`` is per_sample.csv (long form). The association
     is Pearson's r between a sample's repeated n-gram fraction and its overall value of the
@@ -70,6 +69,7 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
         conditions[condition] = {
             "n_texts": len(rows),
             "repeated_ngram_fraction": _mean_max(rows["repeated_ngram_fraction"]),
+            "repeated_ngram_fraction_by_sample": {sample: float(share) for sample, share in zip(rows["sample_id"], rows["repeated_ngram_fraction"])},
             "stopped_early_share": _share(rows["stopped_early"].dropna()),
             "response_tokens": {
                 "mean": _number(rows["n_response_tokens"].mean()),
@@ -81,6 +81,7 @@ def text_diagnostics(texts: list[dict], table: pd.DataFrame, spec: Spec) -> dict
         }
     return {
         "ngram_size": NGRAM_SIZE,
+        "ngram_unit": "token" if all("tokens" in text for text in texts) else "word",
         "metric": metric,
         "conditions": conditions,
         # a held-out direction's columns lack the samples that built it by design, not for their length
@@ -116,11 +117,13 @@ def _text_frame(texts: list[dict]) -> pd.DataFrame:
     records = []
     for text in texts:
         response = text["response"]
+        # a run folder written before texts.jsonl held the tokens: the response's words
+        units = text["tokens"] if "tokens" in text else response.lower().split()
         records.append(
             {
                 "condition": text["condition"],
                 "sample_id": str(text["sample_id"]),
-                "repeated_ngram_fraction": repeated_ngram_fraction(response),
+                "repeated_ngram_fraction": repeated_ngram_fraction(units),
                 "stopped_early": text.get("stopped_early"),
                 "n_response_tokens": text["n_response_tokens"],
                 **{name: bool(pattern.search(response)) for name, pattern in ARTIFACT_PATTERNS.items()},

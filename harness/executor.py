@@ -166,10 +166,12 @@ class Executor:
         return output
 
     def _compute(self, stage: Stage, key: str) -> tuple[Any, int]:
-        folder = self.cache.folder(stage.kind, key)
         units = stage.units()
         if units is None:
-            return stage.compute(None, folder), 0
+            # one piece stores nothing before its result, so a stage that fails on its input
+            # (too few paragraphs) leaves no cache folder behind; the path is only passed along
+            return stage.compute(None, self.cache.root / stage.kind / key), 0
+        folder = self.cache.folder(stage.kind, key)
         # A resumed run keeps the batches it started with (an `auto` budget may come out
         # differently now), so its numbers match an uninterrupted run.
         plan = self.cache.read(folder / "plan.json", key)

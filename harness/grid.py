@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from harness.sites import DEFAULT_SITE, SITES
-from harness.statnames import STAT_KEYWORDS, TEXT_METRIC_NAMES
-from metrics import PROJECTION_METRICS
+from harness.statnames import INTERVENED_TEXT_METRIC_NAMES, STAT_KEYWORDS, TEXT_METRIC_NAMES, overall_scope
+from harness.metrics import PROJECTION_METRICS
 
 if TYPE_CHECKING:
     from harness.schema import Spec
@@ -143,6 +143,8 @@ class Grid:
     """Condition names: words of the descriptive statistics."""
     comparisons: tuple[str, ...] = ()
     """Comparison names: the prefix of each comparison's statistics."""
+    overall_rules: tuple[str, ...] = ("mean",)
+    """Names of the rules aggregating a column's layers (``stats.overall``), the first one first."""
 
     @classmethod
     def from_spec(cls, spec: Spec) -> Grid:
@@ -154,6 +156,7 @@ class Grid:
             held_out=frozenset(name for name, entry in spec.directions.items() if entry.evaluate_on == "held_out"),
             conditions=tuple(spec.conditions),
             comparisons=tuple(spec.comparisons),
+            overall_rules=tuple(spec.stats.overall_rule_names),
         )
 
     def _at_site(self, site: str) -> list[Column]:
@@ -199,10 +202,16 @@ class Grid:
             raise KeyError(f"no column {name!r} in this run's grid")
         return column
 
+    def overall_scopes(self) -> dict[str, str]:
+        """Per overall scope of a column's statistics, the rule it aggregates layers by:
+        ``{"overall": "mean", "overall_standardized": "standardized"}``."""
+        return {overall_scope(rule, index == 0): rule for index, rule in enumerate(self.overall_rules)}
+
     def statistic_vocabulary(self) -> set[str]:
         """Every word that may appear between the dots of a statistic name (besides ``layer<N>``)."""
         words = {word for column in self.per_layer_columns() for word in column.words}
-        return words | set(TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
+        words |= {*self.overall_scopes(), *self.overall_rules}
+        return words | set(TEXT_METRIC_NAMES) | set(INTERVENED_TEXT_METRIC_NAMES) | set(self.conditions) | set(self.comparisons) | set(STAT_KEYWORDS)
 
     def held_out_samples(self, built_from: Mapping[str, Iterable[int]]) -> dict[str, set[int]]:
         """Per column of a held-out direction set (by name), the samples to leave out of

@@ -9,8 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.data_sources import DATA_SOURCES
 from harness.errors import InputError
-from harness.statnames import LAYER_SCOPE, SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
+from harness.registry import Registry, load_plugins
+from harness.sources import SOURCES
+from harness.sites import SITES
+from harness.statnames import (
+    LAYER_SCOPE,
+    SWEEP_ADJUSTED_P,
+    SWEEP_CRITERION_STATS,
+    SWEEP_SUMMARIES,
+    SWEEP_TREND,
+    SWEEP_TREND_STATS,
+    sweep_name,
+)
 
 SYNTHETIC_SAMPLES = 4
 SYNTHETIC_LAYERS = 2
@@ -21,27 +34,41 @@ def first_line(text: str | None) -> str:
 
 
 def metrics() -> list[str]:
-    from metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS, TEXT_METRICS
-
-    rows = [f"{name:<26} per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}"
+    load_plugins()
+    rows = [_row(name, LAYER_METRICS, f"per layer{' (options)' if name in METRIC_OPTIONS else ''}: {first_line(fn.__doc__)}")
             for name, fn in LAYER_METRICS.items()]
-    rows += [f"{name:<26} per layer and direction set: {first_line(fn.__doc__)}" for name, fn in PROJECTION_METRICS.items()]
-    return rows + [f"{name:<26} per text: {first_line(fn.__doc__)}" for name, fn in TEXT_METRICS.items()]
+    rows += [_row(name, PROJECTION_METRICS, f"per layer and direction set: {first_line(fn.__doc__)}")
+             for name, fn in PROJECTION_METRICS.items()]
+    return rows + [_row(name, TEXT_METRICS, f"per text: {first_line(fn.__doc__)}") for name, fn in TEXT_METRICS.items()]
 
 
 def sources() -> list[str]:
-    from harness.stages.conditions import SOURCES
-
-    return [f"{name:<26} {first_line(source.spec_model.__doc__)}" for name, source in SOURCES.items()]
+    """Condition sources (`conditions.<name>.source`), then data sources (`dataset.source`)."""
+    load_plugins()
+    rows = [_row(name, SOURCES, first_line(source.spec_model.__doc__)) for name, source in SOURCES.items()]
+    return rows + [f"{'dataset: ' + name:<26} {DATA_SOURCES.origin(name):<10} {first_line(source.spec_model.__doc__)}"
+                   for name, source in DATA_SOURCES.items()]
 
 
 def sites() -> list[str]:
     """The registered sites, then the decoder families whose sublayers a block is read by role in."""
-    from harness.sites import SITES
     from harness.structure import FAMILIES  # imports torch: only this listing needs the model-structure table
 
-    rows = [f"{name:<26} {first_line(fn.__doc__)}" for name, fn in SITES.items()]
-    return rows + [f"{'(families)':<26} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
+    load_plugins()
+    rows = [_row(name, SITES, first_line(fn.__doc__)) for name, fn in SITES.items()]
+    return rows + [f"{'(families)':<26} {'':<10} attention and MLP sublayers found by role in: {', '.join(FAMILIES)}"]
+
+
+def _row(name: str, registry: Registry, text: str) -> str:
+    """A registry entry's line: its name, the package it comes from, what it is."""
+    return f"{name:<26} {registry.origin(name):<10} {text}"
+
+
+def interventions() -> list[str]:
+    from harness.interventions import INTERVENTIONS
+
+    load_plugins()
+    return [_row(name, INTERVENTIONS, first_line(kind.spec_model.__doc__)) for name, kind in INTERVENTIONS.items()]
 
 
 def specs(files: list[Path], width: int) -> list[str]:
@@ -89,11 +116,10 @@ def needs_hub(spec) -> bool:
     """Whether a run of `spec` reads from the Hugging Face hub: a model that is neither a GGUF
     package nor a local path (as `harness.models` tells them apart), or a dataset other than
     a file and the WikiText-2 split shipped with the package."""
-    from harness.stages.data import PACKAGED_SPLIT
+    from harness.model_spec import ModelSpec
 
-    dataset = spec.dataset
-    hub_data = dataset.path is None and (dataset.hub_name, dataset.hub_config, dataset.split) != PACKAGED_SPLIT
-    return hub_data or any(model.gguf is None and not Path(model.id).expanduser().exists() for model in spec.models.values())
+    models = [*spec.models.values(), *([spec.dataset.tokenizer] if isinstance(spec.dataset.tokenizer, ModelSpec) else [])]
+    return spec.dataset.reads_hub or any(model.gguf is None and not Path(model.id).expanduser().exists() for model in models)
 
 
 def matching(names: list[str], pattern: str) -> list[str]:
@@ -129,6 +155,8 @@ def stats(target: Path) -> list[str]:
         names += [sweep_name(name, "|".join(SWEEP_CRITERION_STATS)) for name in sweep.points[0].spec.criteria]
         names += [sweep_name("<statistic above>", "|".join(SWEEP_SUMMARIES)),
                   sweep_name("<statistic above ending in p>", SWEEP_ADJUSTED_P, "|".join(SWEEP_SUMMARIES))]
+        if sweep.dose is not None:
+            names += [sweep_name("<statistic above>", SWEEP_TREND, "|".join(SWEEP_TREND_STATS))]
     return names
 
 
@@ -145,14 +173,16 @@ def synthetic_stats(spec) -> dict[str, float]:
     import numpy as np
 
     from harness.stages.stats import compute_stats, load_table
-    from harness.statnames import TEXT_METRIC_NAMES
+    from harness.statnames import INTERVENED_TEXT_METRIC_NAMES, TEXT_METRIC_NAMES
 
     rng = np.random.default_rng(0)
     lines = ["sample_id,condition,layer,metric,value"]
     columns = [column.name for column in spec.grid.per_layer_columns()]
     for sample in range(SYNTHETIC_SAMPLES):
         for condition in spec.conditions:
-            lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in TEXT_METRIC_NAMES]
+            intervened = spec.conditions[condition].source == "intervene"
+            text_metrics = TEXT_METRIC_NAMES + (INTERVENED_TEXT_METRIC_NAMES if intervened else ())
+            lines += [f"{sample},{condition},,{metric},{rng.random()}" for metric in text_metrics]
             lines += [f"{sample},{condition},{layer},{metric},{rng.random()}"
                       for metric in columns for layer in range(SYNTHETIC_LAYERS)]
     quick = spec.model_copy(update={"stats": spec.stats.model_copy(update={"bootstrap_resamples": 0})})

@@ -49,7 +49,7 @@ from harness.errors import InputError
 from harness.inputs import read_json
 from harness.lazy import lazy_import
 from harness.progress import Progress
-from harness.schema import ModelSpec
+from harness.model_spec import ModelSpec
 
 torch = lazy_import("torch")
 transformers = lazy_import("transformers")  # its model classes load on first use too
@@ -263,6 +263,36 @@ def free_memory_bytes(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+MEMORY_FRACTION = 0.5
+"""Share of the device's free memory an `auto` batch (generation's prompts, capture's tokens) plans to use."""
+
+
+def block_activation_bytes(model, longest: int) -> int:
+    """Per token, one decoder block's forward activations at the peak, as generation's prefill and
+    capture's forward both run it: the residual stream, attention projections and MLP in the
+    model's dtype, and the float32 attention scores of a row of `longest` tokens."""
+    config = model.config.get_text_config()
+    per_token = (6 * config.hidden_size + 3 * config.intermediate_size) * model.dtype.itemsize
+    return per_token + config.num_attention_heads * longest * 4
+
+
+def memory_budget(setting: int | str, device: torch.device, unit_bytes: int, what: str, *,
+                  least: int = 1, most: int | None = None, reserved: int = 0) -> int:
+    """Units per batch (generation's prompts, capture's padded tokens), one unit costing `unit_bytes`.
+
+    `auto`: as many as fit in MEMORY_FRACTION of the free memory of `device` after `reserved`,
+    at least `least`, at most `most`. A number: checked to fit at the size a batch reaches (at
+    least `least`, at most `most` units; InputError naming `what`), and returned as it is.
+    """
+    device = torch.device(device)
+    if setting == "auto":
+        fits = int(MEMORY_FRACTION * (free_memory_bytes(device) - reserved) / unit_bytes)
+        return max(least, fits if most is None else min(most, fits))
+    used = max(least, setting if most is None else min(most, setting))
+    check_fits_memory(device, reserved + used * unit_bytes, what)
+    return setting
 
 
 def check_fits_memory(device: torch.device, estimate: int, what: str) -> None:

@@ -59,6 +59,23 @@ def effect_by_relative_depth(effects: pd.DataFrame, metric: str, path: Path) -> 
     return _save(fig, path)
 
 
+def dose_response(effects: pd.DataFrame, dose: str, metric: str, comparison: str, path: Path) -> Path:
+    """The paired Cohen's d (over layers) with its confidence interval against a matrix's
+    numeric values (a dose), a point per sweep point. ``effects`` has columns dose, d, d_ci_low, d_ci_high."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--", label="no effect")
+    ordered = effects.sort_values("dose")
+    errors = [ordered["d"] - ordered["d_ci_low"], ordered["d_ci_high"] - ordered["d"]]
+    ax.errorbar(ordered["dose"], ordered["d"], yerr=np.abs(np.array(errors, dtype=float)), marker="o", capsize=3,
+                label="Cohen's d (confidence interval)")
+    ax.set_xlabel(dose)
+    ax.set_ylabel(f"paired Cohen's d ({metric})")
+    ax.set_title(f"{metric}: effect size against {dose} ({comparison})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def means_by_layer(means: pd.DataFrame, metric: str, path: Path) -> Path:
     """Per-layer mean of the metric, a line per condition. ``means`` has columns condition, layer, mean."""
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")

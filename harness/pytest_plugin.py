@@ -5,11 +5,14 @@ point (`spec.yaml::name[temperature=0.7]::criterion`) and one for its sweep crit
 (it has `conditions` or `extends`) or does not parse at all, and pytest was pointed at it or
 at its folder; a spec that does not load is a collection error with the one line `harness
 validate` prints, and never stops its siblings from being collected. The experiment runs
-once, when the first of its criteria is checked.
+once, when the first of its criteria is checked, through the one `harness.session.Session`
+of the pytest run (each point collected once). The plugin loads in every pytest process, so
+it imports the engine inside its functions: a suite with no spec in it never pays for it.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -42,23 +45,24 @@ class SpecError(Exception):
 
 class SpecFile(pytest.File):
     """A spec file: its criteria are the tests; with a matrix, one node per point (its criteria
-    below it, ids `file::name[key=value]::criterion`) and a `sweep` node for the sweep criteria."""
+    below it, ids `file::name[key=value]::criterion`) and a `sweep` node for the sweep criteria.
+    Every run goes through the pytest session's one `harness.session.Session`, which collects
+    each spec's points once."""
 
     outcome = None
-    points_checked = False
 
     def collect(self):
         from harness.sweep import expand
 
         try:
-            self.sweep = expand(self._as_typed())
+            self.sweep = expand(self._as_typed(), self.config.stash[_OVERRIDES])
         except HarnessError as exc:
             raise self.CollectError(f"error: {exc}") from None
         if not self.sweep.is_matrix:
             for name in self.sweep.points[0].spec.criteria:
                 yield CriterionItem.from_parent(self, name=name)
             return
-        self.points = [PointNode.from_parent(self, name=point.id, point=point) for point in self.sweep.points]
+        self.points = [PointNode.from_parent(self, name=point.id, index=index) for index, point in enumerate(self.sweep.points)]
         yield from self.points
         if self.sweep.criteria:
             yield SweepNode.from_parent(self, name="sweep")
@@ -70,25 +74,9 @@ class SpecFile(pytest.File):
         except ValueError:
             return self.path
 
-    def runs_dir(self) -> Path:
-        from harness.writing import check_writable_folder
-
-        runs_dir = Path(self.config.getoption("harness_runs_dir"))
-        check_writable_folder(runs_dir, "--harness-runs-dir")
-        return runs_dir
-
     def run_once(self):
         """The spec's run (a spec without a matrix), run when its first criterion is checked."""
-        return _once(self, lambda: _run_point(self, self.sweep.points[0]))
-
-    def check_points(self) -> None:
-        """A matrix's points all collected and compared before the first one runs, as `harness run`
-        does: identical points are an error on every point."""
-        if not self.points_checked:
-            from harness.sweep import collect_points
-
-            collect_points(self.sweep, self.runs_dir())
-            self.points_checked = True
+        return _once(self, lambda: _session(self.config).execute(self.sweep, 0))
 
 
 class PointNode(pytest.Collector):
@@ -96,20 +84,18 @@ class PointNode(pytest.Collector):
 
     outcome = None
 
-    def __init__(self, *, point, **kwargs):
+    def __init__(self, *, index: int, **kwargs):
         super().__init__(**kwargs)
-        self.point = point
+        self.index = index
+        self.point = self.parent.sweep.points[index]
 
     def collect(self):
         for name in self.point.spec.criteria:
             yield CriterionItem.from_parent(self, name=name)
 
     def run_once(self):
-        def run():
-            self.parent.check_points()
-            return _run_point(self.parent, self.point)
-
-        return _once(self, run)
+        """The point's run; the session collects (and compares) every point of the spec first."""
+        return _once(self, lambda: _session(self.config).execute(self.parent.sweep, self.index))
 
 
 class SweepNode(pytest.Collector):
@@ -122,22 +108,24 @@ class SweepNode(pytest.Collector):
             yield CriterionItem.from_parent(self, name=name)
 
     def run_once(self):
-        def run_sweep():
-            from harness.sweep import SweepOutcome
-            from harness.sweep_report import write_sweep
-
+        def finish():
             spec_file = self.parent
             outcomes = [(node.point, node.run_once()) for node in spec_file.points]
-            sweep_dir, results = write_sweep(spec_file.sweep, outcomes, spec_file.runs_dir())
-            return SweepOutcome(outcomes, sweep_dir, results, sum(outcome.seconds for _, outcome in outcomes))
+            return _session(self.config).finish(spec_file.sweep, outcomes, time.perf_counter())
 
-        return _once(self, run_sweep)
+        return _once(self, finish)
 
 
-def _run_point(spec_file: SpecFile, point):
-    from harness.runner import run_spec
+def _session(config: pytest.Config):
+    """The pytest session's harness session, made when the first spec runs."""
+    if _SESSION not in config.stash:
+        from harness.session import Session
+        from harness.writing import check_writable_folder
 
-    return run_spec(spec_file.path, spec_file.runs_dir(), overrides=point.overrides, point=point if point.values else None)
+        runs_dir = Path(config.getoption("harness_runs_dir"))
+        check_writable_folder(runs_dir, "--harness-runs-dir")
+        config.stash[_SESSION] = Session(runs_dir)
+    return config.stash[_SESSION]
 
 
 def _once(node, run):
@@ -176,9 +164,18 @@ class CriterionItem(pytest.Item):
 
 
 _KEYWORD = pytest.StashKey[str]()
+_OVERRIDES = pytest.StashKey[list]()
+"""`--harness-set` and `--harness-limit`, parsed as `harness run` parses `--set` and `--limit`."""
+_SESSION = pytest.StashKey[object]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from harness.overrides import command_line
+
+    try:
+        config.stash[_OVERRIDES] = command_line(config.getoption("harness_set"), config.getoption("harness_limit"))
+    except HarnessError as exc:
+        raise pytest.UsageError(f"error: {exc}") from None
     if (getattr(config.option, "lf", False) or getattr(config.option, "failedfirst", False)) and not _cached_ids_round_trip():
         config.issue_config_time_warning(pytest.PytestConfigWarning(
             f"pytest {pytest.__version__} re-reads a cached test id's first `[` as the start of its parameters, so "
@@ -211,4 +208,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--harness-runs-dir", dest="harness_runs_dir", default="runs", help="run folders for spec tests")
+    group = parser.getgroup("harness", "harness spec tests")
+    group.addoption("--harness-runs-dir", dest="harness_runs_dir", default="runs", metavar="D",
+                    help="run folders for spec tests (harness run's --runs-dir)")
+    group.addoption("--harness-set", dest="harness_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a spec key for every spec test, e.g. dataset.n_samples=8 (harness run's --set; repeatable)")
+    group.addoption("--harness-limit", dest="harness_limit", type=int, default=None, metavar="N",
+                    help="run only the first N samples of every spec test (harness run's --limit)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -19,24 +20,22 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import Field
 
 import harness
-from harness.artifacts import content_hash, number, read_jsonl, write_json, write_jsonl, write_text
+from harness.artifacts import number, read_jsonl, write_json, write_jsonl, write_text
 from harness.base import StrictModel
 from harness.errors import InputError, quoted
 from harness.inputs import read_json, read_text
 from harness.schema import Spec
 from harness.spec import dump_spec
-
-if TYPE_CHECKING:
-    from harness.runner import Plan
+from harness.stages.stats import load_table
 
 FORMAT_VERSION = 1
 """Version of the run-folder format (the manifest's `format_version`)."""
@@ -98,33 +97,9 @@ class Manifest(StrictModel):
     values, as written, in the order they were applied."""
     point: str | None = None
     """The matrix point this run is (`name[key=value,...]`), or None."""
-
-
-def build_manifest(plan: Plan, run_id: str) -> Manifest:
-    """The manifest of a run of `plan`, as its folder `run_id` records it."""
-    spec, executor = plan.spec, plan.executor
-    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
-    return Manifest(
-        harness_version=harness.__version__,
-        spec_name=spec.name,
-        spec_file=str(absolute),
-        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
-        spec_hash=content_hash(spec.model_dump(mode="json")),
-        run_id=run_id,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        packages=package_versions(),
-        models=plan.pool.provenance(),
-        processes=executor.shard.world,
-        threads=plan.pool.threads,
-        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
-        cache_keys=dict(executor.keys),
-        timings=dict(executor.timings),
-        cache=dict(executor.reuse),
-        directions={name: direction.record() for name, direction in plan.directions.items()},
-        overrides=[override.origin for override in plan.overrides],
-        point=plan.point,
-    )
+    interventions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per `intervene` condition: its site, layers, positions, what it does (`do`), when
+    (`during`) and its direction set's file and sha256."""
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -190,20 +165,25 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict[str, set[int]] | None = None) -> str:
+def per_sample_csv(metrics: list[str], measured: dict[str, dict], left_out: dict[str, set[int]] | None = None,
+                   covariates: list[dict[str, Any]] | None = None) -> str:
     """Tidy long form: sample_id,condition,layer,metric,value (layer empty for per-text metrics).
 
     Metrics undefined for a text (NaN: fewer than two response tokens, say) are left out, and
     so are the samples `left_out` names per metric (those that built a held-out direction).
+    `covariates` (per sample, the dataset's `covariates:` columns) add a column each, repeated
+    on every row of the sample.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["sample_id", "condition", "layer", "metric", "value"])
+    names = list(covariates[0]) if covariates else []
+    writer.writerow(["sample_id", "condition", "layer", "metric", "value", *names])
 
     def row(sample_id: int, condition: str, layer: int | str, metric: str, value: Any) -> None:
         value = number(value)
         if value is not None and not math.isnan(value):
-            writer.writerow([sample_id, condition, layer, metric, repr(value)])
+            extra = [covariates[sample_id].get(name) for name in names] if names else []
+            writer.writerow([sample_id, condition, layer, metric, repr(value), *extra])
 
     for condition, result in measured.items():
         for sample_id, record in enumerate(result["records"]):
@@ -223,11 +203,24 @@ def write_per_sample(folder: Path, table_csv: str) -> None:
     write_text(folder / "per_sample.csv", table_csv)
 
 
+SAMPLES_FILE = "samples.jsonl"
+
+
+def write_samples(folder: Path, samples: list[dict]) -> None:
+    """samples.jsonl: which samples the run used (the dataset's id and row, the prompt, the
+    counted length, the covariates): what a sweep compares to say whether its points share them."""
+    write_jsonl(folder / SAMPLES_FILE, [
+        {key: sample[key] for key in ("sample_id", "id", "row", "prompt", "length", "covariates")} for sample in samples
+    ])
+
+
 def write_texts(folder: Path, texts: dict[str, list[dict]], measured: dict[str, dict]) -> None:
-    """texts.jsonl (every condition's texts) and token_deltas.jsonl (per-token delta norms)."""
+    """texts.jsonl (every condition's texts, with the response tokens measured) and
+    token_deltas.jsonl (per-token delta norms)."""
     write_jsonl(folder / "texts.jsonl", [
         {"sample_id": sample_id, "condition": condition, **text,
          "n_response_tokens": measured[condition]["records"][sample_id]["n_response_tokens"],
+         "tokens": measured[condition]["records"][sample_id]["tokens"],
          "measured_by": measured[condition]["records"][sample_id]["measured_by"]}
         for condition, rows in texts.items()
         for sample_id, text in enumerate(rows)
@@ -368,7 +361,7 @@ class RunRecord:
         value = self.stats.get(name)
         return float("nan") if value is None else value
 
-    @property
+    @functools.cached_property
     def layers(self) -> list[int]:
         """Captured layers of the studied trajectory metric, in order."""
         rows = self.table[self.table["metric"] == self.spec.stats.correlate[1]]
@@ -376,7 +369,6 @@ class RunRecord:
 
 
 def load_run(run_dir: Path) -> RunRecord:
-    from harness.stages.stats import load_table
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

@@ -5,32 +5,34 @@
 Collection (like pytest's) fails on any bad input before a stage runs or a file is written.
 Execution only sequences the stages; each stage module owns its inputs, key and work units,
 and `harness.executor` caches, resumes, shards, times and logs them. The run folder is
-assembled under a hidden name and renamed into place at the end (`harness.rundir`).
+assembled under a hidden name and renamed into place at the end (`harness.rundir`); its
+manifest is built here, from the plan. `harness.session` drives these for every point.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import harness
 from harness import rundir, structure
-from harness.artifacts import number
+from harness.artifacts import content_hash, number
 from harness.cache import ROOT_VARIABLE, StageCache, cache_root
+from harness.data_sources import Table, read_table
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
+from harness.intervening import CaptureIntervention
+from harness.interventions import describe
 from harness.overrides import Override
 from harness.pool import ModelPool
-from harness.runlog import logged_warnings
 from harness.schema import Spec
 from harness.sites import DEFAULT_SITE
-from harness.spec import load_spec
+from harness.sources import SOURCES
 from harness.stages import capture, conditions, criteria, data, decode_capture, report_stage, stats
-from harness.sweep import Point
 from harness.templates import find_template
 from harness.writing import check_writable_folder
 
@@ -63,18 +65,21 @@ class Plan:
     point: str | None = None
     """The matrix point's id (`name[key=value,...]`); `label` ends the run id (a --tag, a point's values)."""
     label: str | None = None
+    table: Table | None = None
+    """A local dataset file's records, read and checked at collection (`harness.data_sources`)."""
 
 
-def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
+def collect(spec_path: Path, spec: Spec, runs_dir: Path, use_cache: bool, log: Callable[[str], None],
             overrides: Sequence[Override] = (), point: str | None = None, label: str | None = None) -> Plan:
-    """Every check that can fail on the user's input, before anything runs or is written."""
-    spec = load_spec(spec_path, overrides, point=point is not None)
+    """Every check that can fail on the user's input, before anything runs or is written
+    (`spec`: loaded from `spec_path` with `overrides` set, as `harness.sweep.expand` does)."""
     template = find_template(spec, spec_path)
     cache_dir = cache_root(runs_dir)
     check_writable_folder(runs_dir, "--runs-dir")
     check_writable_folder(cache_dir, ROOT_VARIABLE)
     executor = Executor(StageCache(cache_dir, use_cache, log), log, Shard.detect())
     pool = ModelPool(spec, spec_path, executor)
+    table = read_table(spec.dataset, str(spec_path)) if spec.dataset.read_at_collection else None
     check_models(spec, pool)
     # explicit layers and extra sites need the model's structure (a default spec loads no model here)
     for field, value, check in (("capture.layers", spec.capture.layers, structure.resolve_layers),
@@ -86,10 +91,9 @@ def collect(spec_path: Path, runs_dir: Path, use_cache: bool, log: Callable[[str
                 raise InputError(f"{spec_path}: {field}: {exc}") from None
     # their width and layer count must match the capture model's
     directions = load_direction_sets(spec, spec_path, pool.model(spec.capture_model).model) if spec.directions else {}
-    executor.header = (
-        f"harness {harness.__version__} · {spec_path} · {spec.dataset.n_samples} samples · {len(spec.conditions)} conditions"
-    )
-    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label)
+    n = spec.dataset.n_samples or (f"≤{len(table.records)}" if table else "all")
+    executor.header = f"harness {harness.__version__} · {spec_path} · {n} samples · {len(spec.conditions)} conditions"
+    return Plan(spec_path, spec, runs_dir, template, executor, pool, directions, tuple(overrides), point, label, table)
 
 
 def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
@@ -101,35 +105,38 @@ def check_models(spec: Spec, pool: ModelPool, tokenizers: bool = False) -> None:
         if tokenizers:
             pool.check_tokenizer(alias)
     for name, condition in spec.conditions.items():
-        condition.check(name, spec, pool)
+        source = SOURCES[condition.source]
+        if source.check is not None:
+            source.check(name, condition, spec, pool)
 
 
 def models_used(spec: Spec) -> set[str]:
-    return {spec.capture_model, spec.dataset_tokenizer} | {
-        alias for condition in spec.conditions.values() for alias in condition.models(spec)
-    }
+    return {spec.capture_model, *filter(None, [spec.dataset_tokenizer]), *(a for c in spec.conditions.values() for a in c.models(spec))}
 
 
-def texts_and_measures(plan: Plan) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """The data, conditions and capture stages: every condition's texts and what capture measured."""
+def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], dict[str, dict]]:
+    """The data, conditions and capture stages: the samples, every condition's texts and what capture measured."""
     spec, executor, pool = plan.spec, plan.executor, plan.pool
-    samples = executor.run(data.DataStage(spec, plan.spec_path, pool))
+    samples = executor.run(data.DataStage(spec, plan.spec_path, pool, plan.table))
     settings = capture.CaptureSettings.from_spec(spec, plan.directions)
-    context = conditions.SourceContext(spec, samples, executor, pool, capture=settings)
-    texts = conditions.condition_texts(context)
-    return texts, measure(plan, texts, settings, context.measured)
+    decoded: dict[str, list[dict | None]] = {}
+    texts = conditions.condition_texts(spec, samples, executor, pool, plan.directions, settings, decoded)
+    # with a chat capture model, each text holds the prompt as it reads it (`model_prompt`)
+    texts = pool.with_model_prompts(spec.capture_model, texts)
+    return samples, texts, measure(plan, texts, settings, decoded)
 
 
-def per_sample_table(plan: Plan, measured: dict[str, dict]) -> str:
-    """per_sample.csv: what the stats stage reads."""
+def per_sample_table(plan: Plan, measured: dict[str, dict], samples: list[dict]) -> str:
+    """per_sample.csv: what the stats stage reads (with the dataset's covariates, if it lists any)."""
     grid = plan.spec.grid
     left_out = grid.held_out_samples({name: direction.built_from or [] for name, direction in plan.directions.items()})
-    return rundir.per_sample_csv([column.name for column in grid.per_layer_columns()], measured, left_out)
+    covariates = [sample["covariates"] for sample in samples] if plan.spec.dataset.covariate_names() else None
+    return rundir.per_sample_csv([column.name for column in grid.per_layer_columns()], measured, left_out, covariates)
 
 
 def execute(plan: Plan, started: float) -> RunOutcome:
     spec, executor = plan.spec, plan.executor
-    texts, measured = texts_and_measures(plan)
+    samples, texts, measured = texts_and_measures(plan)
     if executor.shard.rank != 0:
         return RunOutcome(None, [], time.perf_counter() - started)
 
@@ -137,8 +144,9 @@ def execute(plan: Plan, started: float) -> RunOutcome:
     try:
         with executor.timed("write"):
             rundir.write_spec(folder.path, spec)
+            rundir.write_samples(folder.path, samples)
             rundir.write_texts(folder.path, texts, measured)
-            table = per_sample_table(plan, measured)
+            table = per_sample_table(plan, measured, samples)
             rundir.write_per_sample(folder.path, table)
             if spec.capture.save_activations:
                 rundir.collect_activations({name: executor.cache.folder("capture", executor.keys[f"capture[{name}]"])
@@ -147,7 +155,7 @@ def execute(plan: Plan, started: float) -> RunOutcome:
         rundir.write_stats(folder.path, statistics)
         results = criteria.evaluate_criteria(spec.criteria, statistics)
         rundir.write_criteria(folder.path, criteria.to_json(results))
-        manifest = rundir.build_manifest(plan, folder.run_id)
+        manifest = build_manifest(plan, folder.run_id)
         rundir.write_manifest(folder.path, manifest)
         report_stage.publish_report(executor, folder.path, draw_report, plan.template)
         rundir.write_manifest(folder.path, manifest.model_copy(update={"timings": dict(executor.timings)}))
@@ -170,30 +178,49 @@ def measure(
 ) -> dict[str, dict]:
     """Every condition's texts through the capture model, but those measured while decoding
     (`decoded`, by condition): `decode_capture.measure_condition`."""
-    spec, pool, executor = plan.spec, plan.pool, plan.executor
+    spec, pool = plan.spec, plan.pool
     limits = capture.response_limits(
         pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
         texts, spec.capture.length_matching, spec.capture.response_tokenization,
     )
-    measured = {}
-    for name, rows in texts.items():
-        to_measure = [capture.TextToMeasure(row["prompt"], row["response"], limit) for row, limit in zip(rows, limits[name])]
-        measured[name] = decode_capture.measure_condition(executor, name, to_measure, decoded.get(name), settings, pool)
-    return measured
+    measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
+                       for row, limit in zip(rows, limits[name])]
+                for name, rows in texts.items()}
+    return {
+        name: decode_capture.measure_condition(
+            plan.executor, name, rows, decoded.get(name), settings, pool,
+            CaptureIntervention.of(name, spec, plan.directions, measured),
+        )
+        for name, rows in measured.items()
+    }
 
 
-def run_spec(
-    spec_path: Path,
-    runs_dir: Path = Path("runs"),
-    use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-    overrides: Sequence[Override] = (),
-    tag: str | None = None,
-    point: Point | None = None,
-) -> RunOutcome:
-    """Run one spec (a matrix's `point`; harness.sweep runs a whole matrix) end to end; returns the results and run folder."""
-    started = time.perf_counter()
-    with logged_warnings(log):
-        plan = collect(Path(spec_path), Path(runs_dir), use_cache, log, overrides, point and point.id,
-                       point.run_label(tag) if point else tag)
-        return execute(plan, started)
+def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:
+    """The manifest of a run of `plan`, as its folder `run_id` records it."""
+    spec, executor = plan.spec, plan.executor
+    absolute, cwd = plan.spec_path.resolve(), Path.cwd().resolve()
+    return rundir.Manifest(
+        harness_version=harness.__version__,
+        spec_name=spec.name,
+        spec_file=str(absolute),
+        spec_file_in_repo=str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else None,
+        spec_hash=content_hash(spec.model_dump(mode="json")),
+        run_id=run_id,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        git_commit=rundir.git_commit(),
+        packages=rundir.package_versions(),
+        models=plan.pool.provenance(),
+        processes=executor.shard.world,
+        threads=plan.pool.threads,
+        seeds={"conditions": {name: c.random_seed() for name, c in spec.conditions.items()}, "bootstrap": spec.stats.seed},
+        cache_keys=dict(executor.keys),
+        timings=dict(executor.timings),
+        cache=dict(executor.reuse),
+        directions={name: direction.record() for name, direction in plan.directions.items()},
+        overrides=[override.origin for override in plan.overrides],
+        point=plan.point,
+        interventions={
+            name: describe(c.at, c.do, c.during, plan.directions.get(next(iter(c.do.spec.direction_sets()), None)))
+            for name, c in spec.conditions.items() if c.source == "intervene"
+        },
+    )

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     ModelWrapValidatorHandler,
     TypeAdapter,
@@ -24,58 +25,39 @@ from pydantic import (
 )
 
 from harness.base import IDENTIFIER, FieldError, StrictModel
+from harness.data_sources import DATA_SOURCES, WikiTextDataset, with_default_source
+from harness.model_spec import ModelSpec
 from harness.errors import quoted
-from harness.stages.conditions import SOURCES
 from harness.grid import Column, Grid, is_axis_word
+from harness.metrics import LAYER_METRICS, METRIC_OPTIONS, PROJECTION_METRICS
+from harness.overrides import KEY_PATH
+from harness.registry import load_plugins
 from harness.sites import DEFAULT_SITE, SITES
-from harness.statnames import LAYER_SCOPE, STAT_KEYWORDS, SWEEP_KEYWORDS, TEXT_METRIC_NAMES, words
+from harness.sources import SOURCES
+from harness.statnames import (
+    INTERVENED_TEXT_METRIC_NAMES,
+    LAYER_SCOPE,
+    OVERALL_RULES,
+    STAT_KEYWORDS,
+    SWEEP_KEYWORDS,
+    SWEEP_TREND,
+    TEXT_METRIC_NAMES,
+    depth_band_rule,
+    words,
+)
 
 logger = logging.getLogger(__name__)
 
 CRITERION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 """A criterion's name: printed on its one result line, in RESULTS.md and as a pytest test id."""
 
+DATASET_TOKENIZER = "dataset.tokenizer"
+"""The model pool's name for a tokenizer that `dataset.tokenizer` gives as a model spec."""
+
 MAX_POINTS = 256
 """Points of a matrix at most: each is a run; a mistyped list should not start thousands."""
 
 
-class GGUFSource(StrictModel):
-    """A GGUF file shipped inside an installed Python package."""
-
-    package: str
-    """Import name of the package (located with importlib, not imported, unless `assemble`)."""
-    file: str = "*.gguf"
-    """Glob for the file inside the package directory (ignored with `assemble`)."""
-    assemble: bool = False
-    """The package ships the file in chunks: call its `assemble(path)` to write it."""
-
-
-class ModelSpec(StrictModel):
-    """Where a model comes from and how it is placed."""
-
-    id: str | None = None
-    """Hub id (`google/gemma-2-2b`), local model directory, or local `.gguf` file; a display
-    name only when `gguf` is given."""
-    gguf: GGUFSource | None = None
-    """Load from a GGUF file inside an installed package instead of the hub."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) to pin."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and activations dtype."""
-    device_map: str = "auto"
-    """accelerate placement: `auto`, `cpu`, `cuda`, `cuda:0`, ..."""
-    trust_remote_code: bool = False
-    """Run model code from the hub. Off unless the spec says so."""
-
-    @model_validator(mode="after")
-    def _has_source(self) -> "ModelSpec":
-        if self.id is None and self.gguf is None:
-            raise ValueError("give `id` (hub id or local path) or `gguf`")
-        return self
-
-
-FirstSentenceRule = Literal["next", "skip"]
-"""See `DatasetSpec.first_sentence`."""
 ResponseTokenization = Literal["joint", "separate"]
 """See `CaptureSpec.response_tokenization`."""
 
@@ -95,36 +77,15 @@ Windows = Annotated[
 """See `CaptureSpec.windows`."""
 
 
-class DatasetSpec(StrictModel):
-    """WikiText-2 paragraphs split at their first sentence."""
+Dataset = Annotated[
+    Union[tuple(source.spec_model for source in DATA_SOURCES.values())],
+    Field(discriminator="source"),
+    BeforeValidator(with_default_source),
+]
+"""Any registered data source's spec model, chosen by `dataset.source` (default: `wikitext`)."""
 
-    path: str | None = None
-    """Raw text file, one row per line, used instead of the split below. A relative path is
-    relative to the folder of the spec file that names it (the loader resolves it)."""
-    hub_name: str = "wikitext"
-    """Without `path`: `wikitext`/`wikitext-2-raw-v1`/`test` is read from the copy shipped with
-    the package; anything else from `datasets.load_dataset(hub_name, hub_config, split=split)`."""
-    hub_config: str = "wikitext-2-raw-v1"
-    split: str = "test"
-    first_sentence: FirstSentenceRule = "next"
-    """A paragraph whose first ". " comes before character 11 ("Dr. No is ..."): end the prompt
-    at the next ". " (`next`) or skip the paragraph (`skip`, the reference's rule)."""
-    n_samples: int = Field(50, ge=3, le=10_000)
-    """How many paragraphs to keep (the first that match, in order); paired statistics need 3,
-    and 10,000 (200 times the reference experiment) catches a mistyped count before any work."""
-    min_tokens: int = Field(80, ge=1)
-    max_tokens: int = Field(120, ge=1)
-    tokenizer: str | None = None
-    """Model alias whose tokenizer counts tokens; default: the capture model."""
-    detokenize: bool = False
-    """Undo WikiText's tokenization (` @-@ `, ` , `) on the human text before splitting."""
 
-    @model_validator(mode="after")
-    def _token_range(self) -> "DatasetSpec":
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.max_tokens})")
-        return self
-
+load_plugins()  # before the schema is built from the registries: a plugin's condition source is in the union
 
 Condition = Annotated[
     Union[tuple(source.spec_model for source in SOURCES.values())], Field(discriminator="source")
@@ -192,6 +153,33 @@ class Comparison(StrictModel):
     b: str
 
 
+class DepthBand(StrictModel):
+    """An overall rule: the mean over the captured layers whose relative depth (position among
+    the captured layers, 0 = first, 1 = last) lies in `layers`, inclusive."""
+
+    layers: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]
+    """Relative depths [from, to], e.g. [0.25, 0.75]."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DepthBand":
+        if self.layers[0] > self.layers[1]:
+            raise ValueError(f"layers: {list(self.layers)} must be [from, to] with from <= to")
+        return self
+
+    @property
+    def name(self) -> str:
+        return depth_band_rule(*self.layers)
+
+
+OverallRule = Union[Literal[OVERALL_RULES], DepthBand]
+"""How a trajectory metric's layers make one value per sample (`StatsSpec.overall`)."""
+
+
+def rule_label(rule: OverallRule) -> str:
+    """The rule's name in statistic names: `mean`, `standardized`, `median_layer`, `layers25_75`."""
+    return rule if isinstance(rule, str) else rule.name
+
+
 class StatsSpec(StrictModel):
     """Statistical tests run on per-sample metrics."""
 
@@ -209,6 +197,34 @@ class StatsSpec(StrictModel):
     """Text metric and trajectory metric whose relation is tested."""
     mixed_model: bool = True
     """Fit `y ~ x + condition` with a random intercept per sample (statsmodels MixedLM)."""
+    overall: OverallRule | list[OverallRule] = "mean"
+    """How a trajectory metric's layers make its overall value per sample: `mean` (over layers,
+    raw: layers with larger norms weigh more), `standardized` (each layer's values divided by
+    their SD, ddof 1, over every condition's texts at that layer, then the mean: every layer
+    weighs the same), `median_layer` (the median over layers), or a depth band
+    (`layers: [0.25, 0.75]`: the mean over the layers at those relative depths). A list asks for
+    several: the first names `<metric>.overall.*` (and the correlations and mixed model use
+    it), each further one `<metric>.overall_<rule>.*` (`overall_standardized`, `overall_layers25_75`)."""
+
+    @property
+    def overall_rules(self) -> list[OverallRule]:
+        """`overall` as a list, the first rule first."""
+        return self.overall if isinstance(self.overall, list) else [self.overall]
+
+    @property
+    def overall_rule_names(self) -> list[str]:
+        """The rules' names (`rule_label`), the first rule first."""
+        return [rule_label(rule) for rule in self.overall_rules]
+
+    @field_validator("overall")
+    @classmethod
+    def _distinct_rules(cls, value: OverallRule | list[OverallRule]) -> OverallRule | list[OverallRule]:
+        names = [rule_label(rule) for rule in (value if isinstance(value, list) else [value])]
+        if not names:
+            raise ValueError("must name at least one rule")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names the rule {next(n for n in names if names.count(n) > 1)!r} twice")
+        return value
 
 
 class VerdictSpec(StrictModel):
@@ -226,9 +242,9 @@ class ThreatsSpec(StrictModel):
     """Thresholds above which a text diagnostic is flagged as a threat to validity."""
 
     repetition_mean: float = Field(0.10, ge=0, le=1)
-    """Mean share of repeated word 4-grams in a condition's responses (loops)."""
+    """Mean share of repeated token n-grams (`diagnostics.NGRAM_SIZE`) in a condition's responses (loops)."""
     repetition_max: float = Field(0.30, ge=0, le=1)
-    """Share of repeated word 4-grams in the worst single response."""
+    """Share of repeated token n-grams in the worst single response."""
     early_stop: float = Field(0.20, ge=0, le=1)
     """Share of generated responses ended by the end-of-sequence token."""
     length_difference: float = Field(0.10, ge=0)
@@ -238,6 +254,13 @@ class ThreatsSpec(StrictModel):
     control_must_not_be: Literal["lowest", "highest"] | None = None
     """Warn when a control condition (one derived from another, e.g. shuffled) has the lowest
     or highest mean of the studied metric: the end the hypothesis reserves for real text."""
+    layer_dominance: float = Field(0.5, gt=0, le=1)
+    """Warn when a quarter of the layers (those with the largest shares) carry more than this
+    share of the studied metric's mean over layers: its overall value then mostly says what
+    those layers do."""
+    influence: float = Field(0.25, ge=0)
+    """Warn when leaving one sample out changes the primary comparison's d of the studied
+    metric by more than this (`<metric>.overall.d_loo_max_change`), and name the sample."""
 
 
 class ReportSpec(StrictModel):
@@ -298,7 +321,6 @@ class DirectionSpec(StrictModel):
 
 
 def _check_matrix(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    from harness.overrides import KEY_PATH
 
     for key, values in value.items():
         if not KEY_PATH.fullmatch(key) or key.split(".")[0] in ("name", "matrix", "sweep_criteria"):
@@ -317,6 +339,15 @@ Matrix = Annotated[dict[str, list[Any]], AfterValidator(_check_matrix)]
 """See `Spec.matrix`."""
 
 
+def dose_axis(matrix: dict[str, list[Any]]) -> str | None:
+    """The matrix's key when it is the only one and its values are numbers (a dose-response), else None."""
+    if len(matrix) != 1:
+        return None
+    (key, values), = matrix.items()
+    numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+    return key if numeric else None
+
+
 def _check_criteria(spec: "Spec") -> None:
     """Criteria name the spec's statistics; sweep criteria name sweep statistics: `sweep.` then
     a criterion or a statistic of a point."""
@@ -333,6 +364,8 @@ def _check_criteria(spec: "Spec") -> None:
         raise FieldError("sweep_criteria", "needs a matrix: a spec without one is a single run")
     sweep_vocabulary = vocabulary | SWEEP_KEYWORDS | {word for name in spec.criteria for word in words(name)}
     for name, expr in spec.sweep_criteria.items():
+        if f".{SWEEP_TREND}." in expr and dose_axis(spec.matrix) is None:
+            raise FieldError(f"sweep_criteria.{name}", f"a {SWEEP_TREND} needs a matrix of one key with numeric values")
         try:
             check_criterion(expr, sweep_vocabulary)
         except ValueError as exc:
@@ -347,7 +380,8 @@ class Spec(StrictModel):
     description: str = ""
     models: dict[str, ModelSpec]
     """Model aliases used by the capture and generated conditions."""
-    dataset: DatasetSpec = DatasetSpec()
+    dataset: Dataset = WikiTextDataset()
+    """Where the samples come from (`harness.data_sources`): WikiText-2, a file, the hub."""
     conditions: dict[str, Condition]
     capture: CaptureSpec = CaptureSpec()
     metrics: list[str] = ["smoothness", "magnitude", "variance"]
@@ -415,8 +449,17 @@ class Spec(StrictModel):
         return self.capture.model or next(iter(self.models))
 
     @property
-    def dataset_tokenizer(self) -> str:
-        return self.dataset.tokenizer or self.capture_model
+    def dataset_tokenizer(self) -> str | None:
+        """Who counts the dataset's tokens: a model alias, DATASET_TOKENIZER (one of its own), None (nobody)."""
+        dataset = self.dataset
+        if dataset.length_unit != "tokens" or not dataset.filters_length:
+            return None
+        if isinstance(dataset.tokenizer, ModelSpec):
+            return DATASET_TOKENIZER
+        return dataset.tokenizer or self.capture_model
+
+    def model_spec(self, alias: str) -> ModelSpec:  # DATASET_TOKENIZER: the tokenizer `dataset.tokenizer` names
+        return self.dataset.tokenizer if alias == DATASET_TOKENIZER else self.models[alias]
 
     @property
     def comparisons(self) -> dict[str, Comparison]:
@@ -427,7 +470,6 @@ class Spec(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> "Spec":
-        from metrics import LAYER_METRICS, PROJECTION_METRICS
 
         def need(kind: str, where: str, name: str, known) -> None:
             if name not in known:
@@ -437,7 +479,7 @@ class Spec(StrictModel):
         if len(self.conditions) < 2:
             raise FieldError("conditions", "needs at least two conditions to compare")
         need("model", "capture.model", self.capture_model, self.models)
-        need("model", "dataset.tokenizer", self.dataset_tokenizer, self.models)
+        _check_dataset(self)
         for name, cond in self.conditions.items():
             for alias in cond.models(self):
                 need("model", f"conditions.{name}.generator", alias, self.models)
@@ -445,6 +487,7 @@ class Spec(StrictModel):
                 need("condition", f"conditions.{name}.of", parent, self.conditions)
                 if self.conditions[parent].derived_from():
                     raise FieldError(f"conditions.{name}.of", f"{parent!r} is itself derived from another condition")
+            cond.validate_in(name, self)
         for metric in self.metrics:
             need("metric", "metrics", metric, LAYER_METRICS.keys() | PROJECTION_METRICS.keys())
             if metric in PROJECTION_METRICS and not self.directions:
@@ -481,6 +524,22 @@ class Spec(StrictModel):
         return self
 
 
+def _check_dataset(spec: Spec) -> None:
+    """`dataset.tokenizer` names a model alias or a model of its own; every response column a
+    condition reads is one the dataset has (a dataset of prompts only has none: its conditions
+    must generate)."""
+    tokenizer = spec.dataset.tokenizer
+    if isinstance(tokenizer, str) and tokenizer not in spec.models:
+        raise FieldError("dataset.tokenizer", f"unknown model {quoted(tokenizer)} (known: {', '.join(sorted(spec.models))})")
+    responses = spec.dataset.response_names()
+    has = f"only {', '.join(map(repr, responses))}" if responses else "no responses (prompts only: conditions must generate)"
+    for name, condition in spec.conditions.items():
+        for column in condition.responses():
+            if column not in responses:
+                field = f"conditions.{name}.column" if condition.source == "column" else f"conditions.{name}.source"
+                raise FieldError(field, f"reads the dataset's response {column!r}, and the {spec.dataset.source} dataset has {has}")
+
+
 def _windows_from_positions(data: Any) -> tuple[Any, bool]:
     """A spec's mapping with `stats.positions` moved to `capture.windows`, and whether it had
     windows there; an empty list (the old default, as every run folder's spec.yaml from before
@@ -509,7 +568,6 @@ def _note_renamed(old: str, new: str) -> None:
 
 def _validated_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`metric_options`, each validated by its metric's options model."""
-    from metrics import METRIC_OPTIONS
 
     validated = {}
     for name, options in value.items():
@@ -529,9 +587,9 @@ def _check_names(spec: Spec) -> None:
     """Condition, comparison and direction names are single words of statistic names: none may
     be a word the names already use (a metric, a keyword, `layer<N>`, `window<S>_<E>`), and a
     direction set must not share a name with a condition or comparison."""
-    from metrics import LAYER_METRICS, PROJECTION_METRICS
 
-    reserved = set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+    reserved = (set(STAT_KEYWORDS) | set(LAYER_METRICS) | set(PROJECTION_METRICS) | set(TEXT_METRIC_NAMES)
+                | set(INTERVENED_TEXT_METRIC_NAMES))
     reserved |= {column.metric_at_site for column in spec.grid.whole_columns()}
     for kind, names in (("conditions", spec.conditions), ("stats.comparisons", spec.stats.comparisons or {}),
                         ("directions", spec.directions)):

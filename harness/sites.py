@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from harness.registry import Registry
+
 if TYPE_CHECKING:
     from harness.structure import Block, Tap
 
 Site = Callable[["Block"], "Tap"]
-SITES: dict[str, Site] = {}
+SITES: Registry[Site] = Registry("capture site")
 DEFAULT_SITE = "resid_post"
 """The site whose metrics keep their bare names (``smoothness``, not ``smoothness_resid_post``)."""
 
@@ -25,7 +27,7 @@ DEFAULT_SITE = "resid_post"
 def capture_site(fn: Site) -> Site:
     """Register a capture site under its function name; its docstring's first line is what
     `harness ls sites` shows."""
-    SITES[fn.__name__] = fn
+    SITES.add(fn.__name__, fn, fn.__module__)
     return fn
 
 

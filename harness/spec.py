@@ -15,10 +15,11 @@ import yaml
 from pydantic import ValidationError
 
 from harness.base import FieldError
+from harness.data_sources import DATA_SOURCES
 from harness.errors import InputError
 from harness.overrides import Override, apply
 from harness.schema import Spec
-from harness.stages.conditions import SOURCES
+from harness.sources import SOURCES
 from harness.inputs import TENSOR_SUFFIXES, open_input, read_text
 from harness.templates import check_template, find_template
 
@@ -89,12 +90,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> tuple[dict, tuple[Path, ..
 
 
 def _anchor_paths(data: dict, folder: Path) -> None:
-    """A relative `dataset.path` or `directions.<name>.path` is relative to the folder of the
-    spec file that names it."""
-    directions = data.get("directions")
-    for entry in [data.get("dataset"), *(directions.values() if isinstance(directions, dict) else [])]:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            entry["path"] = str(folder / entry["path"])
+    """A relative `dataset.path`, `directions.<name>.path` or `models.<alias>.chat_template` is
+    relative to the folder of the spec file that names it."""
+    def values(key: str) -> list:
+        entries = data.get(key)
+        return list(entries.values()) if isinstance(entries, dict) else []
+
+    for entry, key in [(data.get("dataset"), "path"), *((d, "path") for d in values("directions")),
+                       *((m, "chat_template") for m in values("models"))]:
+        if isinstance(entry, dict) and isinstance(entry.get(key), str):
+            entry[key] = str(folder / entry[key])
 
 
 def load_spec(path: str | Path, overrides: Sequence[Override] = (), point: bool = False) -> Spec:
@@ -125,8 +130,9 @@ def check_named_files(spec: Spec, path: Path, extended: Sequence[Path] = ()) -> 
     includes; the dataset and direction files are regular, readable files within their limits."""
     template = find_template(spec, path, extended)
     check_template(template, f"{path}: report.template")
-    if spec.dataset.path is not None:
-        open_input(spec.dataset.path, "dataset", f"{path}: dataset.path: {spec.dataset.path}").close()
+    dataset_path = getattr(spec.dataset, "path", None)  # a hub dataset names no file
+    if dataset_path is not None:
+        open_input(dataset_path, "dataset", f"{path}: dataset.path: {dataset_path}").close()
     for name, entry in spec.directions.items():
         where = f"{path}: directions.{name}.path: {entry.path}"
         if Path(entry.path).suffix.lower() not in TENSOR_SUFFIXES:
@@ -147,7 +153,7 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
         message = "unknown key"
     elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
         field += ".source"
-        known = ", ".join(SOURCES)
+        known = ", ".join(DATA_SOURCES if field == "dataset.source" else SOURCES)
         message = f"missing: one of {known}" if err["type"] == "union_tag_not_found" else (
             f"must be one of {known}, not {err['input'].get('source')!r}"
         )
@@ -158,6 +164,8 @@ def _without_union_tags(loc: tuple) -> tuple:
     """pydantic puts the discriminator value in the path: conditions.x.generate.seed."""
     if len(loc) > 2 and loc[0] == "conditions" and loc[2] in SOURCES:
         return loc[:2] + loc[3:]
+    if len(loc) > 1 and loc[0] == "dataset" and loc[1] in DATA_SOURCES:
+        return loc[:1] + loc[2:]
     return loc
 
 
@@ -180,9 +188,10 @@ def spec_json_schema() -> dict:
 
 
 def _drop_required(node: Any) -> Any:
-    """A file that `extends` another may omit anything, so the editor schema requires nothing."""
+    """A file that `extends` another may omit anything, so the editor schema requires nothing;
+    a union is `anyOf` (without its required `source:`, a `dataset:` fits several sources)."""
     if isinstance(node, dict):
-        return {key: _drop_required(value) for key, value in node.items() if key != "required"}
+        return {"anyOf" if key == "oneOf" else key: _drop_required(value) for key, value in node.items() if key != "required"}
     if isinstance(node, list):
         return [_drop_required(item) for item in node]
     return node

@@ -17,7 +17,21 @@ COLUMNS = ("sample_id", "condition", "layer", "metric", "value")
 """Columns of per_sample.csv."""
 
 OVERALL = "overall"
-"""Scope of a metric's value for a whole sample (trajectory metrics: the mean over layers)."""
+"""Scope of a metric's value for a whole sample (trajectory metrics: its layers aggregated by
+the first rule of ``stats.overall``, by default their mean)."""
+
+OVERALL_RULES = ("mean", "standardized", "median_layer")
+"""The named rules of ``stats.overall``; a depth band is named by `depth_band_rule`."""
+RULE = "rule"
+"""``<overall scope>.rule.<rule>`` = 1 records which rule an overall scope aggregates layers by."""
+
+LAYER_SUMMARY_SCOPE = "layers"
+LAYER_SUMMARIES = ("n_positive_significant", "n_negative_significant", "median_d", "share_of_overall_max")
+"""Per trajectory column, ``<column>.layers.<summary>``: layers with d > 0 (< 0) and Holm p below
+``report.alpha``, the median of the layers' d, and the largest share of the (mean) overall value
+one layer carries."""
+INFLUENCE_STATS = ("d_loo_max_change", "d_loo_max_change_sample")
+"""Per overall scope, the largest change of d when one sample is left out, and that sample's id."""
 
 DESCRIPTIVE_STATS = ("mean", "sd", "n")
 PAIRED_STATS = (
@@ -38,10 +52,14 @@ PAIRED_STATS = (
 LAYER_ADJUSTED_P = {"p_holm": "holm", "p_bh": "fdr_bh"}
 """Per-layer p-values adjusted across the layers of one metric: name -> multipletests method."""
 CORRELATION_STATS = ("r", "p", "ci_low", "ci_high", "n")
+INTERVALS = {"mean_diff": ("mean_diff_ci_low", "mean_diff_ci_high"), "d": ("d_ci_low", "d_ci_high"), "r": ("ci_low", "ci_high")}
+"""The statistics that carry a confidence interval: stat -> the names of its bounds (same scope)."""
 MIXEDLM_STATS = ("x_coef", "x_p", "condition_coef", "condition_p", "converged")
 
 STAT_KEYWORDS: frozenset[str] = frozenset(
-    {OVERALL, "correlation", "pooled", "difference", "mixedlm"}
+    {OVERALL, "correlation", "pooled", "difference", "mixedlm", RULE, LAYER_SUMMARY_SCOPE}
+    | set(LAYER_SUMMARIES)
+    | set(INFLUENCE_STATS)
     | set(DESCRIPTIVE_STATS)
     | set(PAIRED_STATS)
     | set(LAYER_ADJUSTED_P)
@@ -56,6 +74,8 @@ LAYER_SCOPE = re.compile(r"layer(\d+)")
 
 TEXT_METRIC_NAMES = ("ce_loss", "ce_loss_response")
 """Per-text metrics every run computes (see metrics/)."""
+INTERVENED_TEXT_METRIC_NAMES = ("kl_from_clean",)
+"""Per-text metrics defined only on a forward an `intervene` condition changes (see metrics/)."""
 
 SWEEP = "sweep"
 """First word of every sweep-level statistic (`sweep_criteria:` of a spec with a `matrix:`)."""
@@ -65,12 +85,40 @@ SWEEP_SUMMARIES = ("min", "median", "max")
 """Per statistic across the points: `sweep.<statistic>.min`, ..."""
 SWEEP_ADJUSTED_P = "p_bh"
 """Per `…p` statistic, Benjamini–Hochberg adjusted across the points: `sweep.<statistic>.p_bh.max`, ..."""
-SWEEP_KEYWORDS: frozenset[str] = frozenset({SWEEP, SWEEP_ADJUSTED_P, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES})
+SWEEP_TREND = "trend"
+"""Per statistic, Spearman's rank correlation with a one-key numeric matrix's values (a dose-response):
+`sweep.<statistic>.trend.rho`, `sweep.<statistic>.trend.p`."""
+SWEEP_TREND_STATS = ("rho", "p")
+SWEEP_KEYWORDS: frozenset[str] = frozenset(
+    {SWEEP, SWEEP_ADJUSTED_P, SWEEP_TREND, *SWEEP_CRITERION_STATS, *SWEEP_SUMMARIES, *SWEEP_TREND_STATS}
+)
 
 
 def layer_scope(layer: int) -> str:
     """The scope word of one layer's statistics: ``layer12``."""
     return f"layer{layer}"
+
+
+def is_layer_scope(scope: str) -> bool:
+    """Whether `scope` is one layer's (``layer12``) rather than an overall one."""
+    return LAYER_SCOPE.fullmatch(scope) is not None
+
+
+def depth_band_rule(low: float, high: float) -> str:
+    """The name of the rule averaging the layers between relative depths `low` and `high`:
+    ``layers25_75`` for [0.25, 0.75]."""
+    return f"layers{round(low * 100)}_{round(high * 100)}"
+
+
+def overall_scope(rule: str, first: bool) -> str:
+    """The scope of a rule's overall value: ``overall`` for the first rule of ``stats.overall``,
+    ``overall_<rule>`` for each further one (``overall_standardized``)."""
+    return OVERALL if first else f"{OVERALL}_{rule}"
+
+
+def rule_name(scope: str, rule: str) -> str:
+    """``<overall scope>.rule.<rule>``: the entry recording which rule `scope` uses."""
+    return _joined(scope, RULE, rule)
 
 
 def _joined(*words: str | None) -> str:

@@ -87,6 +87,22 @@ class Tap:
             lambda module, args, output: read(output[0] if isinstance(output, tuple) else output)
         )
 
+    def change(self, changed: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+        """Replace the hidden states at this tap by `changed(hidden)` on every forward (an
+        intervention); taps registered later read what it returns."""
+        if self.reads_input:
+            def replace_input(module, args, kwargs):
+                if args:
+                    return (changed(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": changed(kwargs["hidden_states"])}
+
+            return self.module.register_forward_pre_hook(replace_input, with_kwargs=True)
+
+        def replace_output(module, args, output):
+            return (changed(output[0]), *output[1:]) if isinstance(output, tuple) else changed(output)
+
+        return self.module.register_forward_hook(replace_output)
+
 
 @dataclass(frozen=True)
 class Block:

@@ -1,5 +1,6 @@
 """Sweeps: a spec's `matrix:` expanded into points, each point an ordinary run, and the
-verdicts and combined report over the points.
+sweep statistics over the points (`harness.session` runs them, `harness.sweep_report` writes
+the sweep folder).
 
 A point's values are set with the same key-path mechanism as `--set` (`harness.overrides`)
 and each point is validated like a file before anything runs. Points whose every stage would
@@ -16,21 +17,23 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import sys
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from harness.errors import InputError
 from harness.overrides import Override, flow
-from harness.runlog import logged_warnings
-from harness.schema import Spec
+from harness.schema import Spec, dose_axis
 from harness.spec import load_spec
-from harness.stages import criteria as criteria_stage
-from harness.statnames import SWEEP_ADJUSTED_P, SWEEP_CRITERION_STATS, SWEEP_SUMMARIES, sweep_name
+from harness.statnames import (
+    SWEEP_ADJUSTED_P,
+    SWEEP_CRITERION_STATS,
+    SWEEP_SUMMARIES,
+    SWEEP_TREND,
+    SWEEP_TREND_STATS,
+    sweep_name,
+)
 
 SWEEP_FILE = "sweep.json"
 FIGURE_FILE = "effect_by_relative_depth.png"
@@ -67,6 +70,9 @@ class Sweep:
     name: str
     points: list[Point]
     criteria: dict[str, str]
+    dose: str | None = None
+    """The matrix's key when it is its only one, with numeric values: the sweep statistics'
+    `trend` is taken across them (`harness.schema.dose_axis`)."""
 
     @property
     def is_matrix(self) -> bool:
@@ -92,7 +98,7 @@ def expand(path: Path, overrides: Sequence[Override] = ()) -> Sweep:
         seen.add(point_id)
         point_spec = load_spec(path, (*overrides, *assignments), point=True)
         points.append(Point(point_id, values, (*overrides, *assignments), point_spec))
-    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria))
+    return Sweep(Path(path), spec.name, points, dict(spec.sweep_criteria), dose_axis(spec.matrix))
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -113,101 +119,21 @@ def _value_label(name: str, value: Any, index: int) -> str:
     return f"{name}{index}"
 
 
-# --- running ------------------------------------------------------------------------------
-
-
-@dataclass
-class SweepOutcome:
-    points: list[tuple[Point, Any]]
-    """Each point and its `harness.runner.RunOutcome`."""
-    sweep_dir: Path | None
-    """None on ranks other than 0, which write nothing."""
-    results: list[criteria_stage.CriterionResult]
-    """The sweep criteria's verdicts."""
-    seconds: float
-
-    @property
-    def run_dir(self) -> Path | None:
-        """Where the sweep's own outputs are (as a run's are in its run folder)."""
-        return self.sweep_dir
-
-    @property
-    def all_results(self) -> list[criteria_stage.CriterionResult]:
-        return [result for _, outcome in self.points for result in outcome.results] + self.results
-
-
-def run_sweep(
-    sweep: Sweep,
-    runs_dir: Path = Path("runs"),
-    use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-    on_point: Callable[[Point, Any], None] = lambda point, outcome: None,
-    tag: str | None = None,
-) -> SweepOutcome:
-    """Collect every point (all checks first), refuse points that would compute the same, run
-    each, then write the sweep folder. `on_point` sees each point's outcome as it finishes."""
-    from harness import runner
-
-    started = time.perf_counter()
-    with logged_warnings(log):
-        plans = collect_points(sweep, runs_dir, use_cache, log, tag)
-        outcomes = []
-        for point, plan in zip(sweep.points, plans):
-            outcome = runner.execute(plan, time.perf_counter())
-            on_point(point, outcome)
-            outcomes.append((point, outcome))
-    if outcomes[0][1].run_dir is None:  # a helper process under accelerate launch
-        return SweepOutcome(outcomes, None, [], time.perf_counter() - started)
-    from harness.sweep_report import write_sweep
-
-    sweep_dir, results = write_sweep(sweep, outcomes, Path(runs_dir), tag)
-    return SweepOutcome(outcomes, sweep_dir, results, time.perf_counter() - started)
-
-
-def collect_points(
-    sweep: Sweep, runs_dir: Path, use_cache: bool = True, log: Callable[[str], None] = lambda line: None,
-    tag: str | None = None,
-) -> list:
-    """Every point's plan (`harness.runner.collect`: all checks first); InputError when two
-    points would compute the same (every stage's key equal)."""
-    from harness import runner
-
-    plans = [
-        runner.collect(sweep.path, Path(runs_dir), use_cache, log, point.overrides, point.id, point.run_label(tag))
-        for point in sweep.points
-    ]
-    keys = [stage_keys(plan) for plan in plans]
-    for (i, a), (j, b) in itertools.combinations(enumerate(keys), 2):
-        if a == b:
-            raise InputError(
-                f"{sweep.path}: matrix: points {i + 1} and {j + 1} are identical ({sweep.points[i].id} and "
-                f"{sweep.points[j].id}): every stage has the same inputs; vary a key that changes what is computed"
-            )
-    return plans
-
-
-def stage_keys(plan) -> dict[str, str]:
-    """Every stage's cache key, computing nothing: each stage's output is stood in for by its
-    placeholder, so two plans with the same keys would compute the same numbers."""
-    from harness import runner
-    from harness.stages.stats import StatsStage
-
-    planning = replace(plan, executor=replace(plan.executor, planning=True, keys={}, log=lambda line: None))
-    _, measured = runner.texts_and_measures(planning)
-    planning.executor.run(StatsStage(runner.per_sample_table(planning, measured), plan.spec))
-    return planning.executor.keys
-
-
-
 # --- sweep statistics ---------------------------------------------------------------------
 
 
-def sweep_statistics(point_stats: list[dict[str, float | None]], point_criteria: list[list[dict]]) -> dict[str, float]:
+def sweep_statistics(
+    point_stats: list[dict[str, float | None]], point_criteria: list[list[dict]], doses: list[float] | None = None
+) -> dict[str, float]:
     """Sweep-level statistics, flat like stats.json (see `Spec.sweep_criteria`).
 
     A statistic enters only where every point computed it (a layer that one model lacks has no
     minimum over the sweep); a NaN makes its summaries NaN, and its BH adjustment is left out.
+    With `doses` (a one-key numeric matrix's values, point by point: `dose_axis`), each
+    statistic's `trend` is Spearman's rho with them and its p (NaN where either is constant or
+    a point's value is NaN).
     """
+    from scipy.stats import spearmanr
     from statsmodels.stats.multitest import multipletests
 
     stats: dict[str, float] = {}
@@ -222,6 +148,10 @@ def sweep_statistics(point_stats: list[dict[str, float | None]], point_criteria:
         if name.endswith("p") and np.all(np.isfinite(values)):
             adjusted = multipletests(values, method="fdr_bh")[1]
             stats |= _summaries((name, SWEEP_ADJUSTED_P), adjusted)
+        if doses is not None:
+            finite = np.all(np.isfinite(values)) and len(set(values)) > 1 and len(set(doses)) > 1
+            rho, p = spearmanr(doses, values) if finite else (math.nan, math.nan)
+            stats |= {sweep_name(name, SWEEP_TREND, stat): float(value) for stat, value in zip(SWEEP_TREND_STATS, (rho, p))}
     return stats
 
 

@@ -28,7 +28,6 @@ Imports no torch: validation checks templates.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Collection, Iterable, Iterator

@@ -8,7 +8,9 @@ Three kinds:
 - text metrics, ``fn(nll, target_mask, response_mask) -> Tensor[B]``: ``nll`` ``[B, T]`` is
   the next-token cross-entropy of token t given tokens < t (0 where undefined),
   ``target_mask`` marks every predicted token of the text, ``response_mask`` the predicted
-  response tokens.
+  response tokens. ``@text_metric(scores="kl")`` gets, instead of ``nll``, the per-token KL
+  divergence of an intervened forward's next-token distribution from the clean forward's of
+  the same text (not computed on a forward nothing intervened on).
 - projection metrics, ``fn(projection, mask) -> Tensor[B]``: ``projection`` ``[B, T]`` is
   ``<h_t, v>`` for one layer's residual stream and a unit direction ``v`` of a spec's
   ``directions:`` set, ``mask`` as above. Computed per layer and direction set.
@@ -16,7 +18,9 @@ Three kinds:
 A metric undefined for a text (a response too short for it, e.g. no token-to-token delta)
 is NaN, never a number: the statistics then leave that text out of that metric's comparisons.
 
-Adding a metric is one decorated function here plus its name in a spec's ``metrics:``. A
+Adding a metric is one decorated function here (or in another package: a ``harness.plugins``
+entry point, see ``harness.registry``) plus its name in a spec's ``metrics:``. Import them as
+``harness.metrics`` (this folder installs under the harness package). A
 trajectory metric may take keyword options: ``@layer_metric(options=SomeOptions)`` registers
 the pydantic model that validates a spec's ``metric_options: {name: {...}}`` for it.
 """
@@ -26,18 +30,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Literal
 
 from harness.base import StrictModel
+from harness.registry import Registry
 
 if TYPE_CHECKING:  # the metrics only call tensor methods: validating a spec imports no torch
     from torch import Tensor
 
-LAYER_METRICS: dict[str, Callable[..., Tensor]] = {}
+LAYER_METRICS: Registry[Callable[..., Tensor]] = Registry("trajectory metric")
 """Trajectory metrics: ``fn(hidden, mask, **options) -> Tensor[B]``."""
 METRIC_OPTIONS: dict[str, type[StrictModel]] = {}
 """The options model of each trajectory metric that takes options, by metric name."""
-TEXT_METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}
-PROJECTION_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+TEXT_METRICS: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("text metric")
+TEXT_METRIC_SCORES: dict[str, Literal["kl"]] = {}
+"""The per-token scores a text metric reads when they are not the NLL, by metric name."""
+PROJECTION_METRICS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("projection metric")
 """Projection metrics: ``fn(projection, mask) -> Tensor[B]``, listed in a spec's ``metrics:`` beside
 the trajectory metrics."""
+
+
+def _check_free(name: str, module: str) -> None:
+    """One name for one metric of any kind: a spec's `metrics:` lists them side by side."""
+    for registry in (LAYER_METRICS, TEXT_METRICS, PROJECTION_METRICS):
+        if name in registry:
+            registry.add(name, None, module)  # raises: the name is taken, naming both packages
 
 
 def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[StrictModel] | None = None):
@@ -45,7 +59,8 @@ def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[Stric
     ``@layer_metric(options=Model)``, the model's fields being the function's keyword options)."""
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        LAYER_METRICS[fn.__name__] = fn
+        _check_free(fn.__name__, fn.__module__)
+        LAYER_METRICS.add(fn.__name__, fn, fn.__module__)
         if options is not None:
             METRIC_OPTIONS[fn.__name__] = options
         return fn
@@ -53,15 +68,24 @@ def layer_metric(fn: Callable[..., Tensor] | None = None, *, options: type[Stric
     return register if fn is None else register(fn)
 
 
-def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Register a per-text metric under its function name."""
-    TEXT_METRICS[fn.__name__] = fn
-    return fn
+def text_metric(fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None, *, scores: Literal["nll", "kl"] = "nll"):
+    """Register a per-text metric under its function name (``@text_metric``, or
+    ``@text_metric(scores="kl")`` for one of the per-token KL from the clean forward)."""
+
+    def register(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        _check_free(fn.__name__, fn.__module__)
+        TEXT_METRICS.add(fn.__name__, fn, fn.__module__)
+        if scores != "nll":
+            TEXT_METRIC_SCORES[fn.__name__] = scores
+        return fn
+
+    return register if fn is None else register(fn)
 
 
 def projection_metric(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """Register a projection metric under its function name."""
-    PROJECTION_METRICS[fn.__name__] = fn
+    _check_free(fn.__name__, fn.__module__)
+    PROJECTION_METRICS.add(fn.__name__, fn, fn.__module__)
     return fn
 
 
@@ -153,3 +177,9 @@ def ce_loss(nll: Tensor, target_mask: Tensor, response_mask: Tensor) -> Tensor:
 def ce_loss_response(nll: Tensor, target_mask: Tensor, response_mask: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the response tokens only."""
     return _masked_mean(nll, response_mask)
+
+
+@text_metric(scores="kl")
+def kl_from_clean(kl: Tensor, target_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Mean per-token KL(intervened || clean) of the next-token distribution over the response (intervened conditions only)."""
+    return _masked_mean(kl, response_mask)

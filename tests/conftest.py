@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from harness.stages.data import packaged_rows
+from harness.data_sources import packaged_rows
 
 # The malformed specs are data for test_bad_inputs.py: keep the harness pytest plugin (which
 # collects every spec YAML it is pointed at) from trying to run them.
@@ -95,3 +96,11 @@ def words_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     speaking_words(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+def unavailable(message: str) -> None:
+    """Skip (a test, or at import a whole module) where a part it needs is not installed, saying
+    what to install; fail instead in CI (CI=true), which must run every test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + "; CI must run these tests", pytrace=False)
+    pytest.skip(message, allow_module_level=True)

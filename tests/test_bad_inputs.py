@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,6 +139,21 @@ def direction_file(write: Callable[[Path], None], file_name: str = "probe.npy") 
     return build
 
 
+def steering_file(write: Callable[[Path], None]) -> Builder:
+    """A spec on the tiny model steering the human text along a direction file that `write` makes."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        write(folder / "probe.npy")
+        return child_spec(folder, CORPUS / "_base.yaml", {
+            "models": {"base": {"id": str(tiny_model)}},
+            "directions": {"probe": {"path": "probe.npy"}},
+            "conditions": {"steered": {"source": "intervene", "of": "human", "at": {"layers": [1]},
+                                       "do": {"add": {"direction": "probe", "scale": 1.0}}}},
+        })
+
+    return build
+
+
 def dataset_file(write: Callable[[Path], None], file_name: str = "rows.txt") -> Builder:
     """A spec on the tiny model whose `dataset.path` is a file (or folder, FIFO, link) that `write` makes."""
 
@@ -190,6 +206,62 @@ def _with_nan() -> np.ndarray:
     vectors = np.ones((3, 32))
     vectors[1, 7] = np.nan
     return vectors
+
+
+JSONL_ROWS = [{"uid": "a", "question": "First prompt.", "answer": "First answer."},
+              {"uid": "b", "question": "Second prompt.", "answer": "Second answer."},
+              {"uid": "c", "question": "Third prompt.", "answer": "Third answer."}]
+
+
+def jsonl_bytes(rows: list) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def table_file(content: bytes | Callable[[Path], None], source: str = "jsonl", file_name: str = "data.jsonl",
+                 **dataset: Any) -> Builder:
+    """A spec reading a dataset file that `content` is (bytes) or makes (a function of its path);
+    the file's columns are `uid`, `question`, `answer` unless `dataset` maps others."""
+
+    def build(name: str, folder: Path, tiny_model: Path) -> Path:
+        path = folder / file_name
+        if callable(content):
+            content(path)
+        else:
+            path.write_bytes(content)
+        return child_spec(folder, CORPUS / "_base.yaml", {"dataset": {
+            "source": source, "path": file_name, "columns": {"id": "uid", "prompt": "question"},
+            "responses": {"human": "answer"}, "n_samples": None, "min_tokens": None, "max_tokens": None, **dataset,
+        }})
+
+    return build
+
+
+def _parquet(rows: list[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+
+    return write
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _device_path(name: str, folder: Path, tiny_model: Path) -> Path:
+    return child_spec(folder, CORPUS / "_base.yaml", {"dataset": {
+        "source": "jsonl", "path": "/dev/zero", "responses": {"human": "answer"}, "min_tokens": None, "max_tokens": None}})
+
+
+def _folder_path(name: str, folder: Path, tiny_model: Path) -> Path:
+    (folder / "data.jsonl").mkdir()
+    return table_file(lambda path: None)(name, folder, tiny_model)
+
+
+def _chat_without_template(name: str, folder: Path, tiny_model: Path) -> Path:
+    return child_spec(folder, CORPUS / "_base.yaml", {"models": {"base": {"id": str(tiny_model), "chat": True}}})
 
 
 def valid_spec(name: str, folder: Path, tiny_model: Path) -> Path:
@@ -272,7 +344,7 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "model_without_source": "models.base: give `id`",
     # names and references
     "condition_not_identifier": "conditions: name 'model-temp07' must be an identifier",
-    "condition_unknown_source": "conditions.robot.source: must be one of human, generate, shuffle",
+    "condition_unknown_source": "conditions.robot.source: must be one of human, column, generate, shuffle",
     "generator_unknown_model": "conditions.model.generator: unknown model 'gpt5'",
     "shuffle_unknown_condition": "conditions.shuffled.of: unknown condition 'robot'",
     "capture_unknown_model": "capture.model: unknown model 'other'",
@@ -318,6 +390,23 @@ SPEC_CASES = {  # corpus file -> expected substring; every one fails while the s
     "matrix_unknown_key": "matrix: conditions.model.generation.temprature=0: conditions.model.generation.temprature: unknown key",
     "sweep_criterion_unknown_name": "sweep_criteria.replicates: unknown name 'p_fdr'",
     "sweep_criteria_without_matrix": "sweep_criteria: needs a matrix",
+    # data sources: conditions read response columns the dataset must have
+    "column_unknown_response": "conditions.reference.column: reads the dataset's response 'reference', and the jsonl dataset has only 'human'",
+    "prompts_only_with_human": "conditions.human.source: reads the dataset's response 'human', and the jsonl dataset has no responses",
+    "dataset_unknown_source": "dataset.source: must be one of jsonl, csv, parquet, hub, wikitext, not 'tsv'",
+    "dataset_columns_twice": "dataset: column 'question' is named twice",
+    # interventions: where, what and when are checked before anything runs
+    "intervene_unknown_site": "conditions.steered.at.site: unknown capture site 'resid_middle'",
+    "intervene_unknown_direction": "conditions.steered.do.add.direction: unknown direction set 'refusal' (known: mmh)",
+    "intervene_scale_not_finite": "conditions.steered.do.add.scale: Input should be a finite number",
+    "intervene_scale_infinite": "conditions.steered.do.add.scale: Input should be a finite number",
+    "intervene_generate_without_generation": "conditions.steered.during: 'generate' shapes a generation, and 'human' does not generate",
+    "intervene_patch_token_counts": "conditions.steered.do.patch.from: 'human' and 'model' have different texts, whose token counts",
+    "intervene_two_kinds": "conditions.steered.do: needs exactly one of add, ablate, patch (got add, ablate)",
+    "intervene_unknown_kind": "conditions.steered.do.clamp: unknown key",
+    "intervene_bad_layer_range": "conditions.steered.at.layers: '3-1' is not a layer range",
+    "intervene_mean_during_generate": "conditions.steered.do.ablate: acts on whole texts: use during: capture",
+    "intervene_compile": "runtime.compile: interventions (conditions.steered) run eagerly",
 }
 
 def spec_case(name: str, expected: str | tuple[str, ...]):
@@ -372,6 +461,10 @@ CASES = [
     input_case("direction_nan", ("directions.probe.path: ", "contains NaN or infinite values"), direction_file(_save_npy(_with_nan()))),
     input_case("direction_unreadable", ("directions.probe.path: ", "probe.safetensors: cannot be read"),
                direction_file(lambda path: path.write_bytes(b"not a tensor file"), "probe.safetensors")),
+    input_case("intervene_layer_out_of_range", "conditions.steered.at.layers: layers [7] do not exist (the model has 3",
+               corpus_file_with_tiny_model),
+    input_case("intervene_direction_wrong_width", ("directions.probe.path: ", "has width 16, the capture model's residual stream has 32"),
+               steering_file(_save_npy(np.ones(16)))),
     # dataset.path: regular files only, within the dataset limits (harness.inputs.LIMITS), read before any tokenizer
     input_case("dataset_folder", ("dataset.path: ", "rows.txt: is a folder, not a file"), dataset_file(Path.mkdir)),
     input_case("dataset_fifo", ("dataset.path: ", "rows.txt: is a FIFO (named pipe)"), dataset_file(os.mkfifo)),
@@ -399,6 +492,35 @@ CASES = [
     input_case("direction_wrong_suffix", ("directions.probe.path: ", "probe.txt: not a .safetensors, .pt or .npy file"),
                direction_file(lambda p: p.write_text("1 2 3"), "probe.txt")),
     input_case("cuda_without_gpu", "models.base: device_map 'cuda' needs a CUDA GPU", corpus_file_with_tiny_model, NO_GPU),
+    # dataset files (harness.data_sources): read at collection, before any stage or model
+    input_case("dataset_missing_column", ("dataset.path: ", "data.jsonl: line 2: no column 'answer' (responses.human"),
+               table_file(jsonl_bytes([JSONL_ROWS[0], {"uid": "b", "question": "Q."}, JSONL_ROWS[2]]))),
+    input_case("dataset_misnamed_column", "line 1: no column 'questoin' (columns.prompt; the row has 'uid', 'question', 'answer')",
+               table_file(jsonl_bytes(JSONL_ROWS), columns={"id": "uid", "prompt": "questoin"})),
+    input_case("dataset_csv_missing_column", ("dataset.path: ", "data.csv: line 2: no column 'answer' (responses.human"),
+               table_file(b"uid,question,reply\na,First prompt.,First reply.\n", "csv", "data.csv")),
+    input_case("dataset_empty_file", ("dataset.path: ", "data.jsonl: holds no rows"), table_file(b"")),
+    input_case("dataset_duplicate_ids", "line 3: id 'a' (column 'uid') is also on line 1",
+               table_file(jsonl_bytes([JSONL_ROWS[0], JSONL_ROWS[1], {**JSONL_ROWS[2], "uid": "a"}]))),
+    input_case("dataset_non_string_cell", "line 2: column 'answer' (responses.human) holds a number, not a string",
+               table_file(jsonl_bytes([JSONL_ROWS[0], {**JSONL_ROWS[1], "answer": 5}, JSONL_ROWS[2]]))),
+    input_case("dataset_parquet_non_string_cell", ("dataset.path: ", "data.parquet: row 1: column 'answer' (responses.human) holds a number"),
+               table_file(_parquet([{**row, "answer": i} for i, row in enumerate(JSONL_ROWS)]), "parquet", "data.parquet")),
+    input_case("dataset_not_parquet", ("dataset.path: ", "data.parquet: not a readable Parquet file"),
+               table_file(jsonl_bytes(JSONL_ROWS), "parquet", "data.parquet")),
+    input_case("dataset_invalid_json", ("dataset.path: ", "data.jsonl: line 3: not valid JSON (Expecting ',' delimiter)"),
+               table_file(jsonl_bytes(JSONL_ROWS[:2]) + b'{"uid": "c" "question": "Q."}\n')),
+    input_case("table_not_utf8", ("dataset.path: ", "data.jsonl: line 2: not UTF-8"),
+               table_file(jsonl_bytes(JSONL_ROWS[:1]) + '{"uid": "b", "question": "Caf\u00e9.", "answer": "A."}\n'.encode("latin-1"))),
+    input_case("dataset_row_too_long", ("dataset.path: ", "data.jsonl: line 2: longer than the 1 MiB a line of a dataset file may have"),
+               table_file(jsonl_bytes([JSONL_ROWS[0], {**JSONL_ROWS[1], "answer": "x" * 20 * 2**20}]))),
+    input_case("dataset_file_too_large", ("dataset.path: ", "data.jsonl: is ", "more than the 256 MiB a dataset file may have"),
+               table_file(sparse(300 * 10**6))),
+    input_case("dataset_nul_bytes", ("dataset.path: ", "data.jsonl: line 1: longer than the 1 MiB"), table_file(sparse(200 * 10**6))),
+    input_case("table_folder", ("dataset.path: ", "data.jsonl: is a folder, not a file"), _folder_path),
+    input_case("table_fifo", ("dataset.path: ", "data.jsonl: is a FIFO (named pipe), not a regular file"), table_file(_fifo)),
+    input_case("table_device", "dataset.path: /dev/zero: is a device, not a regular file", _device_path),
+    input_case("chat_without_template", "models.base.chat: the tokenizer of ", _chat_without_template),
 ]
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness import structure
-from harness.runner import run_spec
+from harness.session import run_spec
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARK = BENCHMARKS / "bench_pipeline.py"

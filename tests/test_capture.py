@@ -9,7 +9,7 @@ import torch
 from harness.grid import Grid
 from harness import structure
 from harness.stages import capture
-from metrics import LAYER_METRICS
+from harness.metrics import LAYER_METRICS
 
 TEXTS = [
     capture.TextToMeasure("The game began development in 2010.", "It carried over a large portion of the work."),

@@ -69,7 +69,8 @@ def test_ls_stats_filters_by_pattern(capsys):
     every = capsys.readouterr().out.splitlines()
     assert cli.main(["ls", "stats", spec, "smoothness.overall.d*"]) == ExitCode.PASSED
     assert capsys.readouterr().out.splitlines() == [
-        "smoothness.overall.d", "smoothness.overall.d_ci_low", "smoothness.overall.d_ci_high"]
+        "smoothness.overall.d", "smoothness.overall.d_ci_low", "smoothness.overall.d_ci_high",
+        "smoothness.overall.d_loo_max_change", "smoothness.overall.d_loo_max_change_sample"]
     assert cli.main(["ls", "stats", spec, "p_holm"]) == ExitCode.PASSED
     holm = capsys.readouterr().out.splitlines()
     assert holm and set(holm) <= set(every) and all("p_holm" in name for name in holm)

@@ -10,8 +10,10 @@ import torch
 from conftest import build_tiny_model, tiny_config, wikitext_rows
 from transformers import AutoModelForCausalLM
 
+from harness import models
+from harness.models import MEMORY_FRACTION
 from harness.stages import generate
-from harness.stages.conditions import GenerationSpec
+from harness.sources import GenerationSpec
 
 NEW_TOKENS = 6
 GREEDY = GenerationSpec(max_new_tokens=NEW_TOKENS, temperature=0)
@@ -50,9 +52,9 @@ def test_kv_cache_term_is_the_size_of_the_models_own_cache(llama, tiny_tokenizer
 def test_auto_batch_size_fills_the_memory_fraction(llama, monkeypatch):
     lengths = [30, 12] * 1000
     per_sequence = generate.bytes_per_sequence(llama, 30, 90)
-    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 1000 * per_sequence)
-    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == int(1000 * generate.MEMORY_FRACTION)
-    monkeypatch.setattr(generate, "free_memory_bytes", lambda device: 0)
+    monkeypatch.setattr(models, "free_memory_bytes", lambda device: 1000 * per_sequence)
+    assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == int(1000 * MEMORY_FRACTION)
+    monkeypatch.setattr(models, "free_memory_bytes", lambda device: 0)
     assert generate.auto_batch_size(llama, torch.device("cpu"), lengths, 90) == 1  # never zero
 
 

@@ -175,9 +175,10 @@ def test_a_spec_giving_both_names_of_the_windows_is_refused(tmp_path):
 
 
 def test_a_metric_named_like_another_metric_at_a_site_is_refused(tmp_path, monkeypatch):
-    from metrics import LAYER_METRICS
+    from harness.metrics import LAYER_METRICS
 
-    monkeypatch.setitem(LAYER_METRICS, "magnitude_attn_out", LAYER_METRICS["magnitude"])
+    monkeypatch.setitem(LAYER_METRICS._entries, "magnitude_attn_out", LAYER_METRICS["magnitude"])  # registered for this test only
+    monkeypatch.setitem(LAYER_METRICS._origins, "magnitude_attn_out", "tests")
     spec = SPEC.replace("criteria: {late: smoothness.window5_20.overall.d > 0}", "metrics: [smoothness, magnitude_attn_out]")
     with pytest.raises(InputError, match=r"metrics: 'magnitude_attn_out' at site 'resid_post' is named 'magnitude_attn_out'"):
         load_spec(write(tmp_path, spec))

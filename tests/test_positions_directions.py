@@ -18,7 +18,7 @@ from safetensors import safe_open
 from statsmodels.stats.multitest import multipletests
 
 from harness import listing
-from harness.runner import run_spec
+from harness.session import run_spec
 
 REPO = Path(__file__).resolve().parent.parent
 WINDOWS = [(0, 3), (3, 8), (8, 400)]

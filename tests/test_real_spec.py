@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CRITERIA = ["model_text_less_surprising", "model_text_smoother", "smoothness_tracks_surprise"]
+CRITERIA = ["model_text_less_surprising", "model_text_smoother", "smoothness_tracks_surprise", "smoothness_gap_tracks_surprise_gap"]
 
 
 @pytest.fixture(scope="module")

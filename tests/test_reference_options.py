@@ -16,8 +16,8 @@ from harness.grid import Grid
 from harness.schema import Spec
 from harness.spec import load_spec
 from harness.stages import capture, generate
-from harness.stages.conditions import GenerationSpec
-from metrics import LAYER_METRICS
+from harness.sources import GenerationSpec
+from harness.metrics import LAYER_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = [

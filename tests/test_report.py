@@ -51,8 +51,11 @@ def spec_data(**overrides) -> dict:
     return data | overrides
 
 
-def make_run(root: Path, **spec_overrides) -> Path:
-    """Write every file of a finished run (seeded), statistics by harness.stages.stats; return the folder."""
+def make_run(root: Path, layer_scale: dict[int, float] | None = None, ce_slope: float = 8.0, **spec_overrides) -> Path:
+    """Write every file of a finished run (seeded), statistics by harness.stages.stats; return the folder.
+
+    `layer_scale` multiplies the smoothness of some layers (a residual norm that grows with depth);
+    `ce_slope` is how much smoothness rises with CE within a condition."""
     rng = np.random.default_rng(0)
     spec = Spec.model_validate(spec_data(**spec_overrides))
     run_dir = root / "runs" / spec.name / "run-1"
@@ -71,18 +74,19 @@ def make_run(root: Path, **spec_overrides) -> Path:
             ce = ce_offset + rng.normal(0, 0.3)
             rows += [(sample, condition, "", "ce_loss", ce), (sample, condition, "", "ce_loss_response", ce + 0.1)]
             for layer in range(N_LAYERS):
-                smooth = 100 + 10 * layer + smooth_offset + 8 * ce + rng.normal(0, 3)
+                smooth = (100 + 10 * layer + smooth_offset + ce_slope * ce + rng.normal(0, 3)) * (layer_scale or {}).get(layer, 1)
                 rows += [(sample, condition, layer, "smoothness", smooth), (sample, condition, layer, "magnitude", 50 + rng.normal())]
-            tokens = [" " + str(word) for word in rng.choice(WORDS, size=20 + sample)]
+            tokens = _response_tokens(condition, sample, [" " + str(word) for word in rng.choice(WORDS, size=20 + sample)])
             texts.append(
                 {
                     "sample_id": sample,
                     "condition": condition,
                     "prompt": "A first sentence.",
-                    "response": _response(condition, sample, tokens),
+                    "response": "".join(tokens).strip(),
                     "n_response_tokens": len(tokens),
                     "stopped_early": sample % 3 == 0 if condition == "model" else None,
                     "generator": "base" if condition == "model" else None,
+                    "tokens": tokens,
                 }
             )
             for layer in DELTA_LAYERS:
@@ -108,13 +112,12 @@ def make_run(root: Path, **spec_overrides) -> Path:
     return run_dir
 
 
-def _response(condition: str, sample: int, tokens: list[str]) -> str:
-    text = "".join(tokens).strip()
+def _response_tokens(condition: str, sample: int, tokens: list[str]) -> list[str]:
     if condition == "human":
-        return text + " , 1 @-@ 2"  # WikiText's tokenization
+        return tokens + [" ,", " 1", " @", "-", "@", " 2"]  # WikiText's tokenization
     if condition == "model" and sample % 2 == 0:
-        return text + " the river flows past the river flows past"  # a loop
-    return text
+        return tokens + " the river flows past the river flows past the river".split(" ")[1:]  # a loop
+    return tokens
 
 
 def row_cells(markdown: str, first_cell: str) -> list[str]:
@@ -245,6 +248,60 @@ def test_token_attribution_shows_the_largest_steps(rendered):
         assert f"**{row['tokens'][step + 1].strip()}**" in cells[3]
 
 
+def threat_lines(text: str) -> list[str]:
+    """The verdict section's list of the threats that fired."""
+    verdict = section(text, "## Verdict")
+    return [line for line in verdict.splitlines() if line.startswith("- ⚠ [")]
+
+
+def test_one_layer_with_a_huge_norm_is_a_threat_named_beside_the_verdict(tmp_path, rendered):
+    run_dir = make_run(tmp_path, layer_scale={2: 1000.0}, report={"plots": False})
+    text, stats = render_report(run_dir).read_text(), read_json(run_dir / "stats.json")
+    assert stats["smoothness.layers.share_of_overall_max"] > 0.99
+    layers = section(text, "## Threats").split("threat-layers")[1].split("\n- ")[0]
+    assert "⚠ **Layer weight**" in layers and "layers 2 " in layers  # a quarter of 4 layers: the one
+    assert any("(#threat-layers)" in line and "Layers 2 (1 of 4)" in line for line in threat_lines(text))
+    assert not any("(#threat-layers)" in line for line in threat_lines(rendered[1]))  # layers of like size
+
+
+def test_verdict_names_its_statistics_and_the_other_criteria_as_findings(tmp_path):
+    criteria = spec_data()["criteria"] | {"pairs": "correlation.difference.r > 0 and correlation.difference.p < 0.05"}
+    run_dir = make_run(tmp_path, criteria=criteria, report=spec_data()["report"] | {"plots": False})
+    text, stats = render_report(run_dir).read_text(), read_json(run_dir / "stats.json")
+    verdict = section(text, "## Verdict")
+    assert "`smoothness_tracks_surprise` (`correlation.pooled.r`, `correlation.pooled.p`)" in verdict
+    passed = stats["correlation.difference.r"] > 0 and stats["correlation.difference.p"] < 0.05
+    assert f"**{'PASSED' if passed else 'FAILED'}** pairs (`correlation.difference.r` = " in verdict
+    assert shows(verdict.split("Correlation of the pairs' differences")[1].split("\n")[0],
+                 stats["correlation.difference.r"], stats["correlation.difference.p"])
+
+
+def disagreeing_scopes(stats: dict) -> list[str]:
+    pooled_significant = stats["correlation.pooled.p"] < 0.05
+    return [scope for scope in ("human", "model", "difference")
+            if (stats[f"correlation.{scope}.r"] > 0) != (stats["correlation.pooled.r"] > 0)
+            or (stats[f"correlation.{scope}.p"] < 0.05) != pooled_significant]
+
+
+def test_a_pooled_correlation_made_by_the_condition_gap_is_a_threat(tmp_path, rendered):
+    assert disagreeing_scopes(rendered[2]) == []  # smoothness follows CE within each condition too
+    assert not any("(#threat-correlations)" in line for line in threat_lines(rendered[1]))
+    run_dir = make_run(tmp_path, ce_slope=0.0, report=spec_data()["report"] | {"plots": False})
+    text, stats = render_report(run_dir).read_text(), read_json(run_dir / "stats.json")
+    disagree = disagreeing_scopes(stats)
+    assert stats["correlation.pooled.p"] < 0.05 and disagree  # only the gap between the conditions
+    assert any("(#threat-correlations)" in line and ", ".join(disagree) in line for line in threat_lines(text))
+    assert "can come from the gap between the conditions alone" in section(text, "## Threats")
+
+
+def test_the_most_influential_sample_is_named_and_a_threat_above_the_threshold(tmp_path):
+    run_dir = make_run(tmp_path, report=spec_data()["report"] | {"plots": False, "threats": {"influence": 0.0}})
+    text, stats = render_report(run_dir).read_text(), read_json(run_dir / "stats.json")
+    sample = int(stats["smoothness.overall.d_loo_max_change_sample"])
+    assert f"sample {sample}: d = " in section(text, "## Threats")
+    assert any("(#threat-influence)" in line and f"Sample {sample} alone" in line for line in threat_lines(text))
+
+
 def test_threats_and_manifest(tmp_path):
     run_dir = make_run(
         tmp_path,
@@ -296,10 +353,16 @@ def test_broken_template_is_an_input_error(tmp_path):
 
 
 def test_repeated_ngram_fraction_of_a_loop():
-    # 12 words, 9 four-grams; the last 3 repeat the first 3.
-    assert repeated_ngram_fraction("the cat sat on the mat The cat sat on the mat") == pytest.approx(3 / 9)
-    assert repeated_ngram_fraction("no repeats in these words here") == 0
-    assert repeated_ngram_fraction("too short") == 0
+    # 12 tokens, 9 four-grams; the last 3 repeat the first 3.
+    assert repeated_ngram_fraction("the cat sat on the mat the cat sat on the mat".split(), 4) == pytest.approx(3 / 9)
+    assert repeated_ngram_fraction("no repeats in these words here".split(), 4) == 0
+    assert repeated_ngram_fraction(["too", "short"], 4) == 0
+
+
+def test_a_digit_loop_repeats_in_tokens_though_it_is_one_word():
+    tokens = [" 12", " ironclads", " and", " ", *"12" + "0" * 40]  # digits are tokens of their own
+    assert repeated_ngram_fraction(tokens) > 0.7
+    assert repeated_ngram_fraction(" 12 ironclads and 12000000000000000000000000000000000000000000".split()) == 0
 
 
 def test_text_diagnostics_per_condition(rendered):
@@ -308,7 +371,7 @@ def test_text_diagnostics_per_condition(rendered):
     for condition in ("human", "model"):
         texts = [t for t in run.texts if t["condition"] == condition]
         got = diagnostics["conditions"][condition]
-        fractions = [repeated_ngram_fraction(t["response"]) for t in texts]
+        fractions = [repeated_ngram_fraction(t["tokens"]) for t in texts]
         assert got["repeated_ngram_fraction"] == pytest.approx({"mean": np.mean(fractions), "max": max(fractions)})
         lengths = [t["n_response_tokens"] for t in texts]
         assert got["response_tokens"] == pytest.approx({"mean": np.mean(lengths), "min": min(lengths), "max": max(lengths)})

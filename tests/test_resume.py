@@ -31,16 +31,20 @@ def stopped_mid_capture(tmp_path: Path, tiny_model_dir: Path, signal_number: int
     # one text per forward batch, so capture is many small units and the signal lands between them
     spec.write_text(spec.read_text().replace("token_budget: 600", "token_budget: 1"))
     victim = harness_run(spec, tmp_path / "runs", tmp_path / "cache")
-    for _ in range(HANG_GUARD_POLLS):
-        if list((tmp_path / "cache").glob("capture/*/unit-*.json")):
-            break
-        assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
-        time.sleep(0.002)
-    else:
-        victim.kill()
-        pytest.fail(f"no capture unit stored after {HANG_GUARD_POLLS} polls: the run hangs")
+    wait_for_a_capture_unit(victim, tmp_path / "cache")
     victim.send_signal(signal_number)
     return spec, victim
+
+
+def wait_for_a_capture_unit(victim: subprocess.Popen, cache: Path) -> None:
+    """Return once the running `victim` has stored a capture unit in `cache`."""
+    for _ in range(HANG_GUARD_POLLS):
+        if list(cache.glob("capture/*/unit-*.json")):
+            return
+        assert victim.poll() is None, f"run ended before it could be stopped: {victim.communicate()}"
+        time.sleep(0.002)
+    victim.kill()
+    pytest.fail(f"no capture unit stored after {HANG_GUARD_POLLS} polls: the run hangs")
 
 
 def test_sigkill_mid_capture_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import run_spec
+from harness.session import run_spec
 
-RUN_FILES = {"spec.yaml", "manifest.json", "texts.jsonl", "per_sample.csv", "stats.json", "criteria.json", "RESULTS.md"}
+RUN_FILES = {"spec.yaml", "manifest.json", "samples.jsonl", "texts.jsonl", "per_sample.csv", "stats.json", "criteria.json", "RESULTS.md"}
 
 
 def tiny_spec(folder: Path, model_dir: Path, name: str = "tiny", extra: str = "") -> Path:

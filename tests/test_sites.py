@@ -23,7 +23,7 @@ from harness.grid import Grid
 from harness.spec import load_spec
 from harness.stages import capture
 from harness.structure import UnknownArchitecture
-from metrics import LAYER_METRICS
+from harness.metrics import LAYER_METRICS
 from conftest import REPO
 from test_capture import TEXTS
 

@@ -62,7 +62,7 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
             "conditions: {model: {generation: {temprature: 1}}}",
             r"conditions.model.generation.temprature: unknown key",
         ),
-        ("conditions: {extra: {of: human}}", r"conditions.extra.source: missing: one of human, generate, shuffle"),
+        ("conditions: {extra: {of: human}}", r"conditions.extra.source: missing: one of human, column, generate, shuffle"),
         ("metrics: [smoothnes]", r"metrics: unknown metric 'smoothnes'"),
         ("criteria: {x: 'smoothness.overall.d > 0 and'}", r"criteria.x: "),
         ("criteria: {x: 'ce_loss.hman.mean > 1'}", r"criteria.x: unknown name 'hman'"),

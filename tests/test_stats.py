@@ -51,9 +51,9 @@ def make_spec(**stats_overrides) -> Spec:
     return Spec.model_validate(data)
 
 
-ABSENT = {("s03", "model"): ("smoothness", "magnitude"), ("s11", "shuffled"): ("ce_loss_response",)}
+ABSENT = {("3", "model"): ("smoothness", "magnitude"), ("11", "shuffled"): ("ce_loss_response",)}
 """Gaps of the gapped table, as the runner leaves them: metrics undefined for a short response have no rows."""
-UNDEFINED = {("s07", "human"): ("magnitude",)}
+UNDEFINED = {("7", "human"): ("magnitude",)}
 """Gaps written as NaN values (every layer)."""
 
 
@@ -65,7 +65,7 @@ def write_per_sample(path: Path, rng: np.random.Generator, gaps: bool = False) -
     shift = {"human": 1.0, "model": 0.0, "shuffled": 1.5}
     rows = []
     for sample in range(N_SAMPLES):
-        sample_id = f"s{sample:02d}"
+        sample_id = str(sample)  # numbers: "10" sorts before "2" as text, not as a number
         base = rng.normal()
         for condition, effect in shift.items():
             if condition == "model" and sample == N_SAMPLES - 1:
@@ -106,7 +106,7 @@ def spec() -> Spec:
 @pytest.fixture(scope="module")
 def raw(csv_path) -> pd.DataFrame:
     """The CSV read plainly, for the independent recomputation."""
-    return pd.read_csv(csv_path)
+    return pd.read_csv(csv_path, dtype={"sample_id": str})
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def stats(csv_path, spec) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def gapped_raw(gapped_csv_path) -> pd.DataFrame:
-    return pd.read_csv(gapped_csv_path)
+    return pd.read_csv(gapped_csv_path, dtype={"sample_id": str})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def per_sample(raw: pd.DataFrame, condition: str, metric: str, scope: str) -> pd
 
 
 def paired_ids(raw: pd.DataFrame, a: str, b: str) -> list[str]:
-    return sorted(set(raw.loc[raw["condition"] == a, "sample_id"]) & set(raw.loc[raw["condition"] == b, "sample_id"]))
+    """The samples of both conditions in numeric order, as per_sample.csv lists them."""
+    return sorted(set(raw.loc[raw["condition"] == a, "sample_id"]) & set(raw.loc[raw["condition"] == b, "sample_id"]), key=int)
 
 
 def both_present(first: pd.Series, second: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -191,11 +192,43 @@ def expected_paired(raw: pd.DataFrame, a: str, b: str, ddof: int) -> dict[str, f
             }
             if scope != "overall":
                 layer_p[scope] = student.pvalue
+            else:
+                expected |= expected_influence(diff, paired_ids_with(raw, a, b, metric, scope), ddof, f"{metric}.{scope}")
         for name, method in (("p_holm", "holm"), ("p_bh", "fdr_bh")):
             if layer_p:
                 adjusted = multipletests(list(layer_p.values()), method=method)[1]
                 expected |= {f"{metric}.{scope}.{name}": p for scope, p in zip(layer_p, adjusted)}
+        if layer_p:
+            expected |= expected_layer_summaries(expected, metric, list(layer_p))
     return expected
+
+
+def paired_ids_with(raw: pd.DataFrame, a: str, b: str, metric: str, scope: str) -> list[str]:
+    """The sample ids of `paired`'s pairs, in its order."""
+    ids = paired_ids(raw, a, b)
+    keep = per_sample(raw, a, metric, scope).reindex(ids).notna() & per_sample(raw, b, metric, scope).reindex(ids).notna()
+    return [sample for sample, kept in zip(ids, keep) if kept]
+
+
+def expected_influence(diff: np.ndarray, ids: list[str], ddof: int, stem: str) -> dict[str, float]:
+    """d_z recomputed with each sample left out: the largest change and that sample (NaN: not a number)."""
+    d = diff.mean() / diff.std(ddof=ddof)
+    changes = [abs(np.delete(diff, i).mean() / np.delete(diff, i).std(ddof=ddof) - d) for i in range(len(diff))]
+    most = int(np.argmax(changes))
+    sample = float(ids[most]) if str(ids[most]).isdecimal() else np.nan
+    return {f"{stem}.d_loo_max_change": changes[most], f"{stem}.d_loo_max_change_sample": sample}
+
+
+def expected_layer_summaries(expected: dict[str, float], metric: str, scopes: list[str], alpha: float = 0.05) -> dict:
+    d = np.array([expected[f"{metric}.{scope}.d"] for scope in scopes])
+    holm = np.array([expected[f"{metric}.{scope}.p_holm"] for scope in scopes])
+    size = np.abs([expected[f"{metric}.{scope}.mean_a"] + expected[f"{metric}.{scope}.mean_b"] for scope in scopes])
+    return {
+        f"{metric}.layers.n_positive_significant": np.sum((holm < alpha) & (d > 0)),
+        f"{metric}.layers.n_negative_significant": np.sum((holm < alpha) & (d < 0)),
+        f"{metric}.layers.median_d": np.median(d),
+        f"{metric}.layers.share_of_overall_max": np.max(size / size.sum()),
+    }
 
 
 def correlation_inputs(raw: pd.DataFrame, a: str, b: str) -> tuple[pd.Series, ...]:
@@ -254,7 +287,7 @@ def expected_mixed_model(raw: pd.DataFrame, a: str, b: str) -> dict[str, float]:
 
 def expected_stats(raw: pd.DataFrame, spec: Spec) -> dict[str, float]:
     """Every statistic except the bootstrap intervals, names as compute_stats gives them."""
-    expected = expected_descriptives(raw)
+    expected = expected_descriptives(raw) | {"overall.rule.mean": 1.0}
     for index, (name, comparison) in enumerate(spec.comparisons.items()):
         one = (
             expected_paired(raw, comparison.a, comparison.b, spec.stats.ddof)
@@ -282,7 +315,7 @@ def test_every_statistic_equals_independent_recomputation(table, request, spec):
     assert {name for name in stats if not is_interval_bound(name)} == set(expected)
     for name, value in expected.items():
         tolerance = 1e-6 if ".mixedlm." in f".{name}" else 1e-9  # an optimiser's result
-        assert stats[name] == pytest.approx(value, rel=tolerance, abs=1e-12), name
+        assert stats[name] == pytest.approx(value, rel=tolerance, abs=1e-12, nan_ok=True), name
 
 
 @pytest.mark.parametrize("table", ["stats", "gapped_stats"])
@@ -410,6 +443,66 @@ def test_intervals_with_gaps_are_scipy_bca_bootstraps_on_the_pairs_kept(gapped_s
         assert interval(gapped_stats, name) == pytest.approx(bounds, rel=1e-9), name
 
 
+def test_samples_are_in_numeric_order_whatever_order_the_table_lists_them(csv_path, stats):
+    assert stats_stage.sample_order(["10", "2", "1", "b", "a"]) == ["1", "2", "10", "a", "b"]
+    table = load_table(csv_path)
+    shuffled = table.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    assert compute_stats(shuffled, make_spec()) == pytest.approx(stats, rel=1e-12, nan_ok=True)
+
+
+def test_intervals_are_scipys_paired_bca_on_the_samples_in_numeric_order(stats, raw, spec):
+    """The call a reader would make: both conditions' values as per_sample.csv orders them, `paired=True`."""
+    human, model = paired(raw, "human", "model", "smoothness", "overall")
+    assert paired_ids(raw, "human", "model")[:3] == ["0", "1", "2"]  # as text: "0", "1", "10"
+    bounds = scipy_bca(spec, (human, model), lambda a, b, axis: d_z(spec.stats.ddof)(a - b, axis))
+    assert interval(stats, "smoothness.overall.d_ci") == pytest.approx(bounds, rel=1e-9)
+    in_text_order = sorted(range(len(human)), key=lambda index: str(paired_ids(raw, "human", "model")[index]))
+    text_bounds = scipy_bca(spec, (human[in_text_order], model[in_text_order]),
+                            lambda a, b, axis: d_z(spec.stats.ddof)(a - b, axis))
+    assert text_bounds != pytest.approx(bounds, rel=1e-6)  # the order is part of the contract
+
+
+def per_layer_values(raw: pd.DataFrame, condition: str, metric: str) -> pd.DataFrame:
+    rows = raw[(raw["condition"] == condition) & (raw["metric"] == metric)]
+    return rows.pivot(index="sample_id", columns="layer", values="value")
+
+
+def test_overall_rules_equal_their_numpy_computation(csv_path, raw):
+    rules = ["standardized", "mean", "median_layer", {"layers": [0.25, 0.75]}]
+    stats = compute_stats(load_table(csv_path), make_spec(overall=rules, bootstrap_resamples=0))
+    ids = paired_ids(raw, "human", "model")
+    layers = {c: per_layer_values(raw, c, "smoothness").reindex(ids).to_numpy() for c in ("human", "model")}
+    every_text = raw[(raw["metric"] == "smoothness")].pivot_table(index=["condition", "sample_id"], columns="layer", values="value")
+    sd = np.std(every_text.to_numpy(), axis=0, ddof=1)  # per layer, over every condition's texts
+    overall = {
+        "overall": {c: (values / sd).mean(axis=1) for c, values in layers.items()},
+        "overall_mean": {c: values.mean(axis=1) for c, values in layers.items()},
+        "overall_median_layer": {c: np.median(values, axis=1) for c, values in layers.items()},
+        "overall_layers25_75": {c: values[:, 1:3].mean(axis=1) for c, values in layers.items()},  # depths 1/3, 2/3 of 4
+    }
+    for scope, values in overall.items():
+        diff = values["human"] - values["model"]
+        assert stats[f"smoothness.{scope}.d"] == pytest.approx(diff.mean() / diff.std(ddof=1), rel=1e-12), scope
+        assert stats[f"smoothness.{scope}.p"] == pytest.approx(ttest_rel(values["human"], values["model"]).pvalue, rel=1e-9)
+    assert stats["overall.rule.standardized"] == stats["overall_mean.rule.mean"] == 1
+    assert stats["overall_layers25_75.rule.layers25_75"] == 1
+    x = per_sample(raw, "human", "ce_loss", "overall").reindex(ids).to_numpy()
+    assert stats["correlation.human.r"] == pytest.approx(pearsonr(x, overall["overall"]["human"]).statistic, rel=1e-12)
+    assert stats["smoothness.human.overall_mean.mean"] == pytest.approx(
+        per_layer_values(raw, "human", "smoothness").mean(axis=1).mean(), rel=1e-12
+    )
+
+
+def test_layer_summaries_name_the_layer_a_huge_norm_dominates(tmp_path, raw):
+    big = raw.copy()
+    big.loc[(big["metric"] == "smoothness") & (big["layer"] == 3), "value"] *= 1000
+    path = tmp_path / "per_sample.csv"
+    big.to_csv(path, index=False)
+    stats = compute_stats(load_table(path), make_spec(bootstrap_resamples=0))
+    assert stats["smoothness.layers.share_of_overall_max"] > 0.99
+    assert stats["magnitude.layers.share_of_overall_max"] < 0.3
+
+
 def test_a_gap_leaves_the_comparisons_of_other_metrics_unchanged(stats, gapped_stats):
     untouched = ("human_vs_model.ce_loss.", "human_vs_model.ce_loss_response.", "shuffled_vs_human.smoothness.",
                  "shuffled_vs_human.ce_loss.", "shuffled_vs_human.correlation.")
@@ -438,11 +531,11 @@ def test_n_counts_the_pairs_that_have_the_metric_in_both_conditions(gapped_stats
 
 
 def test_a_column_with_one_pair_gets_nan_tests_and_the_other_columns_are_computed(tmp_path, raw):
-    rare = raw[(raw["condition"] != "model") | (raw["metric"] != "magnitude") | (raw["sample_id"] == "s00")]
+    rare = raw[(raw["condition"] != "model") | (raw["metric"] != "magnitude") | (raw["sample_id"] == "0")]
     path = tmp_path / "per_sample.csv"
     rare.to_csv(path, index=False)
     stats = compute_stats(load_table(path), make_spec())
-    layer0 = {condition: per_sample(raw, condition, "magnitude", "layer0")["s00"] for condition in ("human", "model")}
+    layer0 = {condition: per_sample(raw, condition, "magnitude", "layer0")["0"] for condition in ("human", "model")}
     assert stats["human_vs_model.magnitude.layer0.n"] == 1
     assert stats["human_vs_model.magnitude.layer0.mean_diff"] == layer0["human"] - layer0["model"]
     for stat in ("d", "t", "p", "wilcoxon_p", "p_holm", "mean_diff_ci_low", "d_ci_high"):
@@ -534,7 +627,7 @@ def test_load_table_rejects_malformed_tables(tmp_path, content, message):
 
 
 def test_a_comparison_needs_two_paired_samples(tmp_path, raw):
-    few_models = raw[(raw["condition"] != "model") | (raw["sample_id"] == "s00")]
+    few_models = raw[(raw["condition"] != "model") | (raw["sample_id"] == "0")]
     path = tmp_path / "per_sample.csv"
     few_models.to_csv(path, index=False)
     with pytest.raises(RunFailure, match="human_vs_model.*found 1"):
@@ -548,7 +641,7 @@ def test_metrics_undefined_for_a_short_response_are_nan_and_the_others_match_the
     import torch
     from torch.nn.functional import cosine_similarity
 
-    from metrics import LAYER_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, TEXT_METRICS
 
     hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(4, 6, dtype=torch.bool)
@@ -593,7 +686,7 @@ def test_a_one_token_response_is_dropped_pairwise_and_reported(tmp_path, tiny_mo
     from conftest import wikitext_rows
     from test_run import Log, tiny_spec
 
-    from harness.runner import run_spec
+    from harness.session import run_spec
 
     rows = wikitext_rows()
     data = tmp_path / "rows.raw"

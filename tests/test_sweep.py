@@ -18,7 +18,8 @@ from harness import sweep_report
 from harness.errors import InputError
 from harness.overrides import command_line, parse_set
 from harness.spec import load_spec
-from harness.sweep import expand, run_sweep, sweep_statistics
+from harness.session import run_spec
+from harness.sweep import expand, sweep_statistics
 from test_run import Log, tiny_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def swept(tmp_path_factory, tiny_model_dir):
     spec = folder / "tinysweep.yaml"
     spec.write_text("extends: tinybase.yaml\nname: tinysweep\nreport: {plots: true}\n" + MATRIX)
     log = Log()
-    outcome = run_sweep(expand(spec), folder / "runs", log=log)
+    outcome = run_spec(spec, folder / "runs", log=log)
     return folder, spec, outcome, log
 
 
@@ -109,14 +110,14 @@ def test_the_combined_report_links_each_point_and_draws_relative_depth(swept):
 def test_a_rerun_reuses_every_stage(swept):
     folder, spec, _, _ = swept
     log = Log()
-    run_sweep(expand(spec), folder / "runs", log=log)
+    run_spec(spec, folder / "runs", log=log)
     assert not [stage for stage in log.stages("computed") if stage != "report"]
 
 
 def test_identical_points_are_an_error(tmp_path, tiny_model_dir):
     spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {description: [one, two]}\n")
     with pytest.raises(InputError, match=r"points 1 and 2 are identical"):
-        run_sweep(expand(spec), tmp_path / "runs", log=Log())
+        run_spec(spec, tmp_path / "runs", log=Log())
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
     # pytest too: every point's items fail on it before either point runs
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -275,15 +276,18 @@ def test_validate_covers_matrix_points_and_the_schema_documents_sweeps(tmp_path,
 
 
 def test_ls_lists_the_registries(tmp_path):
-    from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
+    from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
-    from harness.stages.conditions import SOURCES
+    from harness.data_sources import DATA_SOURCES
+    from harness.sources import SOURCES
 
     every_metric = [*LAYER_METRICS, *PROJECTION_METRICS, *TEXT_METRICS]
-    for what, names in (("metrics", every_metric), ("sources", list(SOURCES))):
+    every_source = [*SOURCES, *(f"dataset: {name}" for name in DATA_SOURCES)]
+    for what, names in (("metrics", every_metric), ("sources", every_source)):
         result = harness_cli("ls", what, cwd=tmp_path)
         assert result.returncode == 0
-        assert [line.split()[0] for line in result.stdout.splitlines()] == names
+        assert [" ".join(line.split()[:2]) if line.startswith("dataset: ") else line.split()[0]
+                for line in result.stdout.splitlines()] == names
     specs = harness_cli("ls", "specs", str(REPO / "specs"), cwd=tmp_path)
     assert "cross-model-offline, 2 points" in specs.stdout and "temperature-sweep-offline, 4 points" in specs.stdout
 
@@ -309,3 +313,63 @@ def test_relative_depth_divides_by_the_models_number_of_layers(swept, tiny_model
     stats = {"smoothness.layer0.d": 0.5, "smoothness.layer2.d": 1.0}
     rows = sweep_report._depth_rows(["deep", "unknown"], [stats, stats], [12, None], "smoothness")
     assert [(row["point"], row["relative_depth"]) for row in rows] == [("deep", 0), ("deep", 2 / 12), ("unknown", 0), ("unknown", 2 / 3)]
+
+
+def test_the_sweep_says_how_many_samples_its_points_share(swept, tmp_path):
+    _, _, outcome, _ = swept
+    points = json.loads((outcome.sweep_dir / "sweep.json").read_text())["points"]
+    assert [point["shared_samples"] for point in points] == [{"shared": 6, "of": 6, "percent": 100.0}] * 2
+    assert "| 6/6 (100 %) |" in (outcome.sweep_dir / "RESULTS.md").read_text()
+    # points whose tokenizers kept partly different paragraphs: counted by dataset id and prompt
+    folders = []
+    for name, ids in (("a", [1, 2, 3, 4]), ("b", [2, 3, 4, 5]), ("c", [3, 4, 2])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "samples.jsonl").write_text("".join(
+            json.dumps({"sample_id": i, "id": str(row), "prompt": f"prompt {row}"}) + "\n" for i, row in enumerate(ids)))
+        folders.append(folder)
+    assert [(s["shared"], s["of"]) for s in sweep_report.shared_samples(folders)] == [(3, 4), (3, 4), (3, 3)]
+
+
+def test_a_dose_response_sweep_has_a_trend_its_figure_and_says_what_was_changed(tmp_path, tiny_model_dir):
+    import json
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    np.save(tmp_path / "probe.npy", np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32))
+    base = tiny_spec(tmp_path, tiny_model_dir, name="tinybase")
+    spec = tmp_path / "dose.yaml"
+    spec.write_text(
+        "extends: tinybase.yaml\nname: dose\nreport: {plots: true}\n"
+        "directions: {probe: {path: probe.npy}}\n"
+        "conditions:\n  model: null\n"
+        "  steered: {source: intervene, of: human, at: {layers: [1], positions: response},"
+        " do: {add: {direction: probe, scale: 1.0}}}\n"
+        "criteria: {model_text_less_surprising: null, model_text_smoother: null, moved: kl_from_clean.steered.mean > 0}\n"
+        "matrix: {conditions.steered.do.add.scale: [1.0, 4.0, 16.0]}\n"
+        "sweep_criteria: {grows: sweep.ce_loss.overall.d.trend.rho < 0}\n"
+    )
+    assert base.is_file()
+    outcome = run_spec(spec, tmp_path / "runs", log=Log())
+    sweep = json.loads((outcome.sweep_dir / "sweep.json").read_text())
+    points = [json.loads((outcome.sweep_dir.parent / point["run"] / "stats.json").read_text()) for point in sweep["points"]]
+    name = "kl_from_clean.steered.mean"
+    rho, p = spearmanr([1.0, 4.0, 16.0], [stats[name] for stats in points])
+    assert sweep["statistics"][f"sweep.{name}.trend.rho"] == pytest.approx(rho)
+    assert sweep["statistics"][f"sweep.{name}.trend.p"] == pytest.approx(p)
+    assert [row["name"] for row in sweep["criteria"]] == ["grows"]
+    report = (outcome.sweep_dir / "RESULTS.md").read_text()
+    assert "## Dose-response" in report and (outcome.sweep_dir / "dose_response.png").stat().st_size > 0
+    first = outcome.sweep_dir.parent / sweep["points"][0]["run"]
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["interventions"]["steered"]["do"] == {"add": {"direction": "probe", "scale": 1.0}}
+    assert manifest["interventions"]["steered"]["direction"]["path"].endswith("probe.npy")
+    assert "## What was changed" in (first / "RESULTS.md").read_text()
+
+
+def test_a_trend_needs_a_one_key_numeric_matrix(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tmp_path, tiny_model_dir, extra="matrix: {dataset.n_samples: [5, 6], dataset.min_tokens: [40, 41]}\n"
+                                                      "sweep_criteria: {x: sweep.smoothness.overall.d.trend.rho > 0}\n")
+    with pytest.raises(InputError, match="sweep_criteria.x: a trend needs a matrix of one key with numeric values"):
+        expand(spec)

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 from harness.artifacts import content_hash, staged
 from harness.executor import CompiledCalls, Stage
 from harness.grid import Column, Grid, Window
 from harness.lazy import inference_mode, lazy_import
-from harness.models import check_fits_memory, free_memory_bytes
+from harness.metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRIC_SCORES, TEXT_METRICS
+from harness.models import block_activation_bytes, memory_budget
 from harness.schema import CaptureSpec, ResponseTokenization, Spec
 from harness.structure import decoder_blocks, resolve_layers, site_taps
-from metrics import LAYER_METRICS, PROJECTION_METRICS, TEXT_METRICS
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
+    from harness.intervening import CaptureIntervention
     from harness.pool import ModelPool
 
 torch = lazy_import("torch")
@@ -56,10 +58,17 @@ class TextToMeasure:
     response: str
     max_response_tokens: int | None = None
     """Truncate the response to this many tokens (length matching)."""
+    model_prompt: str | None = None
+    """The prompt as a chat model reads it (`harness.chat`): then the ids are exactly its
+    tokens and the response's, neither with added special tokens."""
 
     @property
     def full_text(self) -> str:
         return f"{self.prompt} {self.response}"
+
+
+Intervened = Callable[["PaddedBatch", Callable[["PaddedBatch"], "torch.Tensor"]], AbstractContextManager["torch.Tensor"]]
+"""See `measure_batch`."""
 
 
 @dataclass
@@ -78,8 +87,13 @@ def tokenize_for_capture(
     belongs to the response when it starts at or after the space that ends the prompt (a token
     straddling the boundary stays with the prompt). `separate` (the reference's): the prompt
     and the response (no special tokens, no leading space) tokenized apart and concatenated.
+    A chat-formatted prompt (`model_prompt`) is always read the separate way, its BOS its own.
     """
-    if response_tokenization == "separate":
+    if text.model_prompt is not None:
+        prompt_ids = tokenizer(text.model_prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
+        response_start = len(prompt_ids)
+    elif response_tokenization == "separate":
         prompt_ids = tokenizer(text.prompt)["input_ids"]
         ids = prompt_ids + tokenizer(text.response, add_special_tokens=False)["input_ids"]
         response_start = len(prompt_ids)
@@ -113,17 +127,21 @@ def bytes_per_token(model: nn.Module, longest: int) -> int:
     projections and MLP activations in the model's dtype, the hook's float32 copies, and the
     attention scores of a row of `longest` tokens. The logits are bounded separately
     (LOGITS_CHUNK_BYTES)."""
-    config = model.config.get_text_config()
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    per_token = (6 * hidden + 3 * intermediate) * model.dtype.itemsize + 8 * hidden * 4
-    return per_token + config.num_attention_heads * longest * 4
+    return block_activation_bytes(model, longest) + 8 * model.config.get_text_config().hidden_size * 4
 
 
 def auto_token_budget(model: nn.Module, device: torch.device, longest: int) -> int:
     """Padded tokens per forward: what fits in half the free memory of `device`, and on a CPU
     at most CPU_TOKEN_BUDGET (never less than one row of `longest`)."""
-    fits = int(0.5 * (free_memory_bytes(device) - LOGITS_CHUNK_BYTES) / bytes_per_token(model, longest))
-    return max(longest, fits if device.type == "cuda" else min(fits, CPU_TOKEN_BUDGET))
+    return token_budget("auto", model, device, longest, "")
+
+
+def token_budget(setting: int | str, model: nn.Module, device: torch.device, longest: int, what: str) -> int:
+    """`runtime.token_budget`: `auto`'s choice, or the number checked to fit (`harness.models.memory_budget`);
+    a forward holds at least one row of `longest` tokens and its logits chunk."""
+    cpu_cap = CPU_TOKEN_BUDGET if setting == "auto" and torch.device(device).type != "cuda" else None  # a CPU gains nothing from more
+    return memory_budget(setting, device, bytes_per_token(model, longest), what, least=longest, most=cpu_cap,
+                         reserved=LOGITS_CHUNK_BYTES)
 
 
 def report_layers(layers: list[int]) -> list[int]:
@@ -139,21 +157,53 @@ def token_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, s
     Logits come from the LM head in chunks of positions, with the model's final-logit
     softcapping (Gemma 2) applied as its own forward does (`head_logits`).
     """
-    batch, length = input_ids.shape
-    # Flat index of every scored token, found on the host so that gathering never waits on the
-    # device; its logits come from the position before it. Gathered rows are contiguous: a
-    # strided 3-D slice makes matmul re-read the head's weight per text.
-    at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
-    rows = hidden.reshape(batch * length, -1).index_select(0, at - 1)
-    targets = input_ids.to(hidden.device).flatten().index_select(0, at)
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size(model)))
+    at, targets = _scored(hidden, input_ids, scored)
+    rows = _predicting_rows(hidden, at)
     flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    for start in range(0, rows.shape[0], chunk):
-        logits = head_logits(model, rows[start : start + chunk])
-        flat[start : start + chunk] = nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-    nll = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
-    nll[at] = flat
-    return nll.view(batch, length)
+    for chunk, logits in _chunked_logits(model, rows):
+        flat[chunk] = nn.functional.cross_entropy(logits, targets[chunk], reduction="none")
+    return _per_token(flat, at, input_ids.shape)
+
+
+def token_kl(model: nn.Module, hidden: torch.Tensor, clean: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """KL(intervened || clean) of the next-token distributions [B, T], placed as `token_nll`'s
+    values are: `hidden` and `clean` are the final hidden states of the same batch with and
+    without an intervention."""
+    at, _ = _scored(hidden, input_ids, scored)
+    rows, clean_rows = _predicting_rows(hidden, at), _predicting_rows(clean, at)
+    flat = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    # two chunks of logits at a time: half as many rows each
+    for (chunk, logits), (_, clean_logits) in zip(_chunked_logits(model, rows, 2), _chunked_logits(model, clean_rows, 2)):
+        flat[chunk] = nn.functional.kl_div(
+            clean_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+    return _per_token(flat, at, input_ids.shape)
+
+
+def _scored(hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat index of every scored token (found on the host, so that gathering never waits on
+    the device) and its token id."""
+    at = scored.flatten().nonzero().squeeze(1).to(hidden.device)
+    return at, input_ids.to(hidden.device).flatten().index_select(0, at)
+
+
+def _predicting_rows(hidden: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The hidden state before each scored token: gathered rows are contiguous (a strided 3-D
+    slice makes matmul re-read the head's weight per text)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, at - 1)
+
+
+def _chunked_logits(model: nn.Module, rows: torch.Tensor, at_once: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
+    """fp32 logits of `rows`, chunk by chunk, so that `at_once` chunks stay within LOGITS_CHUNK_BYTES."""
+    size = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size(model) * at_once))
+    for start in range(0, rows.shape[0], size):
+        yield slice(start, start + size), head_logits(model, rows[start : start + size])
+
+
+def _per_token(flat: torch.Tensor, at: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    values = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=flat.device)
+    values[at] = flat
+    return values.view(*shape)
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -311,6 +361,8 @@ class ColumnBuffer:
             raise ValueError(f"deltas are kept only for captured layers, not {sorted(self.delta_slots.keys() - set(layers))}")
         if set(measurement.directions) != set(grid.directions):
             raise ValueError(f"direction vectors for {sorted(measurement.directions)}, the grid has {list(grid.directions)}")
+        self.text_measured: list[tuple[int, str]] = []
+        """The text metrics `fill_text` gave a value (index into TEXT_METRICS, name)."""
         self.on_device: dict[torch.device, tuple[dict, torch.Tensor | None]] = {}
         """Per device the layers live on: each scope's token indices (None: the whole span) and
         mask, and the directions [sets, model layers, d]."""
@@ -356,14 +408,19 @@ class ColumnBuffer:
 
         return read
 
-    def fill_text(self, nll: torch.Tensor) -> None:
-        """The text metrics from next-token CE [B, T] over `padded` (0 where no token is scored)."""
+    def fill_text(self, scores: dict[str, torch.Tensor]) -> None:
+        """The text metrics from per-token scores [B, T] over `padded` (0 where no token is
+        scored): `nll`, the next-token CE, and `kl`, the KL from the clean forward when an
+        intervention changed this one. A metric of a score not given has no value."""
         padded, device = self.padded, self.buffer.device
         targets = padded.attention.clone()
         targets[:, 0] = False
         targets, response_targets = targets.to(device), (padded.response & targets).to(device)
-        for index, fn in enumerate(TEXT_METRICS.values()):
-            self.text_values[index] = fn(nll.to(device), targets, response_targets)
+        self.text_measured = [(index, name) for index, name in enumerate(TEXT_METRICS)
+                              if TEXT_METRIC_SCORES.get(name, "nll") in scores]
+        for index, name in self.text_measured:
+            self.text_values[index] = TEXT_METRICS[name](scores[TEXT_METRIC_SCORES.get(name, "nll")].to(device), targets,
+                                                         response_targets)
 
     def records(self, tokenized: Sequence[Tokenized]) -> list[dict]:
         """One record per text (`measure_batch` says what it holds)."""
@@ -376,7 +433,7 @@ class ColumnBuffer:
                 "n_response_tokens": len(item.input_ids) - item.response_start,
                 "response_ids": item.input_ids[item.response_start :],
                 "layer_metrics": {column.name: host_values[index, :, row].tolist() for index, column in enumerate(self.columns)},
-                "text_metrics": {name: float(host_text[index, row]) for index, name in enumerate(TEXT_METRICS)},
+                "text_metrics": {name: float(host_text[index, row]) for index, name in self.text_measured},
                 "deltas": {str(layer): host_deltas[k, row, lo : max(hi - 1, lo)].tolist()
                            for k, layer in enumerate(self.measurement.keep_deltas_for)},
             }
@@ -388,7 +445,8 @@ class ColumnBuffer:
 
 @inference_mode
 def measure_batch(
-    model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement
+    model: nn.Module, input_device: torch.device, pad_token_id: int, tokenized: list[Tokenized], measurement: Measurement,
+    intervened: Intervened | None = None,
 ) -> list[dict]:
     """Every column of `measurement.grid` for a batch of texts, from one right-padded forward.
 
@@ -397,23 +455,37 @@ def measure_batch(
     the first site for `keep_deltas_for`), and ``activations`` ([layers, response tokens, d] of
     the first site, in `activation_dtype`) if asked. The hooks reduce on the device into one
     `ColumnBuffer`.
+
+    `intervened(padded, forward)`: a context manager (`harness.intervening`) under which the
+    forward of `padded` is intervened on, yielding the clean forward's final hidden states of
+    the same batch (`kl_from_clean`).
     """
     if measurement.compile:
         compile_blocks(model)
     padded = PaddedBatch.of(tokenized, pad_token_id, COMPILE_BUCKET if measurement.compile else 1)
     values = ColumnBuffer(measurement, padded, input_device, model.config.get_text_config().hidden_size)
-    handles = []
-    for site in measurement.grid.sites:
-        taps = site_taps(model, site)
-        handles += [taps[layer].register(values.hook(site, index)) for index, layer in enumerate(measurement.layers)]
-    try:
-        hidden = model.get_decoder()(
-            input_ids=padded.input_ids.to(input_device), attention_mask=padded.attention.long().to(input_device), use_cache=False
+
+    def forward(batch: PaddedBatch) -> torch.Tensor:
+        return model.get_decoder()(
+            input_ids=batch.input_ids.to(input_device), attention_mask=batch.attention.long().to(input_device), use_cache=False
         ).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
-    values.fill_text(token_nll(model, hidden, padded.input_ids, scored_tokens(padded.attention)))
+
+    with intervened(padded, forward) if intervened is not None else nullcontext() as clean:
+        # an intervention's hooks come first: the measuring hooks see what it changed
+        handles = []
+        for site in measurement.grid.sites:
+            taps = site_taps(model, site)
+            handles += [taps[layer].register(values.hook(site, index)) for index, layer in enumerate(measurement.layers)]
+        try:
+            hidden = forward(padded)
+        finally:
+            for handle in handles:
+                handle.remove()
+    scored = scored_tokens(padded.attention)
+    scores = {"nll": token_nll(model, hidden, padded.input_ids, scored)}
+    if clean is not None:
+        scores["kl"] = token_kl(model, hidden, clean, padded.input_ids, scored)
+    values.fill_text(scores)
     return values.records(tokenized)
 
 
@@ -427,7 +499,8 @@ def response_limits(
         return {name: [None] * n_samples for name in texts}
 
     def length(text: dict) -> int:
-        tokenized = tokenize_for_capture(tokenizer, TextToMeasure(text["prompt"], text["response"]), tokenization)
+        measured = TextToMeasure(text["prompt"], text["response"], model_prompt=text.get("model_prompt"))
+        tokenized = tokenize_for_capture(tokenizer, measured, tokenization)
         return len(tokenized.input_ids) - tokenized.response_start
 
     lengths = {name: [length(text) for text in rows] for name, rows in texts.items()}
@@ -472,7 +545,9 @@ class CaptureSettings:
             "sites": list(grid.sites),
             # under the windows' old name (`stats.positions`): cache entries made before the rename stay valid
             **({"positions": [[window.start, window.end] for window in grid.windows]} if grid.windows else {}),
-            **({"directions": {name: [d.sha256, d.key] for name, d in self.directions.items()}} if self.directions else {}),
+            # only projection columns read the direction sets (an intervention keys its own)
+            **({"directions": {name: [d.sha256, d.key] for name, d in self.directions.items()}}
+               if self.directions and any(column.direction for column in grid.columns()) else {}),
             **({"activation_dtype": capture.activation_dtype} if capture.activation_dtype != "float16" else {}),
         }
 
@@ -496,39 +571,49 @@ class CaptureStage(Stage):
     kind = "capture"
     version = STAGE_VERSION
     progress_unit = "texts"
+    intervention: CaptureIntervention | None = None
+    """An `intervene` condition's intervention on this forward (`harness.intervening`)."""
     measurement: Measurement | None = None
     """Set by `units`, once the model's layers are known."""
     tokenized: list[Tokenized] = field(default_factory=list)
+    source_tokenized: list[Tokenized] = field(default_factory=list)
+    """A patch's source texts, tokenized by `units`."""
     forwards: CompiledCalls = field(default_factory=CompiledCalls)
     """Seconds of the forwards; with `compile`, per (rows, padded length)."""
 
     def inputs(self) -> dict:
         return {
-            "texts": content_hash([[t.prompt, t.response, t.max_response_tokens] for t in self.texts]),
+            "texts": content_hash([[t.prompt, t.response, t.max_response_tokens, *([t.model_prompt] if t.model_prompt is not None else [])]
+                                   for t in self.texts]),
             **self.settings.key(self.pool),
+            **({"intervention": self.intervention.record()} if self.intervention is not None else {}),
         }
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.settings.model)
         capture = self.settings.capture
         self.tokenized = [tokenize_for_capture(loaded.tokenizer, text, capture.response_tokenization) for text in self.texts]
+        if self.intervention is not None and self.intervention.sources is not None:
+            self.source_tokenized = [tokenize_for_capture(loaded.tokenizer, text, capture.response_tokenization)
+                                     for text in self.intervention.sources]
         self.measurement = self.settings.measurement(resolve_layers(loaded.model, capture.layers))
         lengths = [len(t.input_ids) for t in self.tokenized]
-        budget = self.settings.token_budget
-        if budget == "auto":
-            budget = auto_token_budget(loaded.model, loaded.input_device, max(lengths))
-        else:
-            check_fits_memory(
-                loaded.input_device, LOGITS_CHUNK_BYTES + max(budget, max(lengths)) * bytes_per_token(loaded.model, max(lengths)),
-                f"{self.pool.spec_path}: runtime.token_budget: forwards of {budget} padded tokens",
-            )
+        budget = token_budget(
+            self.settings.token_budget, loaded.model, loaded.input_device, max(lengths),
+            f"{self.pool.spec_path}: runtime.token_budget: forwards of {self.settings.token_budget} padded tokens",
+        )
         return plan_batches(lengths, budget)
 
     def compute(self, unit: list[int], folder: Path) -> list[dict]:
         loaded = self.pool.model(self.settings.model)
         batch = [self.tokenized[i] for i in unit]
         start = time.perf_counter()
-        records = measure_batch(loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.measurement)
+        intervened = None
+        if self.intervention is not None:
+            sources = [self.source_tokenized[i] for i in unit] if self.source_tokenized else None
+            intervened = self.intervention.around(loaded.model, sources, loaded.tokenizer.pad_token_id)
+        records = measure_batch(loaded.model, loaded.input_device, loaded.tokenizer.pad_token_id, batch, self.measurement,
+                                intervened)
         compiled = self.settings.compile
         shape = (len(unit), padded_length(batch, COMPILE_BUCKET if compiled else 1))
         self.forwards.record(shape, time.perf_counter() - start, compiled)

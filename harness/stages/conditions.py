@@ -1,228 +1,63 @@
-"""Conditions stage: the texts each condition gives for every sample.
-
-A condition *source* is one registered function plus its pydantic spec model (the model's
-``source`` literal is the name a spec uses):
-
-    class ReversedCondition(ConditionSpec):
-        source: Literal["reverse"]
-        of: str
-
-        def derived_from(self) -> list[str]:
-            return [self.of]
-
-    @condition_source(ReversedCondition)
-    def reverse(name, condition, context) -> list[Text]:
-        return [text(t["prompt"], " ".join(t["response"].split()[::-1])) for t in context.texts[condition.of]]
-
-The spec schema's ``conditions`` union is built from this registry, so a new source needs
-no edit elsewhere. Sources run in dependency order (``derived_from``); a source that needs a
-model says so in ``models`` so the run loads and checks it before anything is computed.
+"""Conditions stage: the texts each condition gives for every sample, from its registered
+source (`harness.sources`), in dependency order; a source's generation runs as the
+generation stage (`harness.stages.generate`), which measures the texts while decoding them
+where it can (`harness.stages.decode_capture`).
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from harness.base import StrictModel
+from harness.intervening import Applied
+from harness.sources import SOURCES, ConditionSpec, GenerationSpec, SourceContext, Text
+from harness.stages.decode_capture import blocker
+from harness.stages.generate import GenerateStage, compiled_decoding, planned_device_type
 
 if TYPE_CHECKING:
+    from harness.directions import DirectionSet
     from harness.executor import Executor
-    from harness.stages.capture import CaptureSettings
     from harness.pool import ModelPool
     from harness.schema import Spec
-
-Text = dict[str, Any]
-"""One condition's text for one sample: prompt, response, stopped_early, generator."""
+    from harness.stages.capture import CaptureSettings
 
 
-def text(prompt: str, response: str, stopped_early: bool | None = None, generator: str | None = None) -> Text:
-    return {"prompt": prompt, "response": response, "stopped_early": stopped_early, "generator": generator}
+def condition_texts(
+    spec: "Spec", samples: list[dict], executor: "Executor", pool: "ModelPool",
+    directions: dict[str, "DirectionSet"] | None = None, capture: "CaptureSettings | None" = None,
+    decoded: dict[str, list[dict | None]] | None = None,
+) -> dict[str, list[Text]]:
+    """Every condition's texts, in the spec's order (computed in dependency order). With
+    `capture` (the capture stage's settings), a generation that may be measured while decoding
+    is, and its condition's capture records (None: left to the forward) go into `decoded`."""
 
-
-class ConditionSpec(StrictModel):
-    """Base of every condition source's spec model."""
-
-    source: str
-
-    def derived_from(self) -> list[str]:
-        """Conditions whose texts this one is built from (computed first)."""
-        return []
-
-    def models(self, spec: "Spec") -> list[str]:
-        """Model aliases this source loads or tokenizes with."""
-        return []
-
-    def random_seed(self) -> int | None:
-        """The seed of its randomness, for the run manifest (None: deterministic)."""
-        return getattr(self, "seed", None)
-
-    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        """Checks that need the models (run before any stage): raise InputError naming the field."""
-
-
-@dataclass
-class SourceContext:
-    """What a source may use while it computes its texts."""
-
-    spec: "Spec"
-    samples: list[dict]
-    """The data stage's samples: sample_id, row, prompt, human_response, n_tokens."""
-    executor: "Executor"
-    """Runs (and caches) a stage: `context.executor.run(stage)`."""
-    pool: "ModelPool"
-    """The run's models, loaded on first use."""
-    texts: dict[str, list[Text]] = field(default_factory=dict)
-    """Texts of the conditions computed so far (every condition in `derived_from` is there)."""
-    capture: "CaptureSettings | None" = None
-    """What the capture stage measures: a source that generates may measure its texts while
-    decoding them (`harness.stages.decode_capture`)."""
-    measured: dict[str, list[dict | None]] = field(default_factory=dict)
-    """Per condition measured while decoding, each text's capture record (None: left to the forward)."""
-
-
-@dataclass(frozen=True)
-class ConditionSource:
-    spec_model: type[ConditionSpec]
-    texts: Callable[[str, Any, SourceContext], list[Text]]
-
-
-SOURCES: dict[str, ConditionSource] = {}
-"""Registered condition sources by the name a spec's `source:` uses."""
-
-
-def condition_source(spec_model: type[ConditionSpec]):
-    """Register `fn(name, condition, context) -> list[Text]` for `spec_model`'s `source` literal."""
-    (name,) = spec_model.model_fields["source"].annotation.__args__
-
-    def register(fn: Callable[[str, Any, SourceContext], list[Text]]):
-        SOURCES[name] = ConditionSource(spec_model, fn)
-        return fn
-
-    return register
-
-
-# --- the built-in sources ---------------------------------------------------------------
-
-
-
-class GenerationSpec(StrictModel):
-    """How a model continues the prompt."""
-
-    max_new_tokens: int = Field(90, gt=0)
-    min_new_tokens: int = Field(1, ge=0)
-    """EOS is suppressed until this many tokens are out (0: no minimum, as the reference)."""
-    temperature: float = Field(0.0, ge=0)
-    """0 means greedy decoding."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    """Sampling keeps the k likeliest tokens; 0: no cut. 50 is transformers' default, which the
-    reference used."""
-    repetition_penalty: float = Field(1.0, gt=0)
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    seed: int = 0
-
-
-class HumanCondition(ConditionSpec):
-    """The human-written rest of the paragraph."""
-
-    source: Literal["human"]
-
-
-class GeneratedCondition(ConditionSpec):
-    """A model's continuation of the prompt."""
-
-    source: Literal["generate"]
-    generator: str | None = None
-    """Model alias that writes the text; default: the capture model."""
-    generation: GenerationSpec = GenerationSpec()
-
-    def models(self, spec: "Spec") -> list[str]:
-        return [self.generator or spec.capture_model]
-
-    def random_seed(self) -> int | None:
-        return self.generation.seed
-
-    def check(self, name: str, spec: "Spec", pool: "ModelPool") -> None:
-        # every prompt holds at least one token: more new tokens than the context minus one never fit
-        pool.check_fits_context(
-            self.models(spec)[0], self.generation.max_new_tokens, 1, f"conditions.{name}.generation.max_new_tokens"
-        )
-
-
-class ShuffledCondition(ConditionSpec):
-    """Another condition's response with its words (or tokens) shuffled: a control."""
-
-    source: Literal["shuffle"]
-    of: str
-    """Condition whose response is shuffled."""
-    unit: Literal["words", "tokens"] = "words"
-    """Shuffle whitespace-separated words, or the capture tokenizer's tokens."""
-    seed: int = 0
-
-    def derived_from(self) -> list[str]:
-        return [self.of]
-
-    def models(self, spec: "Spec") -> list[str]:
-        return [spec.capture_model] if self.unit == "tokens" else []
-
-
-@condition_source(HumanCondition)
-def human(name: str, condition: HumanCondition, context: SourceContext) -> list[Text]:
-    return [text(sample["prompt"], sample["human_response"]) for sample in context.samples]
-
-
-@condition_source(GeneratedCondition)
-def generate(name: str, condition: GeneratedCondition, context: SourceContext) -> list[Text]:
-    from harness.stages.decode_capture import blocker
-    from harness.stages.generate import GenerateStage, compiled_decoding, planned_device_type
-
-    (alias,) = condition.models(context.spec)
-    prompts = [sample["prompt"] for sample in context.samples]
-    runtime = context.spec.runtime
-    batch_size = runtime.generation_batch_size
-    rows = len(prompts) if batch_size == "auto" else min(batch_size, len(prompts))
-    device_type = planned_device_type(context.pool.placement(alias))
-    compiled, decoding = compiled_decoding(runtime.compile, device_type, rows)
-    measure = context.capture if context.capture and blocker(context.spec, alias, compiled) is None else None
-    stage = GenerateStage(
-        f"generate[{name}]", prompts, alias, condition.generation, batch_size, compiled, context.pool,
-        capture=measure, decoding=decoding,
-    )
-    output = context.executor.run(stage)
-    if measure is not None:
-        context.measured[name] = [out["capture"] for out in output]
-    return [text(prompt, out["response"], out["stopped_early"], alias) for prompt, out in zip(prompts, output)]
-
-
-@condition_source(ShuffledCondition)
-def shuffle(name: str, condition: ShuffledCondition, context: SourceContext) -> list[Text]:
-    """The source condition's responses with words (or capture-model tokens) shuffled."""
-    texts = []
-    for sample_id, source in enumerate(context.texts[condition.of]):
-        rng = random.Random(f"{condition.seed}:{sample_id}")
-        if condition.unit == "words":
-            pieces = source["response"].split()
-            rng.shuffle(pieces)
-            response = " ".join(pieces)
+    def generate(stage_name: str, alias: str, prompts: list[str], settings: GenerationSpec,
+                 intervention: str | None = None, measure_as: str | None = None) -> list[dict]:
+        runtime = spec.runtime
+        # a chat model continues its template's formatting of the prompt (one BOS: harness.chat)
+        chat = spec.model_spec(alias).chat
+        model_prompts = [pool.model_prompt(alias, prompt) for prompt in prompts] if chat else prompts
+        steering = Applied.of(intervention, spec, directions or {}) if intervention is not None else None
+        batch_size = runtime.generation_batch_size
+        if steering is not None:  # `runtime.compile: true` beside an intervention is refused at collection
+            compiled, decoding = False, "eager (an intervention's hooks run eagerly)"
         else:
-            tokenizer = context.pool.tokenizer(context.spec.capture_model)
-            ids = tokenizer(source["response"], add_special_tokens=False)["input_ids"]
-            rng.shuffle(ids)
-            response = tokenizer.decode(ids).strip()
-        texts.append(text(source["prompt"], response))
-    return texts
+            rows = len(prompts) if batch_size == "auto" else min(batch_size, len(prompts))
+            compiled, decoding = compiled_decoding(runtime.compile, planned_device_type(pool.placement(alias)), rows)
+        measure = (capture if capture is not None and decoded is not None and measure_as is not None
+                   and steering is None and blocker(spec, alias, compiled) is None else None)
+        output = executor.run(GenerateStage(
+            stage_name, model_prompts, alias, settings, batch_size, compiled, pool,
+            steering, special_tokens=not chat, capture=measure, decoding=decoding,
+        ))
+        if measure is not None:
+            decoded[measure_as] = [out["capture"] for out in output]
+        return output
 
-
-def condition_texts(context: SourceContext) -> dict[str, list[Text]]:
-    """Every condition's texts, in the spec's order (computed in dependency order)."""
-    for name in execution_order(context.spec.conditions):
-        condition = context.spec.conditions[name]
+    context = SourceContext(spec, samples, executor, pool, generate)
+    for name in execution_order(spec.conditions):
+        condition = spec.conditions[name]
         context.texts[name] = SOURCES[condition.source].texts(name, condition, context)
-    return {name: context.texts[name] for name in context.spec.conditions}
+    return {name: context.texts[name] for name in spec.conditions}
 
 
 def execution_order(conditions: dict[str, ConditionSpec]) -> list[str]:

@@ -1,207 +1,131 @@
-"""Data stage: WikiText-2 paragraphs, filtered by token count, split at the first sentence.
+"""Data stage: the dataset source's records, filtered by length, the first `n_samples` kept.
 
-Rows come from, in this order: the file the spec names (`dataset.path`); the WikiText-2 raw
-test split shipped inside this package (`harness/datasets/`, checked against its sha256);
-the Hugging Face hub for any other dataset, configuration or split.
+Where records come from is the data source's (`harness.data_sources`: WikiText-2, a JSONL,
+CSV or Parquet file, a hub dataset). A local file is read at collection and handed to this
+stage with the sha256 of the bytes read, which enters the cache key; the packaged WikiText
+split and the hub are read here.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import re
-from dataclasses import asdict, dataclass
-from functools import cached_property
-from importlib import resources
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
+from harness.data_sources import DatasetSpec, LengthUnit, Record, Table, read_table
 from harness.errors import InputError
 from harness.executor import Stage
-from harness.inputs import open_input
-from harness.schema import DatasetSpec, FirstSentenceRule, Spec
+from harness.schema import Spec
 
 if TYPE_CHECKING:
     from harness.pool import ModelPool
 
 STAGE_VERSION = 1
 """Part of every cache key of this stage: bump it when a change here alters the samples."""
-
-PACKAGED_SPLIT = ("wikitext", "wikitext-2-raw-v1", "test")
-"""(hub_name, hub_config, split) of the copy shipped with the package."""
-PACKAGED_FILE = "wikitext-2-raw-v1-test.txt.gz"
-"""In harness/datasets/: the split's non-empty rows in order, CRLF-separated, gzipped."""
-PACKAGED_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
-"""sha256 of the uncompressed rows: a damaged or altered copy is refused, never used."""
-PROMPT_MIN_CHARS = 11
-"""The first sentence's ". " must lie at this character or later (a prompt worth continuing)."""
-
-# WikiText tokenizes numbers and punctuation: "1 @,@ 000", "well @-@ known", "word , word".
-_DETOKENIZE = [
-    (re.compile(r" @([-,.])@ "), r"\1"),
-    (re.compile(r" ([.,;:!?)\]}%])"), r"\1"),
-    (re.compile(r"([(\[{$]) "), r"\1"),
-    (re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d)\b"), r"\1"),
-    (re.compile(r'" (.*?) "'), r'"\1"'),
-]
+MIN_SAMPLES = 3
+"""Paired statistics need three samples."""
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One paragraph split into the prompt (its first sentence) and the human continuation."""
+    """One sample: the prompt every condition starts from, the dataset's responses, covariates."""
 
     sample_id: int
-    """Position among the kept paragraphs (0-based)."""
+    """Position among the kept samples (0-based): what per_sample.csv pairs on."""
     row: int
     """Row of the source file / split it came from."""
+    id: str
+    """The dataset's id of it (`columns.id`; WikiText: the row)."""
     prompt: str
-    """Text up to and including the first sentence's period."""
-    human_response: str
-    """The rest of the paragraph."""
-    n_tokens: int
-    """Token count of the whole paragraph (dataset tokenizer, no special tokens)."""
+    responses: dict[str, str]
+    """Response texts by the harness's names (WikiText: `human`, the rest of the paragraph)."""
+    covariates: dict[str, Any] = field(default_factory=dict)
+    length: int | None = None
+    """What the length filter counted (`dataset.length_unit`), or None (no filter)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def detokenize(text: str) -> str:
-    """Undo WikiText's tokenization artifacts so formatting does not separate the conditions."""
-    for pattern, replacement in _DETOKENIZE:
-        text = pattern.sub(replacement, text)
-    return text
+def measured_text(record: Record) -> str:
+    """What the length filter counts: the prompt, a space and the first response (WikiText:
+    the paragraph as it was before the split), or the prompt alone."""
+    first = next(iter(record.responses.values()), None)
+    return record.prompt if first is None else f"{record.prompt} {first}"
 
 
-def split_first_sentence(text: str, rule: FirstSentenceRule = "next") -> tuple[str, str] | None:
-    """Split after the first ". " at character PROMPT_MIN_CHARS or later; None when there is none.
-
-    An earlier ". " (an abbreviation: "Dr. No is ...") is passed over with rule `next`; with
-    `skip` (the reference's rule) it makes the paragraph unusable.
-    """
-    cut = text.find(". ")
-    if 0 <= cut < PROMPT_MIN_CHARS and rule == "next":
-        cut = text.find(". ", PROMPT_MIN_CHARS)
-    if cut < PROMPT_MIN_CHARS:
-        return None
-    return text[: cut + 1], text[cut + 2 :]
+def length(text: str, unit: LengthUnit, tokenizer) -> int:
+    if unit == "words":
+        return len(text.split())
+    if unit == "characters":
+        return len(text)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@dataclass(frozen=True)
-class Rows:
-    """A split's rows, and for a file the sha256 of the very bytes they were read from."""
-
-    rows: list[str]
-    file_sha256: str | None = None
-
-
-def read_rows(spec: DatasetSpec, where: str) -> Rows:
-    """Rows of the split: the spec's file, else the packaged copy, else the hub."""
-    if spec.path is not None:
-        return file_rows(Path(spec.path), f"{where}: dataset.path: {spec.path}")
-    if (spec.hub_name, spec.hub_config, spec.split) == PACKAGED_SPLIT:
-        return Rows(packaged_rows(where))
-    return Rows(hub_rows(spec, where))
-
-
-def file_rows(path: Path, where: str) -> Rows:
-    """A text file's lines, read once within the dataset limits (`harness.inputs`) and hashed as read."""
-    with open_input(path, "dataset", where) as file:
-        rows = [row for _, line in file.lines() for row in line.splitlines() or [""]]
-        return Rows(rows, file.sha256)
-
-
-def packaged_rows(where: str) -> list[str]:
-    """Rows of the WikiText-2 raw test split shipped with the package, checked against PACKAGED_SHA256."""
-    file = resources.files("harness") / "datasets" / PACKAGED_FILE
-    raw = gzip.decompress(file.read_bytes())
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != PACKAGED_SHA256:
-        raise InputError(
-            f"{where}: dataset: packaged copy {str(file)!r} has sha256 {digest[:12]}…, expected "
-            f"{PACKAGED_SHA256[:12]}… (a damaged install: reinstall harness)"
-        )
-    return raw.decode("utf-8").splitlines()
-
-
-def hub_rows(spec: DatasetSpec, where: str) -> list[str]:
-    """Rows of `hub_name`/`hub_config`/`split` from the Hugging Face hub (fails fast offline)."""
-    try:
-        import datasets
-        from huggingface_hub import HfApi
-
-        HfApi().resolve_revision(spec.hub_name, repo_type="dataset")  # offline: fails in 1 s, load_dataset retries for 25 s
-        return list(datasets.load_dataset(spec.hub_name, spec.hub_config, split=spec.split)["text"])
-    except Exception as exc:  # offline, unknown dataset name, ...: all the user's to fix
-        raise InputError(
-            f"{where}: dataset: {spec.hub_name}/{spec.hub_config}/{spec.split} could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
-
-
-def select_samples(rows: Iterable[str], tokenizer, spec: DatasetSpec, where: str) -> list[Sample]:
-    """The first `n_samples` paragraphs whose token count lies in [min_tokens, max_tokens]."""
+def select_samples(records: Iterable[Record], tokenizer, dataset: DatasetSpec, where: str) -> list[Sample]:
+    """The first `n_samples` records (every one without it) whose length lies in [min_tokens, max_tokens]."""
+    low, high = dataset.min_tokens or 0, dataset.max_tokens
     samples: list[Sample] = []
-    for row_index, row in enumerate(rows):
-        text = row.strip()
-        if not text or text.startswith("="):
-            continue
-        if spec.detokenize:
-            text = detokenize(text)
-        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not spec.min_tokens <= n_tokens <= spec.max_tokens:
-            continue
-        split = split_first_sentence(text, spec.first_sentence)
-        if split is None:
-            continue
-        samples.append(Sample(len(samples), row_index, split[0], split[1], n_tokens))
-        if len(samples) == spec.n_samples:
+    for record in records:
+        size = None
+        if dataset.filters_length:
+            size = length(measured_text(record), dataset.length_unit, tokenizer)
+            if size < low or (high is not None and size > high):
+                continue
+        samples.append(Sample(len(samples), record.row, record.id, record.prompt, record.responses, record.covariates, size))
+        if len(samples) == dataset.n_samples:
             return samples
-    raise InputError(
-        f"{where}: dataset.n_samples: only {len(samples)} paragraphs have {spec.min_tokens}-"
-        f"{spec.max_tokens} tokens and a first sentence, {spec.n_samples} asked for"
-    )
+    if dataset.n_samples is None and len(samples) >= MIN_SAMPLES:
+        return samples
+    what = "paragraphs" if dataset.source == "wikitext" else "rows"
+    bounds = f" have {low}-{high if high is not None else '∞'} {dataset.length_unit}" if dataset.filters_length else ""
+    bounds += " and a first sentence" if dataset.source == "wikitext" else ""
+    asked = dataset.n_samples or f"at least {MIN_SAMPLES} (paired statistics)"
+    raise InputError(f"{where}: dataset.n_samples: only {len(samples)} {what}{bounds}, {asked} asked for")
 
 
 @dataclass
 class DataStage(Stage):
-    """The samples: the first `n_samples` qualifying paragraphs, split at their first sentence."""
+    """The samples: the first `n_samples` records of the dataset that pass its length filter."""
 
     spec: Spec
     spec_path: Path
     pool: ModelPool
+    table: Table | None = None
+    """A local file's records, read at collection (None: the source reads them here)."""
     name = kind = "data"
     version = STAGE_VERSION
 
     @property
-    def alias(self) -> str:
+    def alias(self) -> str | None:
         return self.spec.dataset_tokenizer
 
     def inputs(self) -> dict:
         # the tokenizer enters by identity, so naming the same model by another alias reuses the stage
-        inputs = {
-            "dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"}),
-            "tokenizer": self.pool.identity(self.alias),
-        }
-        if self.rows.file_sha256 is not None:  # a file edited in place must not reuse stale samples
-            inputs["file_sha256"] = self.rows.file_sha256
+        inputs = {"dataset": self.spec.dataset.model_dump(mode="json", exclude={"tokenizer"})}
+        if self.alias is not None:
+            inputs["tokenizer"] = self.pool.identity(self.alias)
+        if self.table is not None:  # the bytes read: a file edited in place must not reuse stale samples
+            inputs["file_sha256"] = self.table.sha256
         return inputs
 
-    @cached_property
-    def rows(self) -> Rows:
-        """Read once: the key hashes the bytes that `compute` selects samples from."""
-        return read_rows(self.spec.dataset, str(self.spec_path))
-
     def compute(self, unit: None, folder: Path) -> list[dict]:
-        samples = select_samples(self.rows.rows, self.pool.tokenizer(self.alias), self.spec.dataset, str(self.spec_path))
+        table = self.table or read_table(self.spec.dataset, str(self.spec_path))
+        tokenizer = self.pool.tokenizer(self.alias) if self.alias is not None else None
+        samples = select_samples(table.records, tokenizer, self.spec.dataset, str(self.spec_path))
         return [sample.to_dict() for sample in samples]
 
     def check(self, output: list[dict]) -> str | None:
-        if len(output) != self.spec.dataset.n_samples:
-            return f"{len(output)} samples, {self.spec.dataset.n_samples} asked for"
+        wanted = self.spec.dataset.n_samples
+        if wanted is not None and len(output) != wanted:
+            return f"{len(output)} samples, {wanted} asked for"
         return None
 
     def describe(self, output: list[dict]) -> str:
         return f"{len(output)} samples"
 
     def placeholder(self, key: str) -> list[dict]:
-        return [Sample(i, i, f"{key}:{i}:prompt", f"{key}:{i}:human", 0).to_dict() for i in range(self.spec.dataset.n_samples)]
+        count = self.spec.dataset.n_samples or len(self.table.records if self.table else [])
+        names = self.spec.dataset.response_names()
+        return [Sample(i, i, str(i), f"{key}:{i}:prompt", {name: f"{key}:{i}:{name}" for name in names}).to_dict()
+                for i in range(count)]

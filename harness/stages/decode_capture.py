@@ -31,6 +31,7 @@ from harness.structure import site_taps
 
 if TYPE_CHECKING:
     from harness.executor import Executor
+    from harness.intervening import CaptureIntervention
     from harness.pool import ModelPool
     from harness.schema import Spec
     from torch import nn
@@ -137,15 +138,19 @@ class DecodingRecorder:
                 handle.remove()
             self.logits = None
 
-    def records(self, tokenizer, prompts: Sequence[str], responses: Sequence[str], generated: Sequence[list[int]]) -> list[dict | None]:
+    def records(self, tokenizer, prompts: Sequence[str], responses: Sequence[str], generated: Sequence[list[int]],
+                chat_formatted: bool = False) -> list[dict | None]:
         """Per prompt, the capture record of its response (as `capture.measure_batch` gives it,
-        plus the captured `layers`), or None where re-tokenizing prompt + " " + response gives
-        other ids than the prompt's and the generated ones (`generated`: each row's response ids)."""
+        plus the captured `layers`), or None where tokenizing the text as the capture forward
+        would (prompt + " " + response; a chat-formatted prompt, `chat_formatted`, and then the
+        response) gives other ids than the prompt's and the generated ones (`generated`: each
+        row's response ids)."""
         steps = len(self.response_nll)
         rows, tokenized = [], []
         for row, (prompt, response, ids) in enumerate(zip(prompts, responses, generated)):
             prompt_ids = self.prompt_ids[row][self.prompt_attention[row]].tolist()
-            expected = capture.tokenize_for_capture(tokenizer, capture.TextToMeasure(prompt, response))
+            text = capture.TextToMeasure(prompt, response, model_prompt=prompt if chat_formatted else None)
+            expected = capture.tokenize_for_capture(tokenizer, text)
             if expected.input_ids == prompt_ids + list(ids) and expected.response_start == len(prompt_ids) and len(ids) <= steps:
                 rows.append(row)
                 tokenized.append(expected)
@@ -161,7 +166,7 @@ class DecodingRecorder:
             values.fill(site, index, place.span(stacked.index_select(0, kept.to(stacked.device)).float()))
         prompt_lengths = self.prompt_attention.sum(dim=1)[kept]
         response_nll = torch.stack(self.response_nll, dim=1).index_select(0, kept.to(device))
-        values.fill_text(place.nll(self.prompt_nll.index_select(0, kept.to(device)), prompt_lengths, response_nll))
+        values.fill_text({"nll": place.nll(self.prompt_nll.index_select(0, kept.to(device)), prompt_lengths, response_nll)})
         by_row = dict(zip(rows, values.records(tokenized)))
         layers = list(self.measurement.layers)
         return [by_row[row] | {"layers": layers} if row in by_row else None for row in range(len(prompts))]
@@ -204,13 +209,13 @@ class _Placement:
 
 def measure_condition(
     executor: Executor, name: str, texts: list[capture.TextToMeasure], decoded: list[dict | None] | None,
-    settings: capture.CaptureSettings, pool: ModelPool,
+    settings: capture.CaptureSettings, pool: ModelPool, intervention: CaptureIntervention | None = None,
 ) -> dict:
     """A condition's capture output, each record saying which path measured it (`measured_by`):
     the capture forward's (the `capture[<name>]` stage), or the records measured while decoding
     (`decoded`) and the forward's for the texts without one (a `capture[<name>]` stage over those only)."""
     if decoded is None:
-        output = executor.run(capture.CaptureStage(f"capture[{name}]", texts, settings, pool))
+        output = executor.run(capture.CaptureStage(f"capture[{name}]", texts, settings, pool, intervention))
         return output | {"records": [record | {"measured_by": FORWARD} for record in output["records"]]}
     fallback = [index for index, record in enumerate(decoded) if record is None]
     records = [dict(record, measured_by=GENERATION) if record is not None else None for record in decoded]

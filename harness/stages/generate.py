@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 from harness.artifacts import content_hash
 from harness.executor import CompiledCalls, Stage
 from harness.lazy import inference_mode, lazy_import
-from harness.models import check_fits_memory, free_memory_bytes
+from harness.models import block_activation_bytes, memory_budget
+from harness.sources import GenerationSpec
 from harness.stages import capture, decode_capture
-from harness.stages.conditions import GenerationSpec
 from harness.structure import resolve_layers
 
 if TYPE_CHECKING:
+    from harness.intervening import Applied
     from harness.pool import ModelPool
 
 torch = lazy_import("torch")
@@ -50,8 +51,6 @@ eager decoding is launch-bound (~33 ms a step) and the compiled step takes ~9 ms
 static cache's full-length attention makes compiled decoding slower (8.1 s against 5.6 s). A
 straight line between the two puts the crossover near 1000 prompts; half that leaves room for
 the compilation itself."""
-MEMORY_FRACTION = 0.5
-"""Share of the device's free memory `auto_batch_size` plans to use."""
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +96,28 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile:
     if compile:
         longest_prompt = -(-longest_prompt // PROMPT_BUCKET) * PROMPT_BUCKET
     kv_cache = config.num_hidden_layers * kv_heads * head_dim * 2 * item * (longest_prompt + max_new_tokens)
-    prefill = longest_prompt * ((6 * config.hidden_size + 3 * config.intermediate_size) * item + heads * longest_prompt * 4)
+    prefill = longest_prompt * block_activation_bytes(model, longest_prompt)
     logits = 2 * config.vocab_size * 4
     return (1 if compile else 2) * kv_cache + prefill + logits
 
 
 def auto_batch_size(
-    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False,
-    recorded_bytes: int = 0,
+    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False
 ) -> int:
-    """Prompts per generate call: all of them, or as many as fit in MEMORY_FRACTION of the
+    """Prompts per generate call: all of them, or as many as fit in `harness.models.MEMORY_FRACTION` of the
     device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
-    as the former default of 64 put the 50 prompts of every shipped spec. `recorded_bytes`: what
-    capture from generation keeps per sequence (`decode_capture.recorded_bytes_per_sequence`).
+    as the former default of 64 put the 50 prompts of every shipped spec.
     """
+    return generation_batch_size("auto", model, device, prompt_lengths, max_new_tokens, compile, "")
+
+
+def generation_batch_size(setting: int | str, model, device: torch.device, prompt_lengths: Sequence[int],
+                          max_new_tokens: int, compile: bool, what: str, recorded_bytes: int = 0) -> int:
+    """`runtime.generation_batch_size`: `auto`'s choice, or the number checked to fit
+    (`harness.models.memory_budget`). `recorded_bytes`: what capture from generation keeps per
+    sequence (`decode_capture.recorded_bytes_per_sequence`)."""
     per_sequence = recorded_bytes + bytes_per_sequence(model, max(prompt_lengths), max_new_tokens, compile)
-    fit = int(MEMORY_FRACTION * free_memory_bytes(torch.device(device)) / per_sequence)
-    return max(1, min(len(prompt_lengths), fit))
+    return memory_budget(setting, device, per_sequence, what, most=len(prompt_lengths))
 
 
 def compiled_decoding(setting: bool | Literal["auto"], device_type: str, rows: int) -> tuple[bool, str]:
@@ -206,6 +210,8 @@ def generate_batch(
     compile: bool = False,
     report: GenerationReport | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    steering: Applied | None = None,
+    special_tokens: bool = True,
     measurement: capture.Measurement | None = None,
 ) -> list[dict]:
     """Continue each prompt; returns {response, n_new_tokens, stopped_early} per prompt.
@@ -214,15 +220,17 @@ def generate_batch(
     start with " " or "\\n\\n"). `seed` seeds sampling for this batch, so a batch's output does
     not depend on what ran before it. `compile`: static KV cache and a compiled decoding step.
     `on_tokens(n)`: called as tokens are decoded, `n` of them (a step of the whole batch).
-    `measurement`: also measure each response while decoding it (`harness.stages.decode_capture`):
-    its record is the continuation's `capture` (None where the forward must measure it). Out of
-    memory, the batch runs again as two halves (seeded `seed` and `seed` + the first half's
-    size); an out-of-memory error in a half is raised.
+    `steering`: an intervention whose hooks are on during each `generate` call. `special_tokens`:
+    tokenize the prompts with the tokenizer's BOS (False: they hold it). `measurement`: also
+    measure each response while decoding it (`harness.stages.decode_capture`): its record is the
+    continuation's `capture` (None where the forward must measure it). Out of memory, the batch
+    runs again as two halves (seeded `seed` and `seed` + the first half's size); an out-of-memory
+    error in a half is raised.
     """
     report = report if report is not None else GenerationReport()
     count = on_tokens or (lambda tokens: None)
     try:
-        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, measurement)
+        return _generate(model, tokenizer, device, prompts, spec, seed, compile, report, count, steering, special_tokens, measurement)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -235,18 +243,20 @@ def generate_batch(
     report.halved_batches += 1
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, measurement) + _generate(
-        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, measurement
+    return _generate(model, tokenizer, device, prompts[:half], spec, seed, compile, report, count, steering, special_tokens, measurement) + _generate(
+        model, tokenizer, device, prompts[half:], spec, seed + half, compile, report, count, steering, special_tokens, measurement
     )
 
 
 @inference_mode
 def _generate(
     model, tokenizer, device, prompts: list[str], spec: GenerationSpec, seed: int, compile: bool,
-    report: GenerationReport, on_tokens: Callable[[int], None], measurement: capture.Measurement | None = None,
+    report: GenerationReport, on_tokens: Callable[[int], None], steering: Applied | None = None,
+    special_tokens: bool = True, measurement: capture.Measurement | None = None,
 ) -> list[dict]:
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PROMPT_BUCKET if compile else None,
+                      add_special_tokens=special_tokens)
     batch = batch.to(device)
     shape = tuple(batch["input_ids"].shape)
     kwargs = generation_kwargs(spec, tokenizer)
@@ -258,7 +268,8 @@ def _generate(
         kwargs["max_new_tokens"] += 1  # one more step reads the last response token
     start = time.perf_counter()
     torch.manual_seed(seed)
-    with warnings.catch_warnings(), recorder.hooks() if recorder else nullcontext():
+    with (warnings.catch_warnings(), steering.generating(model) if steering is not None else nullcontext(),
+          recorder.hooks() if recorder is not None else nullcontext()):
         warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
         output = model.generate(**batch, **kwargs, stopping_criteria=transformers.StoppingCriteriaList([decoded_tokens(on_tokens)]))
     # to the host: the clock stops once the device is done
@@ -269,6 +280,7 @@ def _generate(
         records = recorder.records(
             tokenizer, prompts, [continuation["response"] for continuation in continuations],
             [ids[: continuation["n_new_tokens"]] for ids, continuation in zip(new_tokens, continuations)],
+            chat_formatted=not special_tokens,
         )
         for continuation, record in zip(continuations, records):
             continuation["capture"] = record
@@ -296,13 +308,18 @@ class GenerateStage(Stage):
     """Prompts per batch, or `auto` (from free memory, resolved when the stage computes)."""
     compile: bool
     pool: ModelPool
-    report: GenerationReport = field(default_factory=GenerationReport)
+    steering: Applied | None = None
+    """An `intervene` condition's intervention, on while generating (`harness.intervening`)."""
+    special_tokens: bool = True
+    """Tokenize the prompts with the tokenizer's special tokens (BOS); False for chat-formatted
+    prompts, which hold theirs already (`harness.chat`)."""
     capture: capture.CaptureSettings | None = None
     """Measure each continuation while decoding it with these settings (`decode_capture`)."""
     decoding: str = ""
     """Why decoding runs compiled or eager (`compiled_decoding`), for the run log."""
     measurement: capture.Measurement | None = None
     """Set by `units`, once the model's layers are known."""
+    report: GenerationReport = field(default_factory=GenerationReport)
     kind = "generate"
     version = STAGE_VERSION
     progress_unit = "tokens"
@@ -315,27 +332,23 @@ class GenerateStage(Stage):
             "batch_size": self.batch_size,
             # compiled decoding may pick other tokens in bf16 (an eager run's key is unchanged)
             **({"compile": True} if self.compile else {}),
+            **({"steering": self.steering.record()} if self.steering is not None else {}),
+            **({} if self.special_tokens else {"special_tokens": False}),
             # measured while decoding: the continuations are the same, each also carries its capture record
             **({"capture": decode_capture.key(self.capture, self.pool)} if self.capture else {}),
         }
 
     def units(self) -> list[list[int]]:
         loaded = self.pool.model(self.alias)
-        lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt in self.prompts]
+        lengths = [len(loaded.tokenizer(prompt, add_special_tokens=self.special_tokens)["input_ids"]) for prompt in self.prompts]
         recorded = 0
         if self.capture is not None:
             self.measurement = self.capture.measurement(resolve_layers(loaded.model, self.capture.capture.layers))
             recorded = decode_capture.recorded_bytes_per_sequence(loaded.model, self.measurement, self.settings.max_new_tokens)
-        if self.batch_size == "auto":
-            self.batch_size = auto_batch_size(
-                loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile, recorded
-            )
-        else:
-            per_sequence = recorded + bytes_per_sequence(loaded.model, max(lengths), self.settings.max_new_tokens, self.compile)
-            check_fits_memory(
-                loaded.input_device, min(self.batch_size, len(lengths)) * per_sequence,
-                f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts",
-            )
+        self.batch_size = generation_batch_size(
+            self.batch_size, loaded.model, loaded.input_device, lengths, self.settings.max_new_tokens, self.compile,
+            f"{self.pool.spec_path}: runtime.generation_batch_size: batches of {self.batch_size} prompts", recorded,
+        )
         return plan_batches(lengths, self.batch_size)
 
     def work(self, unit: list[int]) -> int:
@@ -347,7 +360,8 @@ class GenerateStage(Stage):
         continuations = generate_batch(
             loaded.model, loaded.tokenizer, loaded.input_device, [self.prompts[i] for i in unit],
             self.settings, seed=self.settings.seed * 1_000_003 + unit[0], compile=self.compile, report=self.report,
-            on_tokens=self.progress.advance, measurement=self.measurement,
+            on_tokens=self.progress.advance, steering=self.steering, special_tokens=self.special_tokens,
+            measurement=self.measurement,
         )
         for continuation in continuations:
             if continuation.get("capture") is not None:

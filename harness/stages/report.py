@@ -16,14 +16,16 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import t as student_t
 
-from harness import plots
 from harness.diagnostics import ARTIFACT_PATTERNS, overall_metric, text_diagnostics
 from harness.grid import Column, Window
 from harness.rundir import RunRecord, load_run
 from harness.schema import Comparison
 from harness.stages.criteria import from_json, outcome, summary_line
+from harness.stages.stats import layer_shares
 from harness.statnames import (
     CORRELATION_STATS,
+    LAYER_SUMMARIES,
+    LAYER_SUMMARY_SCOPE,
     MIXEDLM_STATS,
     OVERALL,
     PAIRED_STATS,
@@ -75,6 +77,8 @@ def report_parts(run_dir: Path, figure_dir: Path) -> dict:
 
 def draw_plots(run: RunRecord, run_dir: Path) -> list[dict]:
     """Draw every figure beside RESULTS.md; return [{title, file}] in report order."""
+    from harness import plots  # matplotlib (1 s to import) only where figures are drawn: `harness view` reads this module too
+
     spec, metric, x_name = run.spec, run.spec.stats.correlate[1], run.spec.stats.correlate[0]
     name, comparison = next(iter(spec.comparisons.items()))
     figures = [
@@ -189,10 +193,15 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "criteria": _criteria(run.criteria),
         "criteria_summary": summary_line([from_json(row) for row in run.criteria]),
         "summary_rows": _summary_rows(run, name),
+        "overall_rule": _rule_description(spec.stats.overall_rules[0]),
+        "other_rules": _other_rules(run, name),
+        "layer_summary": {stat: run.stat(paired_name(spec.stats.correlate[1], LAYER_SUMMARY_SCOPE, stat, name))
+                          for stat in LAYER_SUMMARIES},
         "correlations": _correlation_rows(run, name, comparison),
         "layer_rows": layer_rows(run),
         "windows": window_tables(run, name),
         "directions": direction_notes(run, name),
+        "interventions": intervention_notes(run),
         "other_comparisons": [
             {"name": other, "a": cmp.a, "b": cmp.b, "rows": _paired_rows(run, other)}
             for other, cmp in list(spec.comparisons.items())[1:]
@@ -206,6 +215,27 @@ def build_context(run: RunRecord, diagnostics: dict, figures: list[dict]) -> dic
         "threats": threats_to_validity(run, diagnostics),
         "dropped": diagnostics["dropped"],
     }
+
+
+def _rule_description(rule) -> str:
+    """How a rule of `stats.overall` makes one value of a sample's layers, in words."""
+    if isinstance(rule, str):
+        return {
+            "mean": "the mean over layers",
+            "standardized": "the mean over layers of each layer's values divided by their SD over every text",
+            "median_layer": "the median over layers",
+        }[rule]
+    low, high = rule.layers
+    return f"the mean over the layers at relative depths {low:g} to {high:g}"
+
+
+def _other_rules(run: RunRecord, comparison: str) -> list[dict]:
+    """The studied metric's paired statistics by each further rule of `stats.overall`."""
+    metric = run.spec.stats.correlate[1]
+    return [
+        {"scope": scope, "rule": _rule_description(rule), **_paired(run, comparison, metric, scope)}
+        for (scope, _), rule in list(zip(run.spec.grid.overall_scopes().items(), run.spec.stats.overall_rules))[1:]
+    ]
 
 
 def _criteria(rows: list[dict]) -> list[dict]:
@@ -269,6 +299,26 @@ def direction_notes(run: RunRecord, comparison: str) -> list[dict]:
             "name": name, "path": entry.path, "sha256": record.get("sha256"), "shape": record.get("shape"),
             "held_out": entry.evaluate_on == "held_out", "metadata": metadata, "rows": rows,
             "built_from": samples is not None and id_ranges([int(sample) for sample in samples.split(",") if sample]),
+        })
+    return notes
+
+
+def intervention_notes(run: RunRecord) -> list[dict]:
+    """Per `intervene` condition, what was changed (as the manifest records it) and what it did to
+    the next-token distribution: its mean KL from the clean forward, its CE beside `of`'s."""
+    notes = []
+    for name, record in run.manifest.get("interventions", {}).items():
+        condition = run.spec.conditions[name]
+        (kind, settings), = record["do"].items()
+        notes.append({
+            "name": name, "of": condition.of, "site": record["site"], "layers": record["layers"],
+            "positions": record["positions"], "during": record["during"], "kind": kind,
+            "settings": {key: value for key, value in settings.items() if key != "direction"},
+            "direction": settings.get("direction"), "file": record.get("direction", {}).get("path"),
+            "sha256": record.get("direction", {}).get("sha256"),
+            "kl": run.stat(descriptive_name("kl_from_clean", name, "mean")),
+            "ce": run.stat(descriptive_name("ce_loss", name, "mean")),
+            "ce_of": run.stat(descriptive_name("ce_loss", condition.of, "mean")),
         })
     return notes
 
@@ -341,7 +391,11 @@ def verdict(run: RunRecord) -> dict | None:
         [{"text": grid.cells[i][j], "actual": actual == (row, column)} for j, column in enumerate((True, False))]
         for i, row in enumerate((True, False))
     ]
-    return {"rows": grid.rows, "columns": grid.columns, "grid": cells, "text": grid.cells[not actual[0]][not actual[1]]}
+    used = {row["name"]: list(row["values"]) for row in run.criteria}
+    others = [{"name": row["name"], "outcome": outcome(from_json(row)), "stat_values": row["values"]}
+              for row in run.criteria if row["name"] not in (grid.rows, grid.columns)]
+    return {"rows": grid.rows, "columns": grid.columns, "grid": cells, "text": grid.cells[not actual[0]][not actual[1]],
+            "rows_statistics": used[grid.rows], "columns_statistics": used[grid.columns], "other_criteria": others}
 
 
 def effect_notes(run: RunRecord) -> dict:
@@ -351,11 +405,15 @@ def effect_notes(run: RunRecord) -> dict:
     metric, alpha = run.spec.stats.correlate[1], run.spec.report.alpha
     d, p = run.stat(paired_name(metric, OVERALL, "d", name)), run.stat(paired_name(metric, OVERALL, "p", name))
     r, r_p = run.stat(correlation_name("pooled", "r", name)), run.stat(correlation_name("pooled", "p", name))
+    pair_r, pair_p = (run.stat(correlation_name("difference", stat, name)) for stat in ("r", "p"))
     return {
         "d": d,
         "p": p,
         "r": r,
         "r_p": r_p,
+        "difference_r": pair_r,
+        "difference_p": pair_p,
+        "difference_correlation": pair_r > 0 and pair_p < alpha,
         "effect": d > 0 and p < alpha,
         "correlation": r > 0 and r_p < alpha,
         "negative_effect": d < 0 and p < alpha,
@@ -414,8 +472,9 @@ def threats_to_validity(run: RunRecord, diagnostics: dict) -> dict:
     per_condition = diagnostics["conditions"]
     name, comparison = next(iter(spec.comparisons.items()))
     scale_free = limits.scale_free_metric
-    return {
+    threats = {
         "ngram_size": diagnostics["ngram_size"],
+        "ngram_unit": diagnostics["ngram_unit"],
         "repetition": [
             {"condition": c, **d["repeated_ngram_fraction"], **_association(d["repetition_vs_metric"], spec.report.alpha),
              "flagged": _exceeds(d["repeated_ngram_fraction"]["mean"], limits.repetition_mean)
@@ -442,7 +501,67 @@ def threats_to_validity(run: RunRecord, diagnostics: dict) -> dict:
             "d": run.stat(paired_name(scale_free, OVERALL, "d", name)),
             "p": run.stat(paired_name(scale_free, OVERALL, "p", name)),
         },
+        "layers": _layer_dominance(run, name, limits.layer_dominance),
+        "correlations": _correlation_disagreement(run, name, comparison),
+        "influence": _influence(run, name, diagnostics),
     }
+    return threats | {"fired": fired_threats(threats)}
+
+
+def fired_threats(threats: dict) -> list[dict]:
+    """The threats that fired, in the report's order: ``kind`` (the anchor of its details) and
+    ``row`` (its numbers)."""
+    fired = [{"kind": "repetition", "row": row} for row in threats["repetition"] if row["flagged"]]
+    fired += [{"kind": "early-stop", "row": row} for row in threats["early_stop"] if row["flagged"]]
+    singles = {"length": threats["length"], "layers": threats["layers"], "correlations": threats["correlations"],
+               "influence": threats["influence"]}
+    if threats["controls"]["warning"]:
+        fired.append({"kind": "controls", "row": threats["controls"]})
+    return fired + [{"kind": kind, "row": row} for kind, row in singles.items() if row["flagged"]]
+
+
+def _layer_dominance(run: RunRecord, comparison: str, limit: float) -> dict:
+    """The quarter of the layers carrying the largest shares of the studied metric's mean over
+    layers (`stats.layer_shares`), their share together, and whether it exceeds `limit`."""
+    metric = run.spec.stats.correlate[1]
+    means = [[run.stat(paired_name(metric, layer_scope(layer), stat, comparison)) for layer in run.layers]
+             for stat in ("mean_a", "mean_b")]
+    shares = layer_shares(*means)
+    count = max(1, len(run.layers) // 4)
+    ranked = sorted(zip(run.layers, shares), key=lambda pair: -pair[1] if not math.isnan(pair[1]) else math.inf)[:count]
+    carried = float(sum(share for _, share in ranked)) if ranked else math.nan
+    return {"count": count, "n_layers": len(run.layers), "layers": id_ranges([layer for layer, _ in ranked]),
+            "share": carried, "max": run.stat(paired_name(metric, LAYER_SUMMARY_SCOPE, "share_of_overall_max", comparison)),
+            "flagged": carried > limit}
+
+
+def _correlation_disagreement(run: RunRecord, name: str, comparison: Comparison) -> dict:
+    """The pooled correlation against the within-condition and the pairs' difference correlations:
+    those that differ from it in sign or in significance (at `report.alpha`)."""
+    alpha = run.spec.report.alpha
+    r, p = (run.stat(correlation_name("pooled", stat, name)) for stat in ("r", "p"))
+    rows = []
+    for scope in (comparison.a, comparison.b, "difference"):
+        other_r, other_p = (run.stat(correlation_name(scope, stat, name)) for stat in ("r", "p"))
+        disagrees = (other_r > 0) != (r > 0) or (other_p < alpha) != (p < alpha)
+        rows.append({"scope": scope, "r": other_r, "p": other_p, "disagrees": disagrees and not math.isnan(other_r)})
+    return {"r": r, "p": p, "rows": rows, "flagged": not math.isnan(r) and any(row["disagrees"] for row in rows)}
+
+
+def _influence(run: RunRecord, name: str, diagnostics: dict) -> dict:
+    """The sample whose leaving out changes the primary d of the studied metric most, by how much,
+    its texts' repetition, and whether the change exceeds `report.threats.influence`."""
+    metric, limits = run.spec.stats.correlate[1], run.spec.report.threats
+    change = run.stat(paired_name(metric, OVERALL, "d_loo_max_change", name))
+    sample = run.stat(paired_name(metric, OVERALL, "d_loo_max_change_sample", name))
+    sample_id = None if math.isnan(sample) else str(int(sample))
+    repetition = [
+        {"condition": condition, "share": shares[sample_id], "flagged": shares[sample_id] > limits.repetition_max}
+        for condition, values in diagnostics["conditions"].items()
+        if sample_id in (shares := values["repeated_ngram_fraction_by_sample"])
+    ]
+    return {"d": run.stat(paired_name(metric, OVERALL, "d", name)), "change": change, "sample": sample_id,
+            "repetition": repetition, "flagged": change > limits.influence}
 
 
 def _exceeds(value: float | None, limit: float) -> bool:

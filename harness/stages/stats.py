@@ -5,11 +5,19 @@ Input is ``per_sample.csv`` in tidy long form (``sample_id,condition,layer,metri
 are words joined by dots, so that criteria can refer to them:
 
 - descriptives, per condition ``c`` (unprefixed only): ``m.c.mean``, ``m.c.sd`` (ddof=1),
-  ``m.c.n``; for trajectory metrics also ``m.c.layer<l>.mean``. The value of a trajectory
-  metric for a sample as a whole ("overall") is its mean over layers.
+  ``m.c.n``; for trajectory metrics also ``m.c.layer<l>.mean`` and ``m.c.overall_<rule>.mean``.
+  The value of a trajectory metric for a sample as a whole ("overall") aggregates its layers by
+  the first rule of ``stats.overall`` (default ``mean``: the mean over layers); each further rule
+  names its own scope, ``overall_<rule>`` (``harness.statnames.overall_scope``), and
+  ``<scope>.rule.<rule>`` = 1 records which rule a scope used.
 - per comparison ``k`` (a vs b, on ``a - b`` per sample): ``k.m.overall.<stat>`` and, for
   trajectory metrics, ``k.m.layer<l>.<stat>`` (``PAIRED_STATS``; per layer also the
-  ``LAYER_ADJUSTED_P`` across the layers of the metric); ``k.correlation.<scope>.<stat>``;
+  ``LAYER_ADJUSTED_P`` across the layers of the metric); per overall scope the influence
+  diagnostic ``k.m.overall.d_loo_max_change`` and ``…_sample`` (``INFLUENCE_STATS``: the largest
+  change of d_z when one sample is left out, and its id); per trajectory metric
+  ``k.m.layers.<summary>`` (``LAYER_SUMMARIES``: layers with d > 0 or < 0 and p_holm below
+  ``report.alpha``, the median d, the largest share of the mean over layers one layer carries,
+  `layer_shares`); ``k.correlation.<scope>.<stat>``;
   ``k.mixedlm.<stat>``. The primary comparison (the first) also gets every name without
   the ``k.`` prefix.
 - a metric ``m`` is a column of the grid (``harness.grid``): it may be a projection column
@@ -23,6 +31,10 @@ Every name is built by ``harness.statnames``.
 
 Choices worth knowing:
 
+- Samples are in numeric order of their ids (`sample_order`; "2" before "10"), as per_sample.csv
+  lists them, whatever order the table's rows come in: the bootstrap resamples them in that order.
+- ``standardized`` divides each layer's values by their SD (ddof 1) over every text of the table
+  at that layer (every condition: for a spec of two conditions, both together), then averages.
 - Missing values are dropped pairwise. A text lacks a metric when the metric is undefined for
   it (a trajectory metric of a response shorter than the metric needs: per_sample.csv has no
   row for it, or a NaN value); a trajectory metric's overall value is missing when any of its
@@ -33,8 +45,8 @@ Choices worth knowing:
   texts that have both. Fewer than 2 pairs give NaN tests, d, r and intervals.
 - Cohen's d_z = mean(diff) / sd(diff, ddof=``stats.ddof``); the seed analysis used ddof=0.
 - Confidence intervals are BCa bootstrap intervals that resample sample ids, exactly as
-  ``scipy.stats.bootstrap(..., paired=True, method="BCa", rng=default_rng(stats.seed))`` does
-  for one statistic on the samples it uses: the same resampled ids, bias correction and
+  ``scipy.stats.bootstrap((a, b), statistic, paired=True, method="BCa", rng=default_rng(stats.seed))``
+  does for one statistic on the samples it uses, in numeric order: the same resampled ids, bias correction and
   acceleration. Only the arithmetic differs (it agrees to rounding): every statistic here is a
   function of sums over samples, so a resample's statistics are one matrix product of the
   resample counts with per-sample terms, for every column at once, and the jackknife behind
@@ -51,7 +63,7 @@ from __future__ import annotations
 import gc
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,27 +77,35 @@ from harness.lazy import lazy_import
 from harness.statnames import (
     COLUMNS,
     CORRELATION_STATS,
+    INFLUENCE_STATS,
     LAYER_ADJUSTED_P,
+    LAYER_SUMMARIES,
+    LAYER_SUMMARY_SCOPE,
     MIXEDLM_STATS,
     OVERALL,
     PAIRED_STATS,
     correlation_name,
     descriptive_name,
+    is_layer_scope,
     layer_scope,
     mixedlm_name,
     paired_name,
     prefixed,
+    rule_name,
 )
-from harness.schema import Comparison, Spec, StatsSpec
+from harness.schema import Comparison, OverallRule, Spec, StatsSpec, rule_label
 
 # pandas and scipy take a second to import, and a cached stats stage needs neither (harness.lazy)
 pd = lazy_import("pandas")
 special, scipy_stats = lazy_import("scipy.special"), lazy_import("scipy.stats")
 
-STAGE_VERSION = 3
+STAGE_VERSION = 4
 """Bump when a change here changes any statistic: cached stats stages are then recomputed.
 2: missing values dropped pairwise; intervals from sums (their last bits changed).
-3: per-window columns adjusted across windows x layers."""
+3: per-window columns adjusted across windows x layers.
+4: samples in numeric order (the bootstrap resampled them in text order, "0", "1", "10", ...:
+the resampled ids, and so the interval bounds, changed; the point statistics did not, beyond
+rounding); overall rules; layer summaries; leave-one-out influence."""
 
 _RESAMPLE_CHUNK_DRAWS = 2**20
 """Resampled ids drawn and counted at a time: bounds memory, does not change the result."""
@@ -113,21 +133,33 @@ def load_table(path: Path | io.StringIO) -> pd.DataFrame:
 
 def compute_stats(table: pd.DataFrame, spec: Spec) -> dict[str, float]:
     """Every statistic of the run as a flat, JSON-serialisable ``name -> float`` dict."""
-    per_condition = {condition: _per_sample(table, condition) for condition in table["condition"].unique()}
+    rules = dict(zip(spec.grid.overall_scopes(), spec.stats.overall_rules))
+    scales = _layer_scales(table) if "standardized" in rules.values() else None
+    per_condition = {
+        condition: _per_sample(table, condition, rules, scales) for condition in table["condition"].unique()
+    }
     stats = _descriptives(per_condition)
+    stats |= {rule_name(scope, rule_label(rule)): 1.0 for scope, rule in rules.items()}
     for index, (name, comparison) in enumerate(spec.comparisons.items()):
-        paired = _comparison_stats(per_condition, name, comparison, spec.stats)
+        paired = _comparison_stats(per_condition, name, comparison, spec.stats, spec.report.alpha)
         if index == 0:
             stats |= paired
         stats |= {prefixed(name, key): value for key, value in paired.items()}
     return {key: float(value) for key, value in stats.items()}
 
 
-def _per_sample(table: pd.DataFrame, condition: str) -> pd.DataFrame:
-    """One condition's values: a row per sample_id, a column per (metric, scope).
+def sample_order(sample_ids: Iterable[str]) -> list[str]:
+    """Sample ids in numeric order (``2`` before ``10``); ids that are not numbers after them, as text."""
+    return sorted(sample_ids, key=lambda sample: (0, int(sample), "") if sample.isdecimal() else (1, 0, sample))
 
-    Text metrics have the scope ``overall``; trajectory metrics ``overall`` (the mean over
-    layers) and ``layer<l>`` for each layer, in layer order.
+
+def _per_sample(
+    table: pd.DataFrame, condition: str, rules: dict[str, OverallRule], scales: pd.Series | None
+) -> pd.DataFrame:
+    """One condition's values: a row per sample_id (numeric order), a column per (metric, scope).
+
+    Text metrics have the scope ``overall``; trajectory metrics one overall scope per rule of
+    ``stats.overall`` (``rules``: scope -> rule) and ``layer<l>`` for each layer, in layer order.
     """
     rows = table[table["condition"] == condition]
     columns: dict[tuple[str, str], pd.Series] = {}
@@ -135,9 +167,30 @@ def _per_sample(table: pd.DataFrame, condition: str) -> pd.DataFrame:
         columns[(metric, OVERALL)] = values.set_index("sample_id")["value"]
     for metric, values in rows[rows["layer"].notna()].groupby("metric", sort=False):
         layers = values.pivot(index="sample_id", columns="layer", values="value")
-        columns[(metric, OVERALL)] = layers.mean(axis=1, skipna=False)
+        columns |= {(metric, scope): _overall(layers, rule, scales, metric) for scope, rule in rules.items()}
         columns |= {(metric, layer_scope(layer)): layers[layer] for layer in layers.columns}
-    return pd.DataFrame(columns).sort_index()
+    frame = pd.DataFrame(columns)
+    return frame.reindex(sample_order(frame.index))
+
+
+def _layer_scales(table: pd.DataFrame) -> pd.Series:
+    """Per (metric, layer): the SD (ddof 1) of the values over every condition's texts."""
+    return table[table["layer"].notna()].groupby(["metric", "layer"])["value"].std(ddof=1)
+
+
+def _overall(layers: pd.DataFrame, rule: OverallRule, scales: pd.Series | None, metric: str) -> pd.Series:
+    """A sample's overall value by `rule` from its values per layer (``layers``: samples x layers);
+    missing when any layer the rule uses is."""
+    if rule == "mean":
+        return layers.mean(axis=1, skipna=False)
+    if rule == "standardized":
+        return (layers / scales[metric].reindex(layers.columns)).mean(axis=1, skipna=False)
+    if rule == "median_layer":
+        return layers.median(axis=1, skipna=False)
+    depth = np.linspace(0.0, 1.0, len(layers.columns)) if len(layers.columns) > 1 else np.zeros(1)
+    low, high = rule.layers
+    chosen = layers.columns[(depth >= low - 1e-9) & (depth <= high + 1e-9)]  # 1e-9: 0.25 of 4 layers is layer 1
+    return layers[chosen].mean(axis=1, skipna=False)
 
 
 def _descriptives(per_condition: dict[str, pd.DataFrame]) -> dict[str, float]:
@@ -148,19 +201,21 @@ def _descriptives(per_condition: dict[str, pd.DataFrame]) -> dict[str, float]:
                 stats[descriptive_name(metric, condition, "mean")] = column.mean()
                 stats[descriptive_name(metric, condition, "sd")] = column.std(ddof=1)
                 stats[descriptive_name(metric, condition, "n")] = column.count()
-            else:
+            else:  # a layer's, or a further overall rule's
                 stats[descriptive_name(metric, condition, "mean", scope)] = column.mean()
     return stats
 
 
 def _comparison_stats(
-    per_condition: dict[str, pd.DataFrame], name: str, comparison: Comparison, settings: StatsSpec
+    per_condition: dict[str, pd.DataFrame], name: str, comparison: Comparison, settings: StatsSpec, alpha: float
 ) -> dict[str, float]:
     """The unprefixed statistics of one comparison: paired tests, correlations, mixed model."""
     for condition in (comparison.a, comparison.b):
         if condition not in per_condition:
             raise RunFailure(f"comparison {name}: the per-sample table has no rows for condition {condition!r}")
     a, b = per_condition[comparison.a].align(per_condition[comparison.b], join="inner")
+    order = sample_order(a.index)
+    a, b = a.loc[order], b.loc[order]
     if len(a) < 2:
         raise RunFailure(
             f"comparison {name}: needs at least 2 samples present in both {comparison.a} and {comparison.b}, "
@@ -170,7 +225,7 @@ def _comparison_stats(
     for column in (x_column, y_column):
         if column not in a.columns:
             raise RunFailure(f"stats.correlate: the per-sample table has no metric {column[0]!r}")
-    stats = _paired_stats(a, b, settings)
+    stats = _paired_stats(a, b, settings, alpha)
     stats |= _correlations(a[x_column], b[x_column], a[y_column], b[y_column], comparison, settings)
     if settings.mixed_model:
         stats |= _mixed_model(a[x_column], b[x_column], a[y_column], b[y_column])
@@ -306,8 +361,9 @@ def _resample_counts(n: int, settings: StatsSpec) -> Iterator[np.ndarray]:
 # --- statistics ------------------------------------------------------------------------------
 
 
-def _paired_stats(a: pd.DataFrame, b: pd.DataFrame, settings: StatsSpec) -> dict[str, float]:
-    """``<metric>.<scope>.<stat>`` for every column, on the samples that have the column in both conditions."""
+def _paired_stats(a: pd.DataFrame, b: pd.DataFrame, settings: StatsSpec, alpha: float) -> dict[str, float]:
+    """``<metric>.<scope>.<stat>`` for every column, on the samples that have the column in both
+    conditions, and ``<metric>.layers.<summary>`` for every trajectory metric."""
     a_values, b_values = a.to_numpy(), b.to_numpy()
     groups = []
     for keep, columns in _columns_by_samples(~(np.isnan(a_values) | np.isnan(b_values))):
@@ -316,15 +372,63 @@ def _paired_stats(a: pd.DataFrame, b: pd.DataFrame, settings: StatsSpec) -> dict
         groups.append((keep, columns, a_kept, b_kept))
     estimators = [_mean_and_dz(keep, a_kept - b_kept, settings.ddof) for keep, _, a_kept, b_kept in groups]
     parts = [
-        pd.DataFrame(_paired_columns(a_kept, b_kept, settings.ddof, low, high), index=a.columns[columns])
-        for (_, columns, a_kept, b_kept), (low, high) in zip(groups, _bca_intervals(estimators, settings))
+        pd.DataFrame(
+            _paired_columns(a_kept, b_kept, settings.ddof, low, high) | _influence(a_kept - b_kept, a.index[keep], settings.ddof),
+            index=a.columns[columns],
+        )
+        for (keep, columns, a_kept, b_kept), (low, high) in zip(groups, _bca_intervals(estimators, settings))
     ]
     per_column = pd.concat(parts).loc[a.columns]
     per_column = per_column.join(_layer_adjusted_p(per_column["p"]))
     stats: dict[str, float] = {}
     for (metric, scope), row in per_column.to_dict("index").items():
-        names = PAIRED_STATS if scope == OVERALL else (*PAIRED_STATS, *LAYER_ADJUSTED_P)
+        names = (*PAIRED_STATS, *LAYER_ADJUSTED_P) if is_layer_scope(scope) else (*PAIRED_STATS, *INFLUENCE_STATS)
         stats |= {paired_name(metric, scope, stat): row[stat] for stat in names}
+    return stats | _layer_summaries(per_column, alpha)
+
+
+def _influence(diff: np.ndarray, sample_ids: pd.Index, ddof: int) -> dict[str, np.ndarray]:
+    """Per column of ``diff`` ``[samples, columns]``: the largest change of d_z when one sample is
+    left out, and that sample's id (NaN when it is no number); NaN with fewer than 3 samples."""
+    n, width = diff.shape
+    if n < 3:
+        return dict.fromkeys(INFLUENCE_STATS, np.full(width, np.nan))
+    centred = diff - diff.mean(axis=0)
+    squares = (centred**2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero SD: inf or NaN, as for the estimate
+        d = diff.mean(axis=0) / np.sqrt(squares / (n - ddof))
+        # leaving sample i out: the mean moves by -c_i / (n - 1), the squares lose c_i^2 n / (n - 1)
+        mean_out = diff.mean(axis=0) - centred / (n - 1)
+        d_out = mean_out / np.sqrt((squares - centred**2 * n / (n - 1)) / (n - 1 - ddof))
+        change = np.abs(d_out - d)
+    most = np.nanargmax(np.where(np.isnan(change), -np.inf, change), axis=0)
+    ids = np.array([float(sample) if sample.isdecimal() else np.nan for sample in sample_ids])
+    return {"d_loo_max_change": change[most, np.arange(width)], "d_loo_max_change_sample": ids[most]}
+
+
+def layer_shares(mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:
+    """Each layer's share of the (mean) overall value, from the layers' means in the two
+    conditions: |mean_a + mean_b| over its sum across layers."""
+    size = np.abs(np.asarray(mean_a, float) + np.asarray(mean_b, float))
+    with np.errstate(divide="ignore", invalid="ignore"):  # all zero: NaN shares
+        return size / np.nansum(size)
+
+
+def _layer_summaries(per_column: pd.DataFrame, alpha: float) -> dict[str, float]:
+    """``<metric>.layers.<summary>`` (`LAYER_SUMMARIES`) for every metric with per-layer statistics."""
+    stats: dict[str, float] = {}
+    layer_rows = per_column[[is_layer_scope(scope) for _, scope in per_column.index]]
+    for metric, rows in layer_rows.groupby(level=0, sort=False):
+        significant = rows["p_holm"] < alpha
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # every d NaN: NaN summaries
+            values = {
+                "n_positive_significant": int((significant & (rows["d"] > 0)).sum()),
+                "n_negative_significant": int((significant & (rows["d"] < 0)).sum()),
+                "median_d": np.nanmedian(rows["d"]),
+                "share_of_overall_max": np.nanmax(layer_shares(rows["mean_a"], rows["mean_b"])),
+            }
+        stats |= {paired_name(metric, LAYER_SUMMARY_SCOPE, stat): values[stat] for stat in LAYER_SUMMARIES}
     return stats
 
 
@@ -368,7 +472,7 @@ def _layer_adjusted_p(p: pd.Series) -> pd.DataFrame:
 
     families: dict[tuple[Column, bool], list[int]] = {}
     for row, ((metric, scope), value) in enumerate(p.items()):
-        if scope != OVERALL and not np.isnan(value):
+        if is_layer_scope(scope) and not np.isnan(value):
             families.setdefault(Column.parse(metric).family, []).append(row)
     adjusted = {stat: np.full(len(p), np.nan) for stat in LAYER_ADJUSTED_P}
     # multipletests' Holm runs gc.collect() on every call (0.2 s with torch loaded): frozen, the
@@ -450,6 +554,7 @@ class StatsStage(Stage):
             "table": content_hash(self.table_csv),
             "comparisons": {name: c.model_dump(mode="json") for name, c in self.spec.comparisons.items()},
             "stats": self.spec.stats.model_dump(mode="json"),
+            "alpha": self.spec.report.alpha,  # the layer summaries count layers significant at it
         }
 
     def compute(self, unit: None, folder: Path) -> dict[str, float]:
