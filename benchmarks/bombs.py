@@ -1,6 +1,7 @@
 """Peak memory and time of the input bombs of issue 24, each through the real reader in a fresh
 process: `python benchmarks/bombs.py FOLDER` (FOLDER: scratch space; sparse files take no disk).
-Prints one line per bomb: the error line, peak RSS (MiB) and seconds. Not a test: no clock in tests."""
+Prints one line per bomb: the error line, peak RSS (MiB) and seconds. Not a test: no clock in tests.
+The dataset bombs run end to end through `harness run` in `benchmarks/dataset_bombs.py`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ import time
 from pathlib import Path
 
 CASES = {
-    "dataset: one 20 MB line": ("line", "from harness.stages.data import file_rows; file_rows(P, 'dataset.path')"),
-    "dataset: 300 MB of NUL bytes": ("nul300", "from harness.stages.data import file_rows; file_rows(P, 'dataset.path')"),
-    "dataset: 200 MB of NUL bytes": ("nul200", "from harness.stages.data import file_rows; file_rows(P, 'dataset.path')"),
     "directions: sparse 4 GiB .npy, lying header": ("npy", "from harness.inputs import tensor_file; tensor_file(P, 'directions.probe.path')"),
     "template: nested range(100000)": ("t1", "from harness.templates import render_template; render_template(P, {})"),
     "template: 7 ** (10**9)": ("t2", "from harness.templates import render_template; render_template(P, {})"),
@@ -40,13 +38,8 @@ def make(folder: Path, name: str) -> Path:
     if name == "npy":
         path = folder / "probe.npy"
         np.save(path, np.ones((3, 32), dtype=np.float32))
-    else:
-        path = folder / f"{name}.txt"
-        path.write_bytes(b"A first line.\n" + b"word " * (4 * 10**6) if name == "line" else b"")
     with path.open("r+b") as file:
-        size = {"npy": 4 * 2**30, "nul300": 300 * 10**6, "nul200": 200 * 10**6}.get(name)
-        if size:
-            file.truncate(size)
+        file.truncate(4 * 2**30)
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, Gemma2Config, PreTrainedTokenizerFast
 
-from harness.stages.data import packaged_rows
+from harness.data_sources import packaged_rows
 
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "random-gemma2-2b"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
