@@ -14,9 +14,9 @@ from conftest import build_tiny_model, speaking_words, wikitext_rows
 from test_run import Log, tiny_spec
 
 from harness.grid import Grid, Window
-from harness.runner import run_spec
+from harness.session import run_spec
 from harness.stages import capture, decode_capture
-from harness.stages.conditions import GenerationSpec
+from harness.sources import GenerationSpec
 from harness.stages.generate import generate_batch
 from harness.structure import resolve_layers
 from metrics import LAYER_METRICS, PROJECTION_METRICS
