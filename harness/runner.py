@@ -25,7 +25,6 @@ from harness.data_sources import Table, read_table
 from harness.directions import DirectionSet, load_direction_sets
 from harness.errors import ExitCode, InputError
 from harness.executor import Executor, Shard
-from harness.intervening import CaptureIntervention
 from harness.interventions import describe
 from harness.overrides import Override
 from harness.pool import ModelPool
@@ -123,7 +122,7 @@ def texts_and_measures(plan: Plan) -> tuple[list[dict], dict[str, list[dict]], d
     texts = conditions.condition_texts(spec, samples, executor, pool, plan.directions, settings, decoded)
     # with a chat capture model, each text holds the prompt as it reads it (`model_prompt`)
     texts = pool.with_model_prompts(spec.capture_model, texts)
-    return samples, texts, measure(plan, texts, settings, decoded)
+    return samples, texts, decode_capture.measure_conditions(executor, spec, texts, settings, decoded, pool, plan.directions)
 
 
 def per_sample_table(plan: Plan, measured: dict[str, dict], samples: list[dict]) -> str:
@@ -171,28 +170,6 @@ def draw_report(run_dir: Path, figure_dir: Path) -> dict:
     from harness.stages.report import report_parts  # pandas, scipy, matplotlib: only when a report is drawn
 
     return report_parts(run_dir, figure_dir)
-
-
-def measure(
-    plan: Plan, texts: dict[str, list[dict]], settings: capture.CaptureSettings, decoded: dict[str, list[dict | None]]
-) -> dict[str, dict]:
-    """Every condition's texts through the capture model, but those measured while decoding
-    (`decoded`, by condition): `decode_capture.measure_condition`."""
-    spec, pool = plan.spec, plan.pool
-    limits = capture.response_limits(
-        pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
-        texts, spec.capture.length_matching, spec.capture.response_tokenization,
-    )
-    measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
-                       for row, limit in zip(rows, limits[name])]
-                for name, rows in texts.items()}
-    return {
-        name: decode_capture.measure_condition(
-            plan.executor, name, rows, decoded.get(name), settings, pool,
-            CaptureIntervention.of(name, spec, plan.directions, measured),
-        )
-        for name, rows in measured.items()
-    }
 
 
 def build_manifest(plan: Plan, run_id: str) -> rundir.Manifest:

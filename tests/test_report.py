@@ -433,3 +433,21 @@ def test_the_report_stage_draws_once_and_renders_every_time(tmp_path):
     spec_file.write_text(spec_file.read_text().replace("A synthetic run", "A synthetic rerun"))
     publish_report(again, run_dir, report_parts, None)
     assert again.reuse["report"] == "computed"
+
+
+def test_a_reused_report_context_keeps_its_nan_numbers(tmp_path):
+    """The cache spells NaN as JSON does ("nan"); the report read back from it renders as the
+    computed one did (a mixed model that did not converge has NaN coefficients)."""
+    from harness.cache import StageCache
+    from harness.executor import Executor
+    from harness.stages.report import report_parts
+    from harness.stages.report_stage import publish_report
+
+    run_dir = make_run(tmp_path, report={"plots": False})
+    stats = read_json(run_dir / "stats.json")
+    write_json(run_dir / "stats.json", {k: (math.nan if k.endswith(("mixedlm.x_coef", "mixedlm.x_p")) else v)
+                                        for k, v in stats.items()})
+    first = publish_report(Executor(StageCache(tmp_path / "cache"), print), run_dir, report_parts, None).read_text()
+    again = Executor(StageCache(tmp_path / "cache"), print)
+    assert publish_report(again, run_dir, report_parts, None).read_text() == first
+    assert again.reuse["report"] == "reused"

@@ -30,6 +30,7 @@ from harness.stages import capture
 from harness.structure import site_taps
 
 if TYPE_CHECKING:
+    from harness.directions import DirectionSet
     from harness.executor import Executor
     from harness.intervening import CaptureIntervention
     from harness.pool import ModelPool
@@ -205,6 +206,28 @@ class _Placement:
         nll = prompt_nll.gather(1, source.clamp(max=width - 1).to(device)) * in_prompt.to(device)
         nll[self.rows.to(device), self.response_columns.to(device)] = response_nll[self.decoded.to(device)]
         return nll
+
+
+def measure_conditions(
+    executor: Executor, spec: Spec, texts: dict[str, list[dict]], settings: capture.CaptureSettings,
+    decoded: dict[str, list[dict | None]], pool: ModelPool, directions: dict[str, DirectionSet],
+) -> dict[str, dict]:
+    """Every condition's texts (`texts.jsonl` rows) through the capture model, but those measured
+    while decoding (`decoded`, by condition): `measure_condition`."""
+    from harness.intervening import CaptureIntervention  # torch: only when capture runs
+
+    limits = capture.response_limits(
+        pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
+        texts, spec.capture.length_matching, spec.capture.response_tokenization,
+    )
+    measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
+                       for row, limit in zip(rows, limits[name])]
+                for name, rows in texts.items()}
+    return {
+        name: measure_condition(executor, name, rows, decoded.get(name), settings, pool,
+                                CaptureIntervention.of(name, spec, directions, measured))
+        for name, rows in measured.items()
+    }
 
 
 def measure_condition(

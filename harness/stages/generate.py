@@ -102,13 +102,14 @@ def bytes_per_sequence(model, longest_prompt: int, max_new_tokens: int, compile:
 
 
 def auto_batch_size(
-    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False
+    model, device: torch.device, prompt_lengths: Sequence[int], max_new_tokens: int, compile: bool = False,
+    recorded_bytes: int = 0,
 ) -> int:
     """Prompts per generate call: all of them, or as many as fit in `harness.models.MEMORY_FRACTION` of the
     device's free memory. A CPU holds thousands, so a spec's prompts go in one batch there,
     as the former default of 64 put the 50 prompts of every shipped spec.
     """
-    return generation_batch_size("auto", model, device, prompt_lengths, max_new_tokens, compile, "")
+    return generation_batch_size("auto", model, device, prompt_lengths, max_new_tokens, compile, "", recorded_bytes)
 
 
 def generation_batch_size(setting: int | str, model, device: torch.device, prompt_lengths: Sequence[int],

@@ -18,6 +18,7 @@ from typing import Callable
 
 import yaml
 
+from harness.artifacts import decode
 from harness.executor import Executor, Stage
 from harness.inputs import read_json, read_text
 from harness.rundir import write_report
@@ -70,7 +71,7 @@ class ReportStage(Stage):
 def publish_report(executor: Executor, run_dir: Path, build: Callable[[Path, Path], dict], template: Path | None) -> Path:
     """The report stage (computed, or reused from the cache) into `run_dir`: its figures, then
     diagnostics.json and RESULTS.md."""
-    parts = executor.run(ReportStage(run_dir, build))
+    parts = decode(executor.run(ReportStage(run_dir, build)))  # a reused context has JSON's spelling of NaN
     drawn = executor.cache.folder(ReportStage.kind, executor.keys[ReportStage.name])
     for figure in parts["context"]["figures"]:
         shutil.copyfile(drawn / figure["file"], run_dir / figure["file"])
