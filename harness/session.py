@@ -23,7 +23,6 @@ from harness.runlog import logged_warnings
 from harness.stages.criteria import CriterionResult
 from harness.stages.stats import StatsStage
 from harness.sweep import Point, Sweep, expand
-from harness.sweep_report import write_sweep
 
 
 def to_stderr(line: str) -> None:
@@ -101,6 +100,8 @@ class Session:
         """The sweep's outcome; for a matrix, the sweep folder written from the point runs."""
         if not sweep.is_matrix or outcomes[0][1].run_dir is None:  # None: a helper process under accelerate launch
             return Outcome(outcomes, None, [], time.perf_counter() - started, sweep.is_matrix)
+        from harness.sweep_report import write_sweep  # pandas: only when a matrix writes its sweep folder
+
         sweep_dir, results = write_sweep(sweep, outcomes, Path(self.runs_dir), self.tag)
         return Outcome(outcomes, sweep_dir, results, time.perf_counter() - started, True)
 

@@ -163,6 +163,23 @@ def harness_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def test_a_fully_cached_rerun_imports_no_model_or_plotting_library(first_run):
+    """Every stage reused, the report too: neither torch, transformers, pandas, scipy nor matplotlib
+    is imported (their imports were most of a cached run's time)."""
+    folder, spec, outcome, _ = first_run
+    code = (
+        "import sys\n"
+        "from harness.cli import main\n"
+        f"code = main(['run', {str(spec)!r}, '--runs-dir', {str(folder / 'runs')!r}])\n"
+        "heavy = ('torch', 'transformers', 'pandas', 'scipy', 'matplotlib')\n"
+        "print(code, sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "computed" not in result.stderr, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"{int(outcome.exit_code)} []"
+
+
 def test_bad_model_path_is_one_line_exit_2_and_writes_nothing(tmp_path):
     spec = tiny_spec(tmp_path, tmp_path / "no-such-model")
     result = harness_cli("run", str(spec), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)

@@ -214,8 +214,6 @@ def measure_conditions(
 ) -> dict[str, dict]:
     """Every condition's texts (`texts.jsonl` rows) through the capture model, but those measured
     while decoding (`decoded`, by condition): `measure_condition`."""
-    from harness.intervening import CaptureIntervention  # torch: only when capture runs
-
     limits = capture.response_limits(
         pool.tokenizer(spec.capture_model) if spec.capture.length_matching else None,
         texts, spec.capture.length_matching, spec.capture.response_tokenization,
@@ -223,9 +221,13 @@ def measure_conditions(
     measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
                        for row, limit in zip(rows, limits[name])]
                 for name, rows in texts.items()}
+    interventions = {}
+    if any(condition.source == "intervene" for condition in spec.conditions.values()):
+        from harness.intervening import CaptureIntervention  # torch: only for a spec that intervenes
+
+        interventions = {name: CaptureIntervention.of(name, spec, directions, measured) for name in measured}
     return {
-        name: measure_condition(executor, name, rows, decoded.get(name), settings, pool,
-                                CaptureIntervention.of(name, spec, directions, measured))
+        name: measure_condition(executor, name, rows, decoded.get(name), settings, pool, interventions.get(name))
         for name, rows in measured.items()
     }
 
