@@ -6,7 +6,8 @@ same for a directory.
 
 JSON has no NaN or infinity. Everywhere the harness writes JSON, a non-finite float becomes
 the string "nan", "inf" or "-inf" — the spelling `repr` gives it in CSV cells — and `number`
-reads any of those back (`decode`, in a whole structure). `null` is kept for "not computed".
+reads any of those back. `null` is kept for "not computed". (The stage cache is the exception:
+`harness.cache` keeps JSON's `NaN` extension, so what it gives back equals what was computed.)
 """
 
 from __future__ import annotations
@@ -54,21 +55,6 @@ def encode(value: Any) -> Any:
         return {key: encode(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [encode(item) for item in value]
-    return value
-
-
-NON_FINITE = ("nan", "inf", "-inf")
-
-
-def decode(value: Any) -> Any:
-    """`encode` undone: a copy of a value read back from JSON with every "nan", "inf" and "-inf"
-    a float again (for values, such as the report's context, whose strings are never those words)."""
-    if isinstance(value, str) and value in NON_FINITE:
-        return float(value)
-    if isinstance(value, dict):
-        return {key: decode(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [decode(item) for item in value]
     return value
 
 

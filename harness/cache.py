@@ -2,7 +2,10 @@
 
 The key hashes exactly the inputs that determine a stage's output. A stage's result is
 ``result.json``; a chunked stage also keeps one ``unit-NNNNN.json`` per finished work unit
-and its ``plan.json``, which is what makes a killed run resumable.
+and its ``plan.json``, which is what makes a killed run resumable. Entries are JSON with its
+`NaN`/`Infinity` extension, which only the harness reads: a non-finite float comes back a float,
+so a reused output is the computed one (`artifacts.encode` would give back the strings "nan" and
+"inf", which a text such as a token can also be).
 
 Every entry records the key it was made for and the sha256 of its content, and both are
 checked on read: an entry that does not verify (edited, truncated, unreadable, made for
@@ -32,7 +35,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.artifacts import encode, json_text
+from harness.artifacts import encode
 from harness.errors import InputError
 
 ROOT_VARIABLE = "HARNESS_CACHE_DIR"
@@ -135,7 +138,7 @@ class StageCache:
         entry = {"key": key, "sha256": checksum, "value": value}
         if self.secret is not None:
             entry["hmac"] = _signature(self.secret, key, checksum)
-        data = (json_text(entry) + "\n").encode("utf-8")
+        data = (json.dumps(entry, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         *folder, name = self._parts(path)
         fd = _open_folder(self.root, tuple(folder), create=True)
         temporary = f".{name}.{secrets.token_hex(6)}.tmp"

@@ -4,6 +4,7 @@ and with HARNESS_CACHE_KEY an entry nobody signed is never used."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -33,9 +34,11 @@ def refused(call, *parts: str) -> None:
 
 
 def test_entries_round_trip(cache):
-    cache.put("data", "k1", {"rows": [1, 2.5, float("nan")]})
+    """Exactly: a non-finite float comes back a float, and a text spelled like one stays a text."""
+    cache.put("data", "k1", {"rows": [1, 2.5, float("nan"), float("inf"), float("-inf")], "tokens": ["nan", "inf"]})
     value = cache.get("data", "k1")
-    assert value["rows"][:2] == [1, 2.5] and value["rows"][2] == "nan"  # NaN spelled as JSON allows
+    assert value["rows"][:2] == [1, 2.5] and math.isnan(value["rows"][2]) and value["rows"][3:] == [math.inf, -math.inf]
+    assert value["tokens"] == ["nan", "inf"]
     assert [path.name for path in (cache.root / "data" / "k1").iterdir()] == ["result.json"]  # no temporary left
 
 

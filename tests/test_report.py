@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy.stats import pearsonr
 
-from harness.artifacts import write_json, write_jsonl
+from harness.artifacts import read_jsonl, write_json, write_jsonl
 from harness.inputs import read_json
 from harness.stages.criteria import evaluate_criteria, to_json
 from harness.diagnostics import repeated_ngram_fraction, text_diagnostics
@@ -435,9 +435,10 @@ def test_the_report_stage_draws_once_and_renders_every_time(tmp_path):
     assert again.reuse["report"] == "computed"
 
 
-def test_a_reused_report_context_keeps_its_nan_numbers(tmp_path):
-    """The cache spells NaN as JSON does ("nan"); the report read back from it renders as the
-    computed one did (a mixed model that did not converge has NaN coefficients)."""
+def test_a_reused_report_context_keeps_its_nan_numbers_and_its_texts(tmp_path):
+    """The report read back from the cache renders as the computed one did: its NaN numbers are
+    numbers (a mixed model that did not converge has NaN coefficients) and a token spelled "inf"
+    is still a text."""
     from harness.cache import StageCache
     from harness.executor import Executor
     from harness.stages.report import report_parts
@@ -447,7 +448,10 @@ def test_a_reused_report_context_keeps_its_nan_numbers(tmp_path):
     stats = read_json(run_dir / "stats.json")
     write_json(run_dir / "stats.json", {k: (math.nan if k.endswith(("mixedlm.x_coef", "mixedlm.x_p")) else v)
                                         for k, v in stats.items()})
+    deltas = run_dir / "token_deltas.jsonl"
+    write_jsonl(deltas, [row | {"tokens": ["inf"] * len(row["tokens"])} for row in read_jsonl(deltas)])
     first = publish_report(Executor(StageCache(tmp_path / "cache"), print), run_dir, report_parts, None).read_text()
+    assert "**inf**" in first  # the attributed token
     again = Executor(StageCache(tmp_path / "cache"), print)
     assert publish_report(again, run_dir, report_parts, None).read_text() == first
     assert again.reuse["report"] == "reused"

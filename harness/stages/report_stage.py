@@ -18,14 +18,13 @@ from typing import Callable
 
 import yaml
 
-from harness.artifacts import decode
 from harness.executor import Executor, Stage
 from harness.inputs import read_json, read_text
 from harness.rundir import write_report
 from harness.schema import Spec
 from harness.templates import explicit_template, find_template, render_template
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: contexts cached with their NaN numbers as floats (1 spelled them "nan")
 RUN_FILES = ("spec.yaml", "per_sample.csv", "stats.json", "criteria.json", "texts.jsonl", "token_deltas.jsonl")
 """What the report reads from the run folder (all but the manifest)."""
 HARNESS = Path(__file__).resolve().parent.parent
@@ -71,7 +70,7 @@ class ReportStage(Stage):
 def publish_report(executor: Executor, run_dir: Path, build: Callable[[Path, Path], dict], template: Path | None) -> Path:
     """The report stage (computed, or reused from the cache) into `run_dir`: its figures, then
     diagnostics.json and RESULTS.md."""
-    parts = decode(executor.run(ReportStage(run_dir, build)))  # a reused context has JSON's spelling of NaN
+    parts = executor.run(ReportStage(run_dir, build))
     drawn = executor.cache.folder(ReportStage.kind, executor.keys[ReportStage.name])
     for figure in parts["context"]["figures"]:
         shutil.copyfile(drawn / figure["file"], run_dir / figure["file"])
