@@ -23,21 +23,22 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
-from torch import nn
-
 from harness.artifacts import content_hash
 from harness.errors import RunFailure
 from harness.interventions import INTERVENTIONS, LayerContext, PositionWord, describe
+from harness.lazy import lazy_import
 from harness.stages.capture import PaddedBatch, TextToMeasure, Tokenized
 from harness.structure import decoder_blocks, site_taps
+
+torch = lazy_import("torch")  # a cached run that names an intervention computes nothing with it
+nn = lazy_import("torch.nn")
 
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
     from harness.schema import Spec
     from harness.sources import InterventionCondition
 
-MaskFor = Callable[[int, torch.Tensor], torch.Tensor]
+MaskFor = Callable[[int, "torch.Tensor"], "torch.Tensor"]
 """(the hook's call number, the site's output [B, T, d]) -> where to act, [B, T] bool."""
 
 

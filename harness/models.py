@@ -578,17 +578,12 @@ def check_device(spec: ModelSpec, where: str) -> None:
 # --- GGUF conversion ------------------------------------------------------------------
 
 
-def _transformers_version() -> str:
-    """Its installed version, read without importing it (a cached run loads no model)."""
-    return importlib.metadata.version("transformers")
-
-
 def _converted_dir(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: str) -> Path:
     """Where the safetensors copy of a GGUF file is (or will be) in the cache."""
     assert weights.path is not None
     identity = _identity(weights, spec, cache_dir, where)
     # The conversion is transformers' code: a new version converts again.
-    key = hashlib.sha256(f"{identity}|transformers=={_transformers_version()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{identity}|transformers=={_package_version('transformers')}".encode()).hexdigest()[:16]
     return cache_dir / "models" / f"{_slug(weights.path.stem)}-{key}"
 
 
@@ -605,7 +600,7 @@ def _converted_gguf(weights: _Weights, spec: ModelSpec, cache_dir: Path, where: 
         "gguf_sha256": _file_sha256(weights.path, cache_dir),
         "package": weights.package,
         "package_version": weights.package_version,
-        "transformers_version": _transformers_version(),
+        "transformers_version": _package_version("transformers"),
     }
     # up to two minutes, once per machine: a bar on a terminal, else a line every 30 s
     label = f"converting {weights.path.name} to safetensors in {target.parent} (once per machine)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from harness.intervening import Applied
 from harness.sources import SOURCES, ConditionSpec, GenerationSpec, SourceContext, Text
 from harness.stages.decode_capture import blocker
 from harness.stages.generate import GenerateStage, compiled_decoding, planned_device_type
@@ -35,11 +36,7 @@ def condition_texts(
         # a chat model continues its template's formatting of the prompt (one BOS: harness.chat)
         chat = spec.model_spec(alias).chat
         model_prompts = [pool.model_prompt(alias, prompt) for prompt in prompts] if chat else prompts
-        steering = None
-        if intervention is not None:
-            from harness.intervening import Applied  # torch: only when a steered condition generates
-
-            steering = Applied.of(intervention, spec, directions or {})
+        steering = Applied.of(intervention, spec, directions or {}) if intervention is not None else None
         batch_size = runtime.generation_batch_size
         if steering is not None:  # `runtime.compile: true` beside an intervention is refused at collection
             compiled, decoding = False, "eager (an intervention's hooks run eagerly)"

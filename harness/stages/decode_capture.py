@@ -25,6 +25,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from harness.intervening import CaptureIntervention
 from harness.lazy import lazy_import
 from harness.stages import capture
 from harness.structure import site_taps
@@ -32,7 +33,6 @@ from harness.structure import site_taps
 if TYPE_CHECKING:
     from harness.directions import DirectionSet
     from harness.executor import Executor
-    from harness.intervening import CaptureIntervention
     from harness.pool import ModelPool
     from harness.schema import Spec
     from torch import nn
@@ -221,13 +221,9 @@ def measure_conditions(
     measured = {name: [capture.TextToMeasure(row["prompt"], row["response"], limit, row.get("model_prompt"))
                        for row, limit in zip(rows, limits[name])]
                 for name, rows in texts.items()}
-    interventions = {}
-    if any(condition.source == "intervene" for condition in spec.conditions.values()):
-        from harness.intervening import CaptureIntervention  # torch: only for a spec that intervenes
-
-        interventions = {name: CaptureIntervention.of(name, spec, directions, measured) for name in measured}
     return {
-        name: measure_condition(executor, name, rows, decoded.get(name), settings, pool, interventions.get(name))
+        name: measure_condition(executor, name, rows, decoded.get(name), settings, pool,
+                                CaptureIntervention.of(name, spec, directions, measured))
         for name, rows in measured.items()
     }
 
